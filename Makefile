@@ -1,0 +1,42 @@
+# The two commands of the README: `make run` and `make test`. Both set up the environment first.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 GX_ANALYTICS_ENABLED=false \
+	AWS_EC2_METADATA_DISABLED=true PYTHONDONTWRITEBYTECODE=1
+
+.PHONY: setup run test test-slow lint typecheck bench lock clean
+
+setup:
+	@XOPD_VENV=$(VENV) infra/setup_env.sh
+
+run: setup
+	@$(BIN)/xopd run
+
+lint: setup
+	@$(BIN)/ruff check flows tasks xopd_core tests benchmarks
+
+typecheck: setup
+	@$(BIN)/mypy
+
+test: setup lint typecheck
+	@$(BIN)/pytest -m "not slow" -q
+
+test-slow: setup
+	@$(BIN)/pytest -m slow -q
+
+bench: setup
+	@$(BIN)/python -m benchmarks
+
+# Re-resolve the CPU constraints from pyproject.toml's pins (needs the package registry).
+lock:
+	@rm -rf .venv-lock && python3 -m venv .venv-lock && \
+	.venv-lock/bin/pip install -q "pip==26.3" && \
+	.venv-lock/bin/pip install -q ".[cpu,dev]" && \
+	{ head -3 infra/constraints-cpu.txt; .venv-lock/bin/pip freeze --exclude-editable | \
+	  grep -v -e '^xopd' -e '^torchvision' -e '^torchcodec'; } > infra/constraints-cpu.txt.new && \
+	mv infra/constraints-cpu.txt.new infra/constraints-cpu.txt && rm -rf .venv-lock
+
+clean:
+	rm -rf data/mini reports .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (round, campaign, nightly). See DESIGN.md §2."""

@@ -1,0 +1,173 @@
+"""`xopd`: the command line. dvc.yaml calls these same entries, one per stage.
+
+Exit codes: 0 success; 1 the data broke a validation rule; 2 bad input (params, paths,
+unreadable manifest) or a missing tool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from xopd_core.runtime import apply_offline_env
+
+log = logging.getLogger("xopd")
+
+DEFAULT_DATA = Path("data/mini")
+DEFAULT_VALIDATE_OUT = Path("reports/validate")
+
+
+def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="utt", file=sys.stderr, leave=False)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks.synth import synth
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    summary = synth(params, args.out, progress=_progress_bar("synth"))
+    print(
+        f"synth: {sum(summary.rows_per_split.values())} utterances "
+        f"({', '.join(f'{k} {v}' for k, v in summary.rows_per_split.items())}) "
+        f"in {summary.seconds:.1f} s → {args.out}"
+    )
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tasks.validate import validate
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    summary = validate(params, args.targets, args.out, data_root=args.data_root)
+    print(
+        f"validate: passed, {summary.n_rows} rows in {summary.seconds:.1f} s → "
+        f"{summary.report_html}"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Every stage that exists so far, in pipeline order, on the embedded mini world."""
+    from tasks.synth import synth
+    from tasks.validate import validate
+    from xopd_core.config import load_params
+
+    start = time.perf_counter()
+    params = load_params(args.params)
+    data = args.workdir / DEFAULT_DATA
+    reports = args.workdir / DEFAULT_VALIDATE_OUT
+    world = synth(params, data, progress=_progress_bar("synth"))
+    print(
+        f"[1/2] synth     {sum(world.rows_per_split.values())} utterances in {world.seconds:.1f} s"
+    )
+    checked = validate(params, [data], reports)
+    print(f"[2/2] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
+    print(f"\nDone in {time.perf_counter() - start:.1f} s. Results:")
+    for split, path in world.manifests.items():
+        print(f"  manifest {split:<10} {path}  ({world.rows_per_split[split]} rows)")
+    print(f"  audio               {data / 'audio'}")
+    print(f"  validation report   {checked.report_html}")
+    print(f"  validation result   {checked.report_json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xopd", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_params(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--params",
+            type=Path,
+            default=None,
+            help="params file (default: $XOPD_PARAMS or ./params.yaml)",
+        )
+
+    p = sub.add_parser("synth", help="generate the mini world (audio + manifests)")
+    add_params(p)
+    p.add_argument("--out", type=Path, default=DEFAULT_DATA, help="data root to (re)create")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("validate", help="validate manifests + audio; non-zero exit on failure")
+    add_params(p)
+    p.add_argument(
+        "targets",
+        type=Path,
+        nargs="+",
+        help="dataset folders (with manifests/) or manifest .jsonl files",
+    )
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="folder audio paths are relative to (default: the manifests' dataset)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_VALIDATE_OUT,
+        help="where validation.json and validation.html go",
+    )
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
+    add_params(p)
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("."),
+        help="folder under which data/ and reports/ are written",
+    )
+    p.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    apply_offline_env()
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from xopd_core.config import ConfigError
+    from xopd_core.data.manifest import ManifestError
+    from xopd_core.data.speech import SpeechToolError
+    from xopd_core.data.validation import DataValidationError
+    from xopd_core.data.world import WorldGenerationError
+
+    try:
+        return int(args.func(args))
+    except DataValidationError as err:
+        print(f"xopd {args.command}: {err}", file=sys.stderr)
+        return 1
+    except (
+        ConfigError,
+        ManifestError,
+        SpeechToolError,
+        WorldGenerationError,
+        FileNotFoundError,
+    ) as err:
+        print(f"xopd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

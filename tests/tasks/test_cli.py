@@ -1,0 +1,76 @@
+"""The `xopd` entry point as dvc.yaml and users call it: real subprocesses, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import tiny_synth_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def xopd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def write_tiny_params(path: Path) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump({"synth": tiny_synth_params(seed=11).model_dump(mode="json")}))
+
+
+def test_run_synthesises_validates_and_says_where_results_are(tmp_path: Path) -> None:
+    write_tiny_params(tmp_path / "params.yaml")
+    proc = xopd("run", "--workdir", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "passed every rule" in proc.stdout
+    html = tmp_path / "reports" / "validate" / "validation.html"
+    assert html.is_file() and str(html) in proc.stdout
+    assert (tmp_path / "data" / "mini" / "manifests" / "train.jsonl").is_file()
+
+
+def test_validate_exit_codes(tiny_world: Path, tmp_path: Path) -> None:
+    ok = xopd("validate", str(tiny_world), "--out", str(tmp_path / "ok"), cwd=REPO)
+    assert ok.returncode == 0, ok.stderr
+    # A single manifest file works too; its data root is found from the layout.
+    one = xopd(
+        "validate",
+        str(tiny_world / "manifests" / "eval.jsonl"),
+        "--out",
+        str(tmp_path / "one"),
+        cwd=REPO,
+    )
+    assert one.returncode == 0, one.stderr
+
+    bad_root = tmp_path / "bad"
+    subprocess.run(["cp", "-r", str(tiny_world), str(bad_root)], check=True)
+    manifest = bad_root / "manifests" / "eval.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["answer"] = ""
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = xopd("validate", str(bad_root), "--out", str(tmp_path / "bad-report"), cwd=REPO)
+    assert bad.returncode == 1
+    assert "eval.jsonl:1" in bad.stderr and "answer_not_blank" in bad.stderr
+
+    missing = xopd("validate", str(tmp_path / "nowhere.jsonl"), cwd=tmp_path)
+    assert missing.returncode == 2 and "manifest not found" in missing.stderr
+
+
+def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("synth:\n  workers: 0\n")
+    proc = xopd("synth", "--out", str(tmp_path / "w"), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "synth.workers" in proc.stderr
+    assert not (tmp_path / "w").exists()

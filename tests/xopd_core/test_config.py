@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xopd_core.config import ConfigError, Params, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_params_yaml_validates_and_matches_the_model_defaults() -> None:
+    params = load_params(REPO / "params.yaml")
+    # params.yaml spells out every default, so the file and the model cannot drift apart.
+    assert params == Params()
+    assert params.synth.sample_rate == params.validate_.sample_rate == 16_000
+
+
+def test_params_path_comes_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    p = tmp_path / "alt.yaml"
+    p.write_text("synth:\n  workers: 1\n")
+    monkeypatch.setenv("XOPD_PARAMS", str(p))
+    assert load_params().synth.workers == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"sinth": {}}, "sinth"),
+        ({"synth": {"seeed": 1}}, "synth.seeed"),
+        (
+            {"synth": {"difficulty": {"navigate_moves": {"min": 3, "max": 5, "mid": 4}}}},
+            "synth.difficulty.navigate_moves.mid",
+        ),
+        ({"validate": {"sample_rte": 16000}}, "validate.sample_rte"),
+    ],
+)
+def test_unknown_key_is_rejected_by_name(data: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_params(data, source="params.yaml")
+    assert f"{key}: unknown key" in str(err.value)
+    assert str(err.value).startswith("params.yaml:")
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "shown"),
+    [
+        ({"synth": {"workers": 0}}, "synth.workers", "got 0"),
+        ({"synth": {"sample_rate": 1000}}, "synth.sample_rate", "got 1000"),
+        ({"synth": {"train_per_task": -5}}, "synth.train_per_task", "got -5"),
+        ({"synth": {"train_per_task": "many"}}, "synth.train_per_task", "got 'many'"),
+        ({"validate": {"max_duration_s": 0}}, "validate.max_duration_s", "got 0"),
+    ],
+)
+def test_out_of_range_value_is_rejected_by_name(data: dict, key: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_params(data)
+    msg = str(err.value)
+    assert f"  {key}: " in msg and shown in msg
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        (
+            {"synth": {"difficulty": {"lies_people": {"min": 5, "max": 3}}}},
+            "min (5) is greater than max (3)",
+        ),
+        (
+            {"synth": {"voices": {"slow_rate_wpm": {"min": 100, "max": 150}}}},
+            "slow_rate_wpm must lie entirely below normal_rate_wpm",
+        ),
+        (
+            {"synth": {"difficulty": {"navigate_moves": {"min": 3, "max": 8}}}},
+            "navigate_moves.max × navigate_max_step must stay ≤ 20",
+        ),
+        ({"validate": {"min_duration_s": 5, "max_duration_s": 2}}, "min/max_duration_s"),
+        (
+            {"synth": {"voices": {"high_pitch": {"min": 85, "max": 120}}}},
+            "synth.voices: Value error, high_pitch.max must be ≤ 99",
+        ),
+    ],
+)
+def test_inconsistent_settings_are_rejected_with_the_reason(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match="invalid setting") as err:
+        parse_params(data)
+    assert needle in str(err.value)
+
+
+def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"missing\.yaml: cannot read"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synth: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_params(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_params(listy)
+
+
+def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert load_params(empty) == Params()
+
+
+def test_params_are_immutable() -> None:
+    p = Params()
+    with pytest.raises(ValueError):
+        p.synth.seed = 3  # type: ignore[misc]
+
+
+def test_no_params_file_anywhere_means_defaults(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("XOPD_PARAMS", raising=False)
+    assert load_params() == Params()
+    # …but a file that was asked for by name must exist.
+    monkeypatch.setenv("XOPD_PARAMS", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+        load_params()

@@ -1,0 +1,282 @@
+"""The one typed mirror of params.yaml, and its one loader.
+
+Every field has a description and a range check; defaults are the paper's where it gives one
+(arXiv 2603.24596) and the mini world's (DESIGN.md §4) otherwise. Unknown keys are errors.
+This module reads YAML and the environment; nothing else in xopd_core does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_ENV_VAR = "XOPD_PARAMS"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """params.yaml is unreadable or does not validate; the message names file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+def _ordered_range(lo: int | float, hi: int | float, what: str) -> None:
+    if lo > hi:
+        raise ValueError(f"{what}: min ({lo}) is greater than max ({hi})")
+
+
+Count = Annotated[int, Field(ge=0, le=200_000)]
+
+
+class IntRange(_Strict):
+    """An inclusive [min, max] integer range."""
+
+    min: int = Field(description="Smallest value (inclusive).", ge=0, le=10_000)
+    max: int = Field(description="Largest value (inclusive).", ge=0, le=10_000)
+
+    @model_validator(mode="after")
+    def _check_order(self) -> IntRange:
+        _ordered_range(self.min, self.max, "range")
+        return self
+
+
+class Difficulty(_Strict):
+    """How many reasoning steps each task family needs (sampled uniformly per item)."""
+
+    navigate_moves: IntRange = Field(
+        default=IntRange(min=3, max=5),
+        description="Number of movement instructions in a navigate item.",
+    )
+    navigate_max_step: int = Field(
+        default=3, ge=1, le=9, description="Largest number of steps in one navigate move."
+    )
+    counting_items: IntRange = Field(
+        default=IntRange(min=3, max=5),
+        description="Number of item kinds listed in an object-counting item.",
+    )
+    counting_max_per_item: int = Field(
+        default=3, ge=1, le=5, description="Largest count of one item kind (1 = 'a cat')."
+    )
+    lies_people: IntRange = Field(
+        default=IntRange(min=3, max=5),
+        description="Number of people in a web-of-lies chain.",
+    )
+    boolean_operands: IntRange = Field(
+        default=IntRange(min=2, max=4),
+        description="Number of truth-value operands in a boolean-expression item.",
+    )
+
+    @model_validator(mode="after")
+    def _check_minimums(self) -> Difficulty:
+        for name, lo in (
+            ("navigate_moves", 2),
+            ("counting_items", 2),
+            ("lies_people", 2),
+            ("boolean_operands", 2),
+        ):
+            rng: IntRange = getattr(self, name)
+            if rng.min < lo:
+                raise ValueError(f"{name}.min must be at least {lo} (got {rng.min})")
+        if self.navigate_moves.max * self.navigate_max_step > 20:
+            # Coordinates in the worked solution are spelled as number words up to twenty.
+            raise ValueError(
+                f"navigate_moves.max × navigate_max_step must stay ≤ 20 "
+                f"(got {self.navigate_moves.max} × {self.navigate_max_step})"
+            )
+        if self.lies_people.max > 10:
+            raise ValueError(
+                f"lies_people.max must be ≤ 10, the number of names (got {self.lies_people.max})"
+            )
+        cap = 20 // self.counting_max_per_item
+        if self.counting_items.max > cap:
+            # Answers are spelled as number words up to twenty.
+            raise ValueError(
+                f"counting_items.max × counting_max_per_item must stay ≤ 20 "
+                f"(got {self.counting_items.max} × {self.counting_max_per_item})"
+            )
+        return self
+
+
+class Voices(_Strict):
+    """espeak-ng speaker settings: ordinary items vary within the 'normal' ranges, and the
+    paralinguistic items use the contrasting extremes, so their answer is only in the audio."""
+
+    languages: list[str] = Field(
+        default=["en-us", "en-gb"], min_length=1, description="espeak-ng English voices."
+    )
+    variants: list[str] = Field(
+        default=["m1", "m2", "m3", "m4", "f1", "f2", "f3", "f4"],
+        min_length=1,
+        description="espeak-ng voice variants for ordinary (non-whispered) speech.",
+    )
+    whisper_variant: str = Field(
+        default="whisper", min_length=1, description="Variant used for 'whispered' items."
+    )
+    normal_rate_wpm: IntRange = Field(
+        default=IntRange(min=140, max=190), description="Speaking rate of ordinary items."
+    )
+    slow_rate_wpm: IntRange = Field(
+        default=IntRange(min=95, max=115), description="Rate of items labelled 'slow'."
+    )
+    fast_rate_wpm: IntRange = Field(
+        default=IntRange(min=240, max=280), description="Rate of items labelled 'fast'."
+    )
+    normal_pitch: IntRange = Field(
+        default=IntRange(min=35, max=65), description="espeak-ng pitch (0-99), ordinary items."
+    )
+    low_pitch: IntRange = Field(
+        default=IntRange(min=0, max=15), description="Pitch of items labelled 'low'."
+    )
+    high_pitch: IntRange = Field(
+        default=IntRange(min=85, max=99), description="Pitch of items labelled 'high'."
+    )
+
+    @model_validator(mode="after")
+    def _check_contrast(self) -> Voices:
+        for name in ("normal_pitch", "low_pitch", "high_pitch"):
+            if getattr(self, name).max > 99:
+                raise ValueError(f"{name}.max must be ≤ 99 (espeak-ng's pitch scale)")
+        for name in ("normal_rate_wpm", "slow_rate_wpm", "fast_rate_wpm"):
+            rng = getattr(self, name)
+            if not 80 <= rng.min <= rng.max <= 450:
+                raise ValueError(f"{name} must lie within 80..450 words per minute")
+        if not self.slow_rate_wpm.max < self.normal_rate_wpm.min:
+            raise ValueError("slow_rate_wpm must lie entirely below normal_rate_wpm")
+        if not self.normal_rate_wpm.max < self.fast_rate_wpm.min:
+            raise ValueError("fast_rate_wpm must lie entirely above normal_rate_wpm")
+        if not self.low_pitch.max < self.normal_pitch.min:
+            raise ValueError("low_pitch must lie entirely below normal_pitch")
+        if not self.normal_pitch.max < self.high_pitch.min:
+            raise ValueError("high_pitch must lie entirely above normal_pitch")
+        if self.whisper_variant in self.variants:
+            raise ValueError("whisper_variant must not also be an ordinary variant")
+        return self
+
+
+class SynthParams(_Strict):
+    """The mini-world generator (DESIGN.md §4): sizes, difficulty, voices."""
+
+    seed: int = Field(default=20260324, ge=0, le=2**32 - 1, description="Generator seed.")
+    train_per_task: Count = Field(
+        default=500, description="Training items per reasoning task family."
+    )
+    eval_per_task: Count = Field(default=100, description="Eval items per reasoning task family.")
+    para_train_per_task: Count = Field(
+        default=150, description="Training items per paralinguistic task."
+    )
+    para_eval_per_task: Count = Field(
+        default=100, description="Eval items per paralinguistic task."
+    )
+    sample_rate: int = Field(
+        default=16_000, ge=8_000, le=48_000, description="Output audio sample rate (Hz)."
+    )
+    workers: int = Field(default=2, ge=1, le=64, description="Parallel espeak-ng/sox processes.")
+    difficulty: Difficulty = Field(default=Difficulty(), description="Reasoning depth.")
+    voices: Voices = Field(default=Voices(), description="Speaker settings.")
+
+
+class ValidateParams(_Strict):
+    """Rules the `validate` stage enforces on every dataset before it is used."""
+
+    sample_rate: int = Field(
+        default=16_000, ge=8_000, le=48_000, description="Required audio sample rate (Hz)."
+    )
+    channels: int = Field(default=1, ge=1, le=8, description="Required channel count.")
+    min_duration_s: float = Field(
+        default=0.3, gt=0, le=60, description="Shortest allowed utterance (s)."
+    )
+    max_duration_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Longest allowed utterance (s); 30 s is one Qwen2-Audio encoder window.",
+    )
+    duration_tolerance_s: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="Allowed gap between the manifest's duration and the decoded audio's.",
+    )
+
+    @model_validator(mode="after")
+    def _check_durations(self) -> ValidateParams:
+        _ordered_range(self.min_duration_s, self.max_duration_s, "min/max_duration_s")
+        return self
+
+
+class Params(_Strict):
+    """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
+
+    synth: SynthParams = Field(default=SynthParams(), description="The `synth` stage.")
+    validate_: ValidateParams = Field(
+        default=ValidateParams(), alias="validate", description="The `validate` stage."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, populate_by_name=True
+    )
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a setting; check the spelling)"
+        got = e.get("input")
+        scalar = not isinstance(got, (dict, list))
+        shown = (
+            f" (got {got!r})" if scalar and e["type"] not in ("extra_forbidden", "missing") else ""
+        )
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
+    """Validate an already-loaded mapping; errors name `source` and each offending key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(source, err)) from None
+
+
+def resolve_params_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """Explicit path, else $XOPD_PARAMS, else ./params.yaml."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get(PARAMS_ENV_VAR, DEFAULT_PARAMS_FILE))
+
+
+def load_params(path: str | os.PathLike[str] | None = None) -> Params:
+    """Read and validate params.yaml (the only YAML reader of the project).
+
+    With no explicit path and no $XOPD_PARAMS, a missing ./params.yaml means the defaults
+    (so `xopd validate` works on a user's data from any folder); a path that was asked for
+    must exist.
+    """
+    p = resolve_params_path(path)
+    if path is None and PARAMS_ENV_VAR not in os.environ and not p.exists():
+        return Params()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read params file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_params(data, source=str(p))

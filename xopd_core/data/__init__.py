@@ -1,0 +1,1 @@
+"""Data: manifests, audio I/O, the mini-world generator and dataset validation."""

@@ -1,0 +1,83 @@
+"""Manifests: one JSON object per line describing an utterance and its text counterpart.
+
+A row pairs the speech prompt S (`audio_path`, relative to the data root) with its text form
+T (`transcript`), the exact `answer` and a worked reference `solution`. Reading reports the
+file and line of anything malformed; writing is atomic.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from xopd_core.atomic import write_text_atomic
+
+MANIFEST_FIELDS: tuple[str, ...] = (
+    "id",
+    "split",
+    "task",
+    "kind",
+    "audio_path",
+    "transcript",
+    "answer",
+    "solution",
+    "voice",
+    "rate_wpm",
+    "pitch",
+    "duration_s",
+    "sample_rate",
+    "sha256",
+)
+SPLITS = ("train", "eval", "para_eval")
+MANIFEST_DIR = "manifests"
+AUDIO_DIR = "audio"
+
+
+class ManifestError(ValueError):
+    """A manifest file cannot be parsed; the message names the file and line."""
+
+
+def manifest_path(data_root: Path, split: str) -> Path:
+    return Path(data_root) / MANIFEST_DIR / f"{split}.jsonl"
+
+
+def default_data_root(manifest: Path) -> Path:
+    """`<root>/manifests/x.jsonl` → `<root>`; any other layout → the manifest's folder."""
+    manifest = Path(manifest)
+    parent = manifest.parent
+    return parent.parent if parent.name == MANIFEST_DIR else parent
+
+
+def read_manifest(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL manifest; each gets `_line` (1-based line number) for error reports."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest not found") from None
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        row["_line"] = lineno
+        rows.append(row)
+    if not rows:
+        raise ManifestError(f"{path}: manifest has no rows")
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
+    lines = [
+        json.dumps({k: row[k] for k in MANIFEST_FIELDS}, ensure_ascii=False, sort_keys=False)
+        for row in rows
+    ]
+    write_text_atomic(Path(path), "\n".join(lines) + "\n")

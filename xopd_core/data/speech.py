@@ -1,0 +1,76 @@
+"""Text to speech with espeak-ng, resampled to the target rate with sox; WAV I/O via soundfile.
+
+espeak-ng writes 22,050 Hz; sox converts to 16 kHz mono 16-bit with dithering off (`-D`) so
+the same text and settings give byte-identical files. torchaudio.load/save are not used: on
+CPU machines they need torchcodec, which the set-up removes (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+ESPEAK = "espeak-ng"
+SOX = "sox"
+
+
+class SpeechToolError(RuntimeError):
+    """espeak-ng or sox is missing or failed."""
+
+
+@dataclass(frozen=True)
+class Speaker:
+    language: str  # espeak-ng voice, e.g. "en-us"
+    variant: str  # espeak-ng variant, e.g. "f3" or "whisper"
+    rate_wpm: int
+    pitch: int  # espeak-ng pitch, 0..99
+
+    @property
+    def voice(self) -> str:
+        return f"{self.language}+{self.variant}"
+
+
+def require_speech_tools() -> None:
+    missing = [t for t in (ESPEAK, SOX) if shutil.which(t) is None]
+    if missing:
+        raise SpeechToolError(
+            f"missing {', '.join(missing)}: run `make setup` (installs the Debian packages "
+            "espeak-ng and sox)"
+        )
+
+
+def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
+    """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
+    tts = subprocess.run(
+        [ESPEAK, "-v", speaker.voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch),
+         "--stdout", text],
+        capture_output=True,
+        check=False,
+    )
+    if tts.returncode != 0 or not tts.stdout:
+        raise SpeechToolError(
+            f"espeak-ng failed for {out_path.name} (voice {speaker.voice}): "
+            f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
+        )
+    conv = subprocess.run(
+        [SOX, "-t", "wav", "-", "-D", "-r", str(sample_rate), "-c", "1", "-b", "16",
+         "-e", "signed-integer", "-t", "wav", str(out_path)],
+        input=tts.stdout,
+        capture_output=True,
+        check=False,
+    )
+    if conv.returncode != 0:
+        raise SpeechToolError(
+            f"sox failed for {out_path.name}: {conv.stderr.decode(errors='replace').strip()}"
+        )
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,248 @@
+"""The mini world's generator: reasoning and paralinguistic items, spoken by espeak-ng.
+
+Builds `train`, `eval` and `para_eval` manifests plus 16 kHz mono audio under one data root
+(DESIGN.md §4). Every item's randomness comes from its own seeded stream, so the same params
+give byte-identical manifests and audio. No prompt appears in more than one split.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+
+from xopd_core.atomic import atomic_directory, write_json_atomic
+from xopd_core.config import IntRange, SynthParams
+from xopd_core.data.manifest import AUDIO_DIR, manifest_path, write_manifest
+from xopd_core.data.reasoning import (
+    NAMES,
+    OBJECTS,
+    REASONING_TASKS,
+    count_phrase,
+    steps_phrase,
+    truth_word,
+    number_word,
+)
+from xopd_core.data.speech import Speaker, require_speech_tools, sha256_file, synthesize_wav
+
+# Paralinguistic tasks: (question, {answer: which speaker setting carries it}).
+PARA_TASKS: dict[str, tuple[str, tuple[str, str]]] = {
+    "speaking_rate": ("is this said fast or slow?", ("fast", "slow")),
+    "pitch": ("is the voice high or low?", ("high", "low")),
+    "whisper": ("is the voice a whisper or normal?", ("whisper", "normal")),
+}
+MAX_DUPLICATE_RETRIES = 2000
+
+
+class WorldGenerationError(RuntimeError):
+    """The requested sizes cannot be generated (e.g. too few distinct prompts)."""
+
+
+@dataclass(frozen=True)
+class PlannedItem:
+    id: str
+    split: str
+    task: str
+    kind: str  # "reasoning" | "paralinguistic"
+    transcript: str
+    answer: str
+    solution: str
+    speaker: Speaker
+
+
+@dataclass
+class WorldSummary:
+    data_root: str
+    rows_per_split: dict[str, int]
+    rows_per_task: dict[str, dict[str, int]]
+    audio_seconds: dict[str, float]
+    max_duration_s: float
+    min_duration_s: float
+    seconds: float
+    manifests: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _pick(rng: random.Random, r: IntRange) -> int:
+    return rng.randint(r.min, r.max)
+
+
+def _ordinary_speaker(rng: random.Random, p: SynthParams) -> Speaker:
+    v = p.voices
+    return Speaker(rng.choice(v.languages), rng.choice(v.variants), _pick(rng, v.normal_rate_wpm),
+                   _pick(rng, v.normal_pitch))
+
+
+def _carrier_sentence(rng: random.Random, p: SynthParams) -> str:
+    """A neutral sentence from the reasoning vocabulary; the question follows it."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        cat = rng.choice(sorted(OBJECTS))
+        s, pl = rng.choice(OBJECTS[cat])
+        return f"i have {count_phrase(rng.randint(1, 3), s, pl)}."
+    if kind == 1:
+        return f"{rng.choice(NAMES)} {truth_word(rng.random() < 0.5)}."
+    d = rng.choice(["forward", "backward", "left", "right"])
+    return steps_phrase(rng.randint(1, p.difficulty.navigate_max_step), d)
+
+
+def _para_item(rng: random.Random, p: SynthParams, task: str) -> tuple[str, str, Speaker]:
+    question, (a_pos, a_neg) = PARA_TASKS[task]
+    answer = a_pos if rng.random() < 0.5 else a_neg
+    v = p.voices
+    speaker = _ordinary_speaker(rng, p)
+    if task == "speaking_rate":
+        rate = _pick(rng, v.fast_rate_wpm if answer == "fast" else v.slow_rate_wpm)
+        speaker = Speaker(speaker.language, speaker.variant, rate, speaker.pitch)
+    elif task == "pitch":
+        pitch = _pick(rng, v.high_pitch if answer == "high" else v.low_pitch)
+        speaker = Speaker(speaker.language, speaker.variant, speaker.rate_wpm, pitch)
+    elif answer == "whisper":
+        speaker = Speaker(speaker.language, v.whisper_variant, speaker.rate_wpm, speaker.pitch)
+    carrier = " ".join(_carrier_sentence(rng, p) for _ in range(2))
+    return f"{carrier} {question}", answer, speaker
+
+
+def _plan_split(
+    p: SynthParams,
+    split: str,
+    tasks: list[str],
+    per_task: int,
+    make: Callable[[random.Random, str], tuple[str, str, str, Speaker]],
+    kind: str,
+    seen: set[str],
+) -> list[PlannedItem]:
+    items = []
+    for task in tasks:
+        made = 0
+        attempt = 0
+        misses = 0
+        while made < per_task:
+            # One stream per (seed, split, task, attempt): independent of worker scheduling.
+            rng = random.Random(f"xopd-world:{p.seed}:{split}:{task}:{attempt}")
+            attempt += 1
+            transcript, answer, solution, speaker = make(rng, task)
+            key = " ".join(transcript.split())
+            if key in seen:
+                misses += 1
+                if misses > MAX_DUPLICATE_RETRIES:
+                    raise WorldGenerationError(
+                        f"cannot find {per_task} distinct '{task}' prompts for split '{split}' "
+                        f"(only {made} after {attempt} tries): raise synth.difficulty or lower "
+                        f"the per-task counts"
+                    )
+                continue
+            misses = 0
+            seen.add(key)
+            items.append(PlannedItem(f"{split}-{task}-{made:05d}", split, task, kind, transcript,
+                                     answer, solution, speaker))
+            made += 1
+    return items
+
+
+def plan_world(p: SynthParams) -> list[PlannedItem]:
+    """All items, text only. Eval splits are planned first so train never repeats them."""
+
+    def reasoning(rng: random.Random, task: str) -> tuple[str, str, str, Speaker]:
+        item = REASONING_TASKS[task](rng, p.difficulty)
+        return item.prompt, item.answer, item.solution, _ordinary_speaker(rng, p)
+
+    def para(rng: random.Random, task: str) -> tuple[str, str, str, Speaker]:
+        transcript, answer, speaker = _para_item(rng, p, task)
+        return transcript, answer, f"the answer is {answer}.", speaker
+
+    seen: set[str] = set()
+    rtasks, ptasks = list(REASONING_TASKS), list(PARA_TASKS)
+    eval_items = _plan_split(p, "eval", rtasks, p.eval_per_task, reasoning, "reasoning", seen)
+    para_eval = _plan_split(p, "para_eval", ptasks, p.para_eval_per_task, para, "paralinguistic",
+                            seen)
+    train = _plan_split(p, "train", rtasks, p.train_per_task, reasoning, "reasoning", seen)
+    train += _plan_split(p, "train", ptasks, p.para_train_per_task, para, "paralinguistic", seen)
+    return eval_items + para_eval + train
+
+
+def _render(item: PlannedItem, root: Path, sample_rate: int) -> dict[str, Any]:
+    rel = Path(AUDIO_DIR) / item.split / f"{item.id}.wav"
+    out = root / rel
+    synthesize_wav(item.transcript, item.speaker, out, sample_rate)
+    info = sf.info(str(out))
+    return {
+        "id": item.id,
+        "split": item.split,
+        "task": item.task,
+        "kind": item.kind,
+        "audio_path": rel.as_posix(),
+        "transcript": item.transcript,
+        "answer": item.answer,
+        "solution": item.solution,
+        "voice": item.speaker.voice,
+        "rate_wpm": item.speaker.rate_wpm,
+        "pitch": item.speaker.pitch,
+        "duration_s": round(info.frames / info.samplerate, 4),
+        "sample_rate": info.samplerate,
+        "sha256": sha256_file(out),
+    }
+
+
+def synthesize_world(
+    p: SynthParams,
+    out_dir: Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> WorldSummary:
+    """Generate the mini world into `out_dir`, replacing it atomically when complete."""
+    require_speech_tools()
+    start = time.perf_counter()
+    items = plan_world(p)
+    with atomic_directory(Path(out_dir)) as staging:
+        for split in {i.split for i in items}:
+            (staging / AUDIO_DIR / split).mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(max_workers=p.workers) as pool:
+            rows = []
+            for n, row in enumerate(pool.map(lambda i: _render(i, staging, p.sample_rate), items)):
+                rows.append(row)
+                if progress is not None:
+                    progress(n + 1, len(items))
+        by_split: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_split.setdefault(row["split"], []).append(row)
+        for split, split_rows in by_split.items():
+            write_manifest(manifest_path(staging, split), split_rows)
+        durations = [r["duration_s"] for r in rows]
+        summary = WorldSummary(
+            data_root=str(out_dir),
+            rows_per_split={s: len(r) for s, r in sorted(by_split.items())},
+            rows_per_task={
+                s: {t: sum(1 for x in r if x["task"] == t) for t in sorted({x["task"] for x in r})}
+                for s, r in sorted(by_split.items())
+            },
+            audio_seconds={
+                s: round(sum(x["duration_s"] for x in r), 2) for s, r in sorted(by_split.items())
+            },
+            max_duration_s=max(durations),
+            min_duration_s=min(durations),
+            seconds=0.0,
+            manifests={s: str(manifest_path(Path(out_dir), s)) for s in sorted(by_split)},
+        )
+        write_json_atomic(staging / "world.json", {"params": p.model_dump(mode="json", exclude={"workers"}),
+                                                   **_counts_only(summary)})
+    summary.seconds = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def _counts_only(s: WorldSummary) -> dict[str, Any]:
+    """The deterministic part of the summary (no paths, no timings) for world.json."""
+    return {
+        "rows_per_split": s.rows_per_split,
+        "rows_per_task": s.rows_per_task,
+        "audio_seconds": s.audio_seconds,
+        "max_duration_s": s.max_duration_s,
+        "min_duration_s": s.min_duration_s,
+    }
