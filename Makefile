@@ -16,6 +16,7 @@ run: setup
 
 lint: setup
 	@$(BIN)/ruff check flows tasks xopd_core tests benchmarks
+	@$(BIN)/ruff format --check --quiet flows tasks xopd_core tests benchmarks
 
 typecheck: setup
 	@$(BIN)/mypy

@@ -52,8 +52,8 @@ fi
 
 # 2. The virtual environment and the Python packages, every version fixed.
 pip_quiet() {  # pip, minus the per-package notes about index folders some machines list
-  "$VENV/bin/python" -m pip "$@" -q --disable-pip-version-check \
-    2> >(grep -v -e "^WARNING: Location" -e "BuildBackendWarning" >&2)
+  PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip "$@" -q --disable-pip-version-check \
+    2> >(grep -v -e "^WARNING: Location" -e "^WARNING: Skipping" >&2)
 }
 [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
 pip_quiet install "pip==$PIP_VERSION"

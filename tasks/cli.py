@@ -28,7 +28,10 @@ def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=desc, unit="utt", file=sys.stderr, leave=False)
+            # disable=None: a bar on a terminal, silence in logs and CI.
+            bar = tqdm(
+                total=total, desc=desc, unit="utt", file=sys.stderr, leave=False, disable=None
+            )
         bar.update(done - bar.n)
         if done == total:
             bar.close()

@@ -46,6 +46,7 @@ class Rule:
     description: str
     expectation: str  # GX expectation class name
     kwargs: dict[str, Any]
+    show: str | None = None  # column whose value a report shows as "found" (default: checked)
 
 
 @dataclass
@@ -217,11 +218,14 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         Rule("no_train_eval_overlap", "no prompt appears in both train and an eval split",
              "ExpectColumnValuesToBeInSet", {"column": "prompt_also_in", "value_set": [""]}),
         Rule("audio_inside_root", "audio_path stays inside the data root",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_inside_root", "value_set": [True]}),
+             "ExpectColumnValuesToBeInSet", {"column": "audio_inside_root", "value_set": [True]},
+            show="audio_path"),
         Rule("audio_exists", "the audio file exists",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_exists", "value_set": [True]}),
+             "ExpectColumnValuesToBeInSet", {"column": "audio_exists", "value_set": [True]},
+            show="audio_path"),
         Rule("audio_decodable", "the audio decodes completely",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_decodable", "value_set": [True]}),
+             "ExpectColumnValuesToBeInSet", {"column": "audio_decodable", "value_set": [True]},
+            show="audio_decode_error"),
         Rule("audio_sha256_matches", "the audio's sha256 equals the manifest's",
              "ExpectColumnPairValuesToBeEqual",
              {"column_A": "sha256", "column_B": "audio_sha256",
@@ -249,7 +253,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
 
 
 def _value_column(rule: Rule) -> str:
-    return rule.kwargs.get("column") or rule.kwargs["column_B"]
+    return rule.show or rule.kwargs.get("column") or rule.kwargs["column_B"]
 
 
 def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, Any]]:
@@ -258,7 +262,20 @@ def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, A
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    context = gx.get_context(mode="ephemeral")
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
+    # In memory only: no Data Docs site (its pages load assets from CDNs; we render our own
+    # offline page), no progress bars in logs, no usage statistics.
+    config = DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+        progress_bars=ProgressBarsConfig(globally=False),
+        analytics_enabled=False,
+    )
+    context = gx.get_context(mode="ephemeral", project_config=config)
     source = context.data_sources.add_pandas("xopd")
     asset = source.add_dataframe_asset(name="manifests")
     batch = asset.add_batch_definition_whole_dataframe("dataset")
@@ -297,8 +314,6 @@ def _outcome(rule: Rule, res: Any, df: pd.DataFrame) -> RuleOutcome:
         manifest, _, line = ref.rpartition(":")
         hit = df.loc[df["row_ref"] == ref]
         value = hit.iloc[0][col] if len(hit) else None
-        if rule.name == "audio_decodable" and len(hit):
-            value = hit.iloc[0]["audio_decode_error"]
         failures.append({
             "manifest": manifest, "line": int(line) if line.isdigit() else None,
             "id": idx.get("id") if isinstance(idx, dict) else None,

@@ -1,0 +1,1 @@
+"""Speed and memory measurements (`make bench`); never part of the test suite."""

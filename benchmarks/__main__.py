@@ -1,0 +1,28 @@
+"""Run every benchmark and write benchmarks/results/<name>.json."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks import bench_data
+from xopd_core.runtime import apply_offline_env
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> int:
+    apply_offline_env()
+    RESULTS.mkdir(exist_ok=True)
+    ok = True
+    for name, bench in (("data", bench_data.run),):
+        result = bench()
+        (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+        ok &= all(t["met"] for t in result.get("targets", []))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
