@@ -119,5 +119,5 @@ def test_no_params_file_anywhere_means_defaults(tmp_path: Path, monkeypatch) -> 
     assert load_params() == Params()
     # …but a file that was asked for by name must exist.
     monkeypatch.setenv("XOPD_PARAMS", str(tmp_path / "nope.yaml"))
-    with pytest.raises(ConfigError, match="nope.yaml: cannot read"):
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_params()
