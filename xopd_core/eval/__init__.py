@@ -1,0 +1,1 @@
+"""Evaluation: answer extraction, accuracy per task and modality, the paper's Avg-Drop."""

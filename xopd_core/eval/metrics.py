@@ -1,0 +1,56 @@
+"""Scoring helpers that need no model: a strict answer extractor and the paper's Avg-Drop.
+
+Avg-Drop (X-OPD, arXiv 2603.24596, Tables 1–2): for a model M and an input modality, the
+mean over benchmarks b of (teacher_text(b) − M(b)) / teacher_text(b) × 100.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from xopd_core.data.reasoning import NUMBER_WORDS
+from xopd_core.data.world import PARA_TASKS
+
+ANSWER_SETS: dict[str, frozenset[str]] = {
+    "navigate": frozenset({"yes", "no"}),
+    "web_of_lies": frozenset({"yes", "no"}),
+    "boolean_expressions": frozenset({"true", "false"}),
+    "object_counting": frozenset(NUMBER_WORDS),
+    **{task: frozenset(answers) for task, (_, answers) in PARA_TASKS.items()},
+}
+_FINAL = re.compile(r"the answer is (\w+)\s*\.\s*$")
+
+
+def extract_answer(response: str, task: str) -> str | None:
+    """The final answer of a response, or None when the response is malformed.
+
+    Strict on purpose: the response must end with exactly one "the answer is <word>." whose
+    word is a legal answer for the task. Anything else (no final statement, two of them,
+    trailing text, an answer outside the task's set) scores as wrong, never as a guess.
+    """
+    if task not in ANSWER_SETS:
+        raise KeyError(f"unknown task {task!r}; known: {sorted(ANSWER_SETS)}")
+    text = " ".join(response.lower().split())
+    if text.count("the answer is") != 1:
+        return None
+    m = _FINAL.search(text)
+    if m is None or m.group(1) not in ANSWER_SETS[task]:
+        return None
+    return m.group(1)
+
+
+def avg_drop(teacher_text: Mapping[str, float], model: Mapping[str, float]) -> float:
+    """Mean relative drop (in %) of `model` against the teacher's text scores, over the
+    teacher's benchmarks. Both map benchmark → score (accuracy in [0, 1])."""
+    if not teacher_text:
+        raise ValueError("avg_drop needs at least one benchmark")
+    missing = sorted(set(teacher_text) - set(model))
+    if missing:
+        raise KeyError(f"model has no score for benchmark(s) {missing}")
+    drops = []
+    for bench, ref in teacher_text.items():
+        if ref <= 0:
+            raise ValueError(f"teacher text score for {bench!r} is {ref}: the drop is undefined")
+        drops.append((ref - model[bench]) / ref * 100.0)
+    return sum(drops) / len(drops)

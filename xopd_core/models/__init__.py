@@ -1,0 +1,1 @@
+"""Models: the mini world's tokenizer, tiny teacher/student builders, checkpoint I/O."""

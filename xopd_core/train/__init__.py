@@ -1,0 +1,1 @@
+"""Training loops: supervised fine-tuning (bootstrap) and, later, the X-OPD trainer."""

@@ -1,0 +1,110 @@
+"""Supervised fine-tuning on (prompt, response) token pairs: the mini world's bootstrap loop.
+
+Loss is token cross-entropy on the response only (prompt positions are masked), averaged
+over response tokens of the batch. One readable loop; no framework Trainer.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SftExample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+
+def collate(examples: Sequence[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded `input_ids_B_T`, `labels_B_T` (IGNORE on prompt and padding) and mask."""
+    longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.prompt_ids + e.response_ids
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, len(e.prompt_ids) : len(seq)] = torch.tensor(e.response_ids)
+        mask[i, : len(seq)] = 1
+    return {"input_ids_B_T": ids, "labels_B_T": labels, "attention_mask_B_T": mask}
+
+
+def response_nll(logits_B_T_V: torch.Tensor, labels_B_T: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over labelled positions, in float32 (bf16 logits lose precision
+    in the log-sum-exp); a batch with no labelled token gives 0, not NaN."""
+    logits = logits_B_T_V[:, :-1].float()
+    targets = labels_B_T[:, 1:]
+    mask = targets != IGNORE
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * mask).sum() / mask.sum().clamp_min(1)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10 % of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_sft(
+    model: torch.nn.Module,
+    examples: Sequence[SftExample],
+    *,
+    pad_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    weight_decay: float = 0.01,
+    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Train `model` in place for `steps` batches drawn by a seeded shuffler; returns losses.
+
+    `forward(model, batch)` returns logits_B_T_V; the default calls a causal LM on
+    `input_ids_B_T`. Pass another one to feed extra inputs (e.g. audio features).
+    """
+    if not examples:
+        raise ValueError("train_sft needs at least one example")
+    torch.manual_seed(seed)
+    order_rng = random.Random(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    forward = forward or _causal_lm_forward
+    model.train()
+    losses = []
+    order: list[int] = []
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            order_rng.shuffle(fresh)
+            order += fresh
+        idx, order = order[:batch_size], order[batch_size:]
+        batch = collate([examples[i] for i in idx], pad_id)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss = response_nll(forward(model, batch), batch["labels_B_T"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    model.eval()
+    return losses
+
+
+def _causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(input_ids=batch["input_ids_B_T"], attention_mask=batch["attention_mask_B_T"])
+    return out.logits
