@@ -167,6 +167,11 @@ class SynthParams(_Strict):
         default=500, description="Training items per reasoning task family."
     )
     eval_per_task: Count = Field(default=100, description="Eval items per reasoning task family.")
+    text_train_per_task: Count = Field(
+        default=10_000,
+        description="Text-only training items per reasoning family (the text LLM's corpus; "
+        "repeats allowed, never an eval prompt).",
+    )
     para_train_per_task: Count = Field(
         default=150, description="Training items per paralinguistic task."
     )
@@ -210,6 +215,46 @@ class ValidateParams(_Strict):
         return self
 
 
+class LMShape(_Strict):
+    """Size of a tiny Qwen2 language model (teacher, and the student's LM that copies it)."""
+
+    hidden_size: int = Field(default=128, ge=32, le=8192, description="Hidden width.")
+    num_layers: int = Field(default=4, ge=1, le=64, description="Transformer blocks.")
+    num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads.")
+    num_kv_heads: int = Field(default=2, ge=1, le=64, description="Key/value heads (GQA).")
+    intermediate_size: int = Field(default=512, ge=32, le=32768, description="MLP width.")
+    max_positions: int = Field(default=1024, ge=64, le=32768, description="Longest sequence.")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> LMShape:
+        if self.hidden_size % self.num_heads:
+            raise ValueError("hidden_size must be a multiple of num_heads")
+        if self.hidden_size // self.num_heads < 32:
+            # vLLM's CPU attention backend refuses head_dim < 32 (DESIGN.md §4).
+            raise ValueError(
+                f"head_dim = hidden_size / num_heads must be ≥ 32 for vLLM's CPU backend "
+                f"(got {self.hidden_size // self.num_heads})"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError("num_heads must be a multiple of num_kv_heads")
+        return self
+
+
+class TeacherParams(_Strict):
+    """The `teacher` stage: a tiny text LM trained on the text tasks' worked solutions."""
+
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
+    model: LMShape = Field(default=LMShape(), description="Architecture.")
+    steps: int = Field(default=1500, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per step.")
+    lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=4096, description="Generation budget when evaluating."
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -217,6 +262,7 @@ class Params(_Strict):
     validate_: ValidateParams = Field(
         default=ValidateParams(), alias="validate", description="The `validate` stage."
     )
+    teacher: TeacherParams = Field(default=TeacherParams(), description="The `teacher` stage.")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

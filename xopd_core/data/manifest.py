@@ -13,15 +13,9 @@ from typing import Any
 
 from xopd_core.atomic import write_text_atomic
 
-MANIFEST_FIELDS: tuple[str, ...] = (
-    "id",
-    "split",
-    "task",
-    "kind",
+TEXT_FIELDS: tuple[str, ...] = ("id", "split", "task", "kind", "transcript", "answer", "solution")
+AUDIO_FIELDS: tuple[str, ...] = (
     "audio_path",
-    "transcript",
-    "answer",
-    "solution",
     "voice",
     "rate_wpm",
     "pitch",
@@ -29,7 +23,13 @@ MANIFEST_FIELDS: tuple[str, ...] = (
     "sample_rate",
     "sha256",
 )
-SPLITS = ("train", "eval", "para_eval")
+MANIFEST_FIELDS: tuple[str, ...] = (*TEXT_FIELDS[:4], "audio_path", *TEXT_FIELDS[4:], *AUDIO_FIELDS[1:])
+# Speech splits pair every prompt with audio; text-only splits hold the text LLM's corpus
+# (text is cheap to have in abundance, speech is not: the same holds for real corpora).
+SPEECH_SPLITS = ("train", "eval", "para_eval")
+TEXT_SPLITS = ("text_train",)
+SPLITS = SPEECH_SPLITS + TEXT_SPLITS
+TRAIN_SPLITS = ("train", "text_train")
 MANIFEST_DIR = "manifests"
 AUDIO_DIR = "audio"
 
@@ -75,9 +75,13 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def fields_for_split(split: str) -> tuple[str, ...]:
+    return TEXT_FIELDS if split in TEXT_SPLITS else MANIFEST_FIELDS
+
+
 def write_manifest(path: Path, rows: list[dict[str, Any]]) -> None:
     lines = [
-        json.dumps({k: row[k] for k in MANIFEST_FIELDS}, ensure_ascii=False, sort_keys=False)
+        json.dumps({k: row[k] for k in fields_for_split(row["split"])}, ensure_ascii=False)
         for row in rows
     ]
     write_text_atomic(Path(path), "\n".join(lines) + "\n")

@@ -22,14 +22,21 @@ import pandas as pd
 import soundfile as sf
 
 from xopd_core.config import ValidateParams
-from xopd_core.data.manifest import MANIFEST_FIELDS, SPLITS, read_manifest
+from xopd_core.data.manifest import (
+    AUDIO_FIELDS,
+    MANIFEST_FIELDS,
+    SPLITS,
+    TEXT_FIELDS,
+    TEXT_SPLITS,
+    TRAIN_SPLITS,
+    read_manifest,
+)
 from xopd_core.data.speech import sha256_file
 
 
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
 MAX_ROWS_IN_REPORT = 200  # per rule; the counts are always complete
-TRAIN_SPLIT = "train"
 
 
 class DataValidationError(RuntimeError):
@@ -175,13 +182,22 @@ def build_frame(manifests: Sequence[Path], data_root: Path) -> pd.DataFrame:
     declared = pd.to_numeric(df["duration_s"], errors="coerce")
     df["duration_mismatch_s"] = (declared - df["audio_duration_s"].astype(float)).abs()
     df["prompt_also_in"] = _cross_split_overlap(df)
+    absent = {f: df[f].isna().to_numpy() for f in AUDIO_FIELDS}
+    speech = (~df["split"].isin(TEXT_SPLITS)).to_numpy()
+    df["missing_audio_fields"] = [
+        ",".join(f for f in AUDIO_FIELDS if absent[f][i]) if speech[i] else ""
+        for i in range(len(df))
+    ]
     return df
 
 
 def _cross_split_overlap(df: pd.DataFrame) -> list[str]:
-    """For each row, the other side (train vs. evaluation splits) holding the same prompt."""
-    is_train = df["split"] == TRAIN_SPLIT
-    train_keys = set(df.loc[is_train, "prompt_key"].dropna())
+    """For each row, the other side (training vs. evaluation splits) holding the same prompt."""
+    is_train = df["split"].isin(TRAIN_SPLITS)
+    train_splits: dict[str, set[str]] = {}
+    for key, split in zip(df.loc[is_train, "prompt_key"], df.loc[is_train, "split"], strict=True):
+        if key is not None:
+            train_splits.setdefault(key, set()).add(str(split))
     held_out = df.loc[~is_train, ["prompt_key", "split"]].dropna()
     held_out_splits: dict[str, set[str]] = {}
     for key, split in zip(held_out["prompt_key"], held_out["split"], strict=True):
@@ -193,7 +209,7 @@ def _cross_split_overlap(df: pd.DataFrame) -> list[str]:
         elif train:
             out.append(",".join(sorted(held_out_splits.get(key, set()))))
         else:
-            out.append(TRAIN_SPLIT if key in train_keys else "")
+            out.append(",".join(sorted(train_splits.get(key, set()))))
     return out
 
 
@@ -204,8 +220,12 @@ def build_rules(p: ValidateParams) -> list[Rule]:
     rules = [
         Rule(f"field_present:{f}", f"every row has a '{f}' value",
              "ExpectColumnValuesToNotBeNull", {"column": f})
-        for f in MANIFEST_FIELDS
+        for f in TEXT_FIELDS
     ]
+    rules.append(
+        Rule("audio_fields_present", f"rows of speech splits have {list(AUDIO_FIELDS)}",
+             "ExpectColumnValuesToBeInSet", {"column": "missing_audio_fields", "value_set": [""]})
+    )
     rules += [
         Rule("id_unique", "ids are unique across the dataset",
              "ExpectColumnValuesToBeUnique", {"column": "id"}),
@@ -215,7 +235,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
              "ExpectColumnValuesToMatchRegex", {"column": "transcript", "regex": r"\S"}),
         Rule("answer_not_blank", "answer has visible text",
              "ExpectColumnValuesToMatchRegex", {"column": "answer", "regex": r"\S"}),
-        Rule("no_train_eval_overlap", "no prompt appears in both train and an eval split",
+        Rule("no_train_eval_overlap", "no prompt appears in both a training and an eval split",
              "ExpectColumnValuesToBeInSet", {"column": "prompt_also_in", "value_set": [""]}),
         Rule("audio_inside_root", "audio_path stays inside the data root",
              "ExpectColumnValuesToBeInSet", {"column": "audio_inside_root", "value_set": [True]},

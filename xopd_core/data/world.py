@@ -19,7 +19,7 @@ import soundfile as sf
 
 from xopd_core.atomic import atomic_directory, write_json_atomic
 from xopd_core.config import IntRange, SynthParams
-from xopd_core.data.manifest import AUDIO_DIR, manifest_path, write_manifest
+from xopd_core.data.manifest import AUDIO_DIR, TEXT_SPLITS, manifest_path, write_manifest
 from xopd_core.data.reasoning import (
     NAMES,
     OBJECTS,
@@ -118,8 +118,12 @@ def _plan_split(
     per_task: int,
     make: Callable[[random.Random, str], tuple[str, str, str, Speaker]],
     kind: str,
-    seen: set[str],
+    blocked: set[str],
+    distinct: bool = True,
 ) -> list[PlannedItem]:
+    """`per_task` items per task whose prompts avoid `blocked`. With `distinct`, each new
+    prompt is added to `blocked` (no repeats anywhere); without, repeats within the split
+    are allowed (a large text corpus over a small prompt space)."""
     items = []
     for task in tasks:
         made = 0
@@ -131,7 +135,7 @@ def _plan_split(
             attempt += 1
             transcript, answer, solution, speaker = make(rng, task)
             key = " ".join(transcript.split())
-            if key in seen:
+            if key in blocked:
                 misses += 1
                 if misses > MAX_DUPLICATE_RETRIES:
                     raise WorldGenerationError(
@@ -141,9 +145,12 @@ def _plan_split(
                     )
                 continue
             misses = 0
-            seen.add(key)
-            items.append(PlannedItem(f"{split}-{task}-{made:05d}", split, task, kind, transcript,
-                                     answer, solution, speaker))
+            if distinct:
+                blocked.add(key)
+            item_id = f"{split}-{task}-{made:05d}"
+            items.append(
+                PlannedItem(item_id, split, task, kind, transcript, answer, solution, speaker)
+            )
             made += 1
     return items
 
@@ -162,11 +169,24 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
     seen: set[str] = set()
     rtasks, ptasks = list(REASONING_TASKS), list(PARA_TASKS)
     eval_items = _plan_split(p, "eval", rtasks, p.eval_per_task, reasoning, "reasoning", seen)
-    para_eval = _plan_split(p, "para_eval", ptasks, p.para_eval_per_task, para, "paralinguistic",
-                            seen)
+    para_eval = _plan_split(
+        p, "para_eval", ptasks, p.para_eval_per_task, para, "paralinguistic", seen
+    )
+    held_out = set(seen)
     train = _plan_split(p, "train", rtasks, p.train_per_task, reasoning, "reasoning", seen)
     train += _plan_split(p, "train", ptasks, p.para_train_per_task, para, "paralinguistic", seen)
-    return eval_items + para_eval + train
+    text = _plan_split(
+        p, "text_train", rtasks, p.text_train_per_task, reasoning, "reasoning", held_out,
+        distinct=False,
+    )
+    return eval_items + para_eval + train + text
+
+
+def _text_row(item: PlannedItem) -> dict[str, Any]:
+    return {
+        "id": item.id, "split": item.split, "task": item.task, "kind": item.kind,
+        "transcript": item.transcript, "answer": item.answer, "solution": item.solution,
+    }
 
 
 def _render(item: PlannedItem, root: Path, sample_rate: int) -> dict[str, Any]:
@@ -201,21 +221,23 @@ def synthesize_world(
     require_speech_tools()
     start = time.perf_counter()
     items = plan_world(p)
+    spoken = [i for i in items if i.split not in TEXT_SPLITS]
     with atomic_directory(Path(out_dir)) as staging:
-        for split in {i.split for i in items}:
+        for split in {i.split for i in spoken}:
             (staging / AUDIO_DIR / split).mkdir(parents=True, exist_ok=True)
+        rows = []
         with ThreadPoolExecutor(max_workers=p.workers) as pool:
-            rows = []
-            for n, row in enumerate(pool.map(lambda i: _render(i, staging, p.sample_rate), items)):
+            for n, row in enumerate(pool.map(lambda i: _render(i, staging, p.sample_rate), spoken)):
                 rows.append(row)
                 if progress is not None:
-                    progress(n + 1, len(items))
+                    progress(n + 1, len(spoken))
+        rows += [_text_row(i) for i in items if i.split in TEXT_SPLITS]
         by_split: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             by_split.setdefault(row["split"], []).append(row)
         for split, split_rows in by_split.items():
             write_manifest(manifest_path(staging, split), split_rows)
-        durations = [r["duration_s"] for r in rows]
+        durations = [r["duration_s"] for r in rows if "duration_s" in r]
         summary = WorldSummary(
             data_root=str(out_dir),
             rows_per_split={s: len(r) for s, r in sorted(by_split.items())},
@@ -224,7 +246,9 @@ def synthesize_world(
                 for s, r in sorted(by_split.items())
             },
             audio_seconds={
-                s: round(sum(x["duration_s"] for x in r), 2) for s, r in sorted(by_split.items())
+                s: round(sum(x["duration_s"] for x in r), 2)
+                for s, r in sorted(by_split.items())
+                if s not in TEXT_SPLITS
             },
             max_duration_s=max(durations),
             min_duration_s=min(durations),

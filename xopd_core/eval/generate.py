@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 
 @torch.no_grad()
 def greedy_generate(
-    model: torch.nn.Module,
+    model: Any,  # any HF model with `generate` (its stubs need a PreTrainedModel self-type)
     prompts: Sequence[list[int]],
     *,
     pad_id: int,
@@ -18,7 +19,6 @@ def greedy_generate(
     batch_size: int = 64,
 ) -> list[list[int]]:
     """New token ids for each prompt (without the prompt, cut at and excluding `eos_id`)."""
-    model.eval()
     outputs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -29,8 +29,12 @@ def greedy_generate(
             ids[i, longest - len(p) :] = torch.tensor(p)
             mask[i, longest - len(p) :] = 1
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad_id, eos_token_id=eos_id,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
         )
         for row in out[:, longest:].tolist():
             outputs.append(row[: row.index(eos_id)] if eos_id in row else row)

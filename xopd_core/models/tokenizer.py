@@ -59,6 +59,19 @@ def train_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     return fast
 
 
+def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of one token that must exist (never silently the unknown id)."""
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or (token != UNK and tid == tokenizer.unk_token_id):
+        raise KeyError(f"token {token!r} is not in the vocabulary")
+    return tid
+
+
+def decode(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text if isinstance(text, str) else " ".join(text)
+
+
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     tokenizer.save_pretrained(str(out_dir))
 
@@ -67,6 +80,7 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """Reload through AutoTokenizer, as transformers and vLLM will, and check it stayed ours."""
     tok = AutoTokenizer.from_pretrained(str(path))
     if not isinstance(tok, PreTrainedTokenizerFast) or tok.unk_token != UNK:
-        raise TypeError(f"{path}: reloaded as {type(tok).__name__}, not the saved word-level "
-                        "tokenizer")
+        raise TypeError(
+            f"{path}: reloaded as {type(tok).__name__}, not the saved word-level tokenizer"
+        )
     return tok

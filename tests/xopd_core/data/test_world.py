@@ -11,7 +11,7 @@ from tests.conftest import tiny_synth_params
 from tests.solvers import SOLVERS
 from xopd_core.config import Difficulty, IntRange
 from xopd_core.data import world as world_mod
-from xopd_core.data.manifest import MANIFEST_FIELDS, manifest_path, read_manifest
+from xopd_core.data.manifest import MANIFEST_FIELDS, TEXT_FIELDS, manifest_path, read_manifest
 from xopd_core.data.world import PARA_TASKS, WorldGenerationError, plan_world, synthesize_world
 
 
@@ -49,6 +49,10 @@ def test_splits_sizes_and_fields(tiny_world: Path) -> None:
         for r in split_rows:
             assert set(r) - {"_line"} == set(MANIFEST_FIELDS)
             assert r["split"] == split
+    text = read_manifest(manifest_path(tiny_world, "text_train"))
+    assert len(text) == 4 * p.text_train_per_task
+    assert all(set(r) - {"_line"} == set(TEXT_FIELDS) for r in text)
+    assert not (tiny_world / "audio" / "text_train").exists()
 
 
 def test_audio_is_16k_mono_and_matches_the_manifest(tiny_world: Path) -> None:
@@ -70,6 +74,10 @@ def test_reasoning_answers_are_right_and_no_prompt_crosses_splits(tiny_world: Pa
     held_out = {r["transcript"] for r in rows if r["split"] != "train"}
     assert not train & held_out
     assert len({r["transcript"] for r in rows}) == len(rows)
+    # The text corpus may repeat itself but never an eval prompt, and its answers are right.
+    text = read_manifest(manifest_path(tiny_world, "text_train"))
+    assert not {r["transcript"] for r in text} & held_out
+    assert all(SOLVERS[r["task"]](r["transcript"]) == r["answer"] for r in text)
 
 
 def test_paralinguistic_answers_live_only_in_the_speaker_settings() -> None:
@@ -134,4 +142,5 @@ def test_a_failed_synthesis_leaves_the_previous_world_untouched(
 def test_world_json_records_params_and_counts(tiny_world: Path) -> None:
     meta = json.loads((tiny_world / "world.json").read_text())
     assert meta["params"]["seed"] == 7
-    assert sum(meta["rows_per_split"].values()) == len(all_rows(tiny_world))
+    text = read_manifest(manifest_path(tiny_world, "text_train"))
+    assert sum(meta["rows_per_split"].values()) == len(all_rows(tiny_world)) + len(text)

@@ -1,0 +1,94 @@
+"""The `teacher` stage (mini world only): tokenizer + tiny Qwen2 text LM on worked solutions.
+
+Trains on the train split's reasoning items read as text, evaluates greedy text accuracy on
+the eval split, and saves a checkpoint folder (safetensors, tokenizer, resolved config)
+plus metrics for DVC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xopd_core.atomic import write_json_atomic
+from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text, text_prompt_ids
+from xopd_core.models.build import build_teacher
+from xopd_core.models.checkpoint import save_checkpoint
+from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_word_tokenizer
+from xopd_core.train.sft import SftExample, train_sft
+
+
+@dataclass(frozen=True)
+class TeacherSummary:
+    checkpoint: Path
+    metrics_path: Path
+    metrics: dict[str, Any]
+    weights_sha256: str
+
+
+def teacher(
+    params: Params,
+    data_root: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TeacherSummary:
+    p = params.teacher
+    start = time.perf_counter()
+    train_rows = read_manifest(manifest_path(data_root, "train"))
+    eval_rows = read_manifest(manifest_path(data_root, "eval"))
+    # The vocabulary covers every train text (reasoning and paralinguistic): the student
+    # shares this tokenizer and must be able to say "fast" or "whisper".
+    tokenizer = train_word_tokenizer(
+        t for r in train_rows for t in (r["transcript"], r["solution"], r["answer"])
+    )
+    eos = token_id(tokenizer, IM_END)
+    examples = [
+        SftExample(
+            text_prompt_ids(tokenizer, r["transcript"]),
+            tokenizer(r["solution"])["input_ids"] + [eos],
+        )
+        for r in train_rows
+        if r["kind"] == "reasoning"
+    ]
+    model = build_teacher(p.model, tokenizer, seed=p.seed)
+    losses = train_sft(
+        model,
+        examples,
+        pad_id=token_id(tokenizer, PAD),
+        steps=p.steps,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        warmup=p.warmup_steps,
+        seed=p.seed,
+        weight_decay=p.weight_decay,
+        on_step=on_step,
+    )
+    train_s = time.perf_counter() - start
+    results = evaluate_text(model, tokenizer, eval_rows, max_new_tokens=p.max_new_tokens)
+    acc = accuracy_by_task(results)
+    metrics: dict[str, Any] = {
+        "text_accuracy_mean": sum(acc.values()) / len(acc),
+        **{f"text_accuracy_{t}": a for t, a in acc.items()},
+        "final_train_loss": sum(losses[-50:]) / len(losses[-50:]),
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "train_examples": len(examples),
+        "eval_items": len(results),
+        "train_seconds": round(train_s, 1),
+        "total_seconds": round(time.perf_counter() - start, 1),
+    }
+    digest = save_checkpoint(
+        model,
+        out_dir,
+        savers=[tokenizer],
+        resolved_config={"stage": "teacher", "params": params.teacher.model_dump(mode="json")},
+    )
+    metrics["weights_sha256"] = digest
+    write_json_atomic(Path(metrics_path), metrics)
+    return TeacherSummary(Path(out_dir), Path(metrics_path), metrics, digest)

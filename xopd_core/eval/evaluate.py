@@ -1,0 +1,76 @@
+"""Accuracy per task from greedy generations; text prompts here, speech prompts in student.py.
+
+Deterministic: greedy decoding, fixed batch order. Answers go through the strict extractor,
+so a malformed response counts as wrong.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from xopd_core.eval.generate import greedy_generate
+from xopd_core.eval.metrics import extract_answer
+from xopd_core.models.tokenizer import IM_END, PAD, decode, token_id
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    id: str
+    task: str
+    answer: str
+    predicted: str | None
+    response: str
+
+    @property
+    def correct(self) -> bool:
+        return self.predicted == self.answer
+
+
+def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list[int]:
+    """The teacher's prompt: the transcript as a user turn, then the assistant header."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": transcript}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    return list(ids)
+
+
+def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:
+    by_task: dict[str, list[bool]] = defaultdict(list)
+    for r in results:
+        by_task[r.task].append(r.correct)
+    return {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
+
+
+@torch.no_grad()
+def evaluate_text(
+    model: Any,
+    tokenizer: PreTrainedTokenizerFast,
+    rows: Sequence[dict[str, Any]],
+    max_new_tokens: int,
+    batch_size: int = 64,
+) -> list[ItemResult]:
+    """Greedy answers of a causal LM to each row's transcript."""
+    outs = greedy_generate(
+        model,
+        [text_prompt_ids(tokenizer, r["transcript"]) for r in rows],
+        pad_id=token_id(tokenizer, PAD),
+        eos_id=token_id(tokenizer, IM_END),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
+    results = []
+    for r, ids in zip(rows, outs, strict=True):
+        text = decode(tokenizer, ids)
+        results.append(
+            ItemResult(r["id"], r["task"], r["answer"], extract_answer(text, r["task"]), text)
+        )
+    return results
