@@ -18,6 +18,8 @@ log = logging.getLogger("xopd")
 
 DEFAULT_DATA = Path("data/mini")
 DEFAULT_VALIDATE_OUT = Path("reports/validate")
+DEFAULT_TEACHER = Path("models/teacher")
+DEFAULT_TEACHER_METRICS = Path("reports/teacher/metrics.json")
 
 
 def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
@@ -45,11 +47,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     summary = synth(params, args.out, progress=_progress_bar("synth"))
-    print(
-        f"synth: {sum(summary.rows_per_split.values())} utterances "
-        f"({', '.join(f'{k} {v}' for k, v in summary.rows_per_split.items())}) "
-        f"in {summary.seconds:.1f} s → {args.out}"
-    )
+    print(f"synth: {summary.describe()} → {args.out}")
     return 0
 
 
@@ -66,28 +64,74 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_bar(desc: str, total: int):  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, disable=None)
+
+    def update(step: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        if step + 1 == total:
+            bar.close()
+
+    return update
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from tasks.teacher import teacher
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    bar = _step_bar("teacher", params.teacher.steps)
+    summary = teacher(params, args.data, args.out, args.metrics, on_step=bar)
+    m = summary.metrics
+    print(
+        f"teacher: text accuracy {m['text_accuracy_mean']:.3f} in {m['total_seconds']:.0f} s "
+        f"→ {args.out}"
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Every stage that exists so far, in pipeline order, on the embedded mini world."""
     from tasks.synth import synth
+    from tasks.teacher import teacher
     from tasks.validate import validate
     from xopd_core.config import load_params
 
     start = time.perf_counter()
     params = load_params(args.params)
     data = args.workdir / DEFAULT_DATA
-    reports = args.workdir / DEFAULT_VALIDATE_OUT
     world = synth(params, data, progress=_progress_bar("synth"))
-    print(
-        f"[1/2] synth     {sum(world.rows_per_split.values())} utterances in {world.seconds:.1f} s"
+    print(f"[1/3] synth     {world.describe()}")
+    checked = validate(params, [data], args.workdir / DEFAULT_VALIDATE_OUT)
+    print(f"[2/3] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
+    taught = teacher(
+        params,
+        data,
+        args.workdir / DEFAULT_TEACHER,
+        args.workdir / DEFAULT_TEACHER_METRICS,
+        on_step=_step_bar("teacher", params.teacher.steps),
     )
-    checked = validate(params, [data], reports)
-    print(f"[2/2] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
+    m = taught.metrics
+    per_task = ", ".join(
+        f"{k.removeprefix('text_accuracy_')} {v:.2f}"
+        for k, v in m.items()
+        if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
+    )
+    print(
+        f"[3/3] teacher   text accuracy {m['text_accuracy_mean']:.3f} ({per_task}) "
+        f"in {m['total_seconds']:.0f} s"
+    )
     print(f"\nDone in {time.perf_counter() - start:.1f} s. Results:")
     for split, path in world.manifests.items():
         print(f"  manifest {split:<10} {path}  ({world.rows_per_split[split]} rows)")
     print(f"  audio               {data / 'audio'}")
     print(f"  validation report   {checked.report_html}")
     print(f"  validation result   {checked.report_json}")
+    print(f"  teacher checkpoint  {taught.checkpoint}")
+    print(f"  teacher metrics     {taught.metrics_path}")
     return 0
 
 
@@ -130,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="where validation.json and validation.html go",
     )
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("teacher", help="train the mini world's text teacher (and tokenizer)")
+    add_params(p)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mini-world data root")
+    p.add_argument("--out", type=Path, default=DEFAULT_TEACHER, help="checkpoint folder")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=DEFAULT_TEACHER_METRICS,
+        help="where the teacher's metrics JSON goes",
+    )
+    p.set_defaults(func=cmd_teacher)
 
     p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
     add_params(p)

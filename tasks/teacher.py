@@ -40,21 +40,22 @@ def teacher(
 ) -> TeacherSummary:
     p = params.teacher
     start = time.perf_counter()
-    train_rows = read_manifest(manifest_path(data_root, "train"))
+    speech_train = read_manifest(manifest_path(data_root, "train"))
+    text_train = read_manifest(manifest_path(data_root, "text_train"))
     eval_rows = read_manifest(manifest_path(data_root, "eval"))
-    # The vocabulary covers every train text (reasoning and paralinguistic): the student
+    # The vocabulary covers every training text, the paralinguistic items' too: the student
     # shares this tokenizer and must be able to say "fast" or "whisper".
     tokenizer = train_word_tokenizer(
-        t for r in train_rows for t in (r["transcript"], r["solution"], r["answer"])
+        t for r in speech_train + text_train for t in (r["transcript"], r["solution"])
     )
     eos = token_id(tokenizer, IM_END)
+    # The teacher is a text LLM: it learns from the text corpus only.
     examples = [
         SftExample(
             text_prompt_ids(tokenizer, r["transcript"]),
             tokenizer(r["solution"])["input_ids"] + [eos],
         )
-        for r in train_rows
-        if r["kind"] == "reasoning"
+        for r in text_train
     ]
     model = build_teacher(p.model, tokenizer, seed=p.seed)
     losses = train_sft(

@@ -70,6 +70,11 @@ class WorldSummary:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def describe(self) -> str:
+        spoken = sum(n for s, n in self.rows_per_split.items() if s not in TEXT_SPLITS)
+        text = sum(n for s, n in self.rows_per_split.items() if s in TEXT_SPLITS)
+        return f"{spoken} utterances + {text} text-only items in {self.seconds:.1f} s"
+
 
 def _pick(rng: random.Random, r: IntRange) -> int:
     return rng.randint(r.min, r.max)
