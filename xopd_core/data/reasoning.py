@@ -91,9 +91,17 @@ def make_navigate(rng: random.Random, diff: Difficulty) -> ReasoningItem:
         x = y = 0
         steps = []
         for d, k in moves:
-            x += _DIRECTIONS[d][0] * k
-            y += _DIRECTIONS[d][1] * k
-            steps.append(f"{d} {number_word(k)}: x {number_word(x)}, y {number_word(y)}.")
+            # Each step names the one axis that moves and puts both operands next to the
+            # result, so a small model looks the sum up locally instead of across the text.
+            axis, before = ("x", x) if _DIRECTIONS[d][0] else ("y", y)
+            after = before + (_DIRECTIONS[d][0] or _DIRECTIONS[d][1]) * k
+            op = "plus" if after > before else "minus"
+            steps.append(
+                f"{d} {number_word(k)}: {axis} {number_word(before)} {op} {number_word(k)} "
+                f"is {number_word(after)}."
+            )
+            x, y = (after, y) if axis == "x" else (x, after)
+        steps.append(f"end at x {number_word(x)}, y {number_word(y)}.")
         returned = x == 0 and y == 0
         if returned == want_return:
             break
@@ -150,8 +158,11 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     for (cat, s, p), k in zip(kinds, counts, strict=True):
         noun = s if k == 1 else p
         if cat == category:
+            steps.append(
+                f"{noun} {number_word(k)}: {number_word(total)} plus {number_word(k)} "
+                f"is {number_word(total + k)}."
+            )
             total += k
-            steps.append(f"{noun} {number_word(k)}, total {number_word(total)}.")
     answer = number_word(total)
     solution = " ".join([f"count the {category}.", *steps, _final(answer)])
     return ReasoningItem("object_counting", prompt, answer, solution)

@@ -7,7 +7,7 @@ import pytest
 
 from tests.solvers import SOLVERS
 from xopd_core.config import Difficulty, IntRange
-from xopd_core.data.reasoning import REASONING_TASKS, number_word
+from xopd_core.data.reasoning import NUMBER_WORDS, REASONING_TASKS, number_word
 
 HARD = Difficulty(
     navigate_moves=IntRange(min=2, max=6), navigate_max_step=3,
@@ -60,7 +60,7 @@ def test_counting_solution_adds_up_only_the_asked_category() -> None:
     rng = random.Random(3)
     for _ in range(50):
         item = REASONING_TASKS["object_counting"](rng, Difficulty())
-        totals = re.findall(r"total (\w+)\.", item.solution)
+        totals = re.findall(r"plus \w+ is (\w+)\.", item.solution)
         assert totals and totals[-1] == item.answer
 
 
@@ -69,3 +69,24 @@ def test_number_words_cover_the_mini_world_range_only() -> None:
     assert number_word(-3) == "minus three"
     with pytest.raises(ValueError, match="outside the mini world's vocabulary"):
         number_word(21)
+
+
+def test_navigate_solution_tracks_each_axis_with_local_sums() -> None:
+    rng = random.Random(5)
+    words = {w: i for i, w in enumerate(NUMBER_WORDS)}
+
+    def value(text: str) -> int:
+        parts = text.split()
+        return -words[parts[1]] if parts[0] == "minus" else words[parts[0]]
+
+    for _ in range(100):
+        item = REASONING_TASKS["navigate"](rng, Difficulty())
+        for before, op, k, after in re.findall(
+            r"[xy] ((?:minus )?\w+) (plus|minus) (\w+) is ((?:minus )?\w+)\.", item.solution
+        ):
+            sign = 1 if op == "plus" else -1
+            assert value(before + " _") + sign * words[k] == value(after + " _")
+        end = re.search(r"end at x ((?:minus )?\w+), y ((?:minus )?\w+)\.", item.solution)
+        assert end is not None
+        returned = end.group(1) == "zero" and end.group(2) == "zero"
+        assert returned == (item.answer == "yes")
