@@ -19,7 +19,7 @@ from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text, text_prompt_ids
 from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
-from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_word_tokenizer
+from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_tokenizer
 from xopd_core.train.sft import SftExample, train_sft
 
 
@@ -45,7 +45,7 @@ def teacher(
     eval_rows = read_manifest(manifest_path(data_root, "eval"))
     # The vocabulary covers every training text, the paralinguistic items' too: the student
     # shares this tokenizer and must be able to say "fast" or "whisper".
-    tokenizer = train_word_tokenizer(
+    tokenizer = train_tokenizer(
         t for r in speech_train + text_train for t in (r["transcript"], r["solution"])
     )
     eos = token_id(tokenizer, IM_END)

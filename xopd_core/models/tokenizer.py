@@ -1,8 +1,13 @@
-"""The mini world's word-level tokenizer, saved as an HF fast tokenizer with a chat template.
+"""The mini world's tokenizer: a byte-level BPE built exactly like Qwen2's, saved as an HF
+fast tokenizer with a chat template and the Qwen2-Audio special tokens.
 
-Teacher and student share it (X-OPD scores the student's sampled token ids under the
-teacher, so the vocabularies must be the same). It carries the special tokens a
-Qwen2-Audio processor expects. Not for real checkpoints: those bring their own tokenizer.
+Why Qwen2's exact layout: transformers 5.17 reloads any folder whose config says
+`model_type: qwen2` as `Qwen2Tokenizer`, ignoring tokenizer_config.json, and rebuilds it from
+the saved vocab and merges with Qwen2's normalizer and pre-tokenizer (a word-level tokenizer
+silently became a character-level one, DESIGN.md §4). Training with those same components
+makes the rebuilt tokenizer identical, so transformers and vLLM read the ids we trained on.
+With a vocabulary budget above the corpus' distinct words, every mini-world word is one token.
+Teacher and student share it; real checkpoints bring their own.
 """
 
 from __future__ import annotations
@@ -10,14 +15,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 PAD = "<|endoftext|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 AUDIO_BOS, AUDIO, AUDIO_EOS = "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>"
-UNK = "[UNK]"
-SPECIAL_TOKENS = [PAD, IM_START, IM_END, AUDIO_BOS, AUDIO, AUDIO_EOS, UNK]
+SPECIAL_TOKENS = [PAD, IM_START, IM_END, AUDIO_BOS, AUDIO, AUDIO_EOS]
+# transformers' Qwen2Tokenizer pre-tokenisation pattern (models/qwen2/tokenization_qwen2.py).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+VOCAB_BUDGET = 8192
 ROLES = ("system", "user", "assistant")
 
 # Qwen2-Audio's message layout: a content list may hold {"type": "audio"} parts, rendered as
@@ -35,19 +45,41 @@ CHAT_TEMPLATE = (
 )
 
 
-def train_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """One token per lower-cased word or punctuation mark seen in `texts` (plus the roles)."""
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
+def _qwen2_pipeline(tok: Tokenizer) -> Tokenizer:
+    tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words, tidies " ."
-    trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1)
-    tok.train_from_iterator([*ROLES, *texts], trainer=trainer)
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """Byte-level BPE over `texts` (plus the chat roles), merged until each word is a token."""
+    tok = _qwen2_pipeline(
+        Tokenizer(
+            models.BPE(
+                continuing_subword_prefix="",
+                end_of_word_suffix="",
+                fuse_unk=False,
+                byte_fallback=False,
+            )
+        )
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_BUDGET,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join(ROLES), *texts], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        unk_token=UNK,
+        unk_token=None,
         pad_token=PAD,
         eos_token=IM_END,
         bos_token=None,
@@ -60,9 +92,9 @@ def train_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
 
 
 def token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
-    """The id of one token that must exist (never silently the unknown id)."""
+    """The id of one token that must exist as a single vocabulary entry."""
     tid = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(tid, int) or (token != UNK and tid == tokenizer.unk_token_id):
+    if not isinstance(tid, int) or tid == tokenizer.unk_token_id:
         raise KeyError(f"token {token!r} is not in the vocabulary")
     return tid
 
@@ -77,10 +109,16 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
-    """Reload through AutoTokenizer, as transformers and vLLM will, and check it stayed ours."""
+    """Reload through AutoTokenizer, as transformers and vLLM will, and prove it still gives
+    the saved tokenizer's ids (a silent swap of tokenizer class is the failure this guards)."""
     tok = AutoTokenizer.from_pretrained(str(path))
-    if not isinstance(tok, PreTrainedTokenizerFast) or tok.unk_token != UNK:
+    saved = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    probe = "always face forward. take two steps left. <|AUDIO|> the answer is yes."
+    if not isinstance(tok, PreTrainedTokenizerFast) or (
+        tok(probe)["input_ids"] != saved.encode(probe).ids
+    ):
         raise TypeError(
-            f"{path}: reloaded as {type(tok).__name__}, not the saved word-level tokenizer"
+            f"{path}: AutoTokenizer reloads it as {type(tok).__name__} with different ids than "
+            "the saved tokenizer.json"
         )
     return tok
