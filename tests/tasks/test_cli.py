@@ -28,7 +28,16 @@ def xopd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def write_tiny_params(path: Path) -> None:
     import yaml
 
-    path.write_text(yaml.safe_dump({"synth": tiny_synth_params(seed=11).model_dump(mode="json")}))
+    from tests.tasks.test_teacher import TINY
+
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "synth": tiny_synth_params(seed=11).model_dump(mode="json"),
+                "teacher": TINY.model_copy(update={"steps": 5}).model_dump(mode="json"),
+            }
+        )
+    )
 
 
 def test_run_synthesises_validates_and_says_where_results_are(tmp_path: Path) -> None:
@@ -39,6 +48,8 @@ def test_run_synthesises_validates_and_says_where_results_are(tmp_path: Path) ->
     html = tmp_path / "reports" / "validate" / "validation.html"
     assert html.is_file() and str(html) in proc.stdout
     assert (tmp_path / "data" / "mini" / "manifests" / "train.jsonl").is_file()
+    assert (tmp_path / "models" / "teacher" / "model.safetensors").is_file()
+    assert "text_accuracy_mean" in (tmp_path / "reports" / "teacher" / "metrics.json").read_text()
 
 
 def test_validate_exit_codes(tiny_world: Path, tmp_path: Path) -> None:
