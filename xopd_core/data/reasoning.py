@@ -91,17 +91,17 @@ def make_navigate(rng: random.Random, diff: Difficulty) -> ReasoningItem:
         x = y = 0
         steps = []
         for d, k in moves:
-            # Each step names the one axis that moves and puts both operands next to the
-            # result, so a small model looks the sum up locally instead of across the text.
+            # Each step puts both operands next to the result and restates the whole
+            # position, so every value a step needs stands in the step just before it: a
+            # tiny model then copies locally instead of searching the text.
             axis, before = ("x", x) if _DIRECTIONS[d][0] else ("y", y)
             after = before + (_DIRECTIONS[d][0] or _DIRECTIONS[d][1]) * k
             op = "plus" if after > before else "minus"
+            x, y = (after, y) if axis == "x" else (x, after)
             steps.append(
                 f"{d} {number_word(k)}: {axis} {number_word(before)} {op} {number_word(k)} "
-                f"is {number_word(after)}."
+                f"is {number_word(after)}, now x {number_word(x)}, y {number_word(y)}."
             )
-            x, y = (after, y) if axis == "x" else (x, after)
-        steps.append(f"end at x {number_word(x)}, y {number_word(y)}.")
         returned = x == 0 and y == 0
         if returned == want_return:
             break
@@ -153,16 +153,20 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
         f"i have {_join_list([count_phrase(k, s, p) for (_, s, p), k in zip(kinds, counts, strict=True)])}."
         f" how many {category} do i have?"
     )
+    # Walk every listed item in prompt order (copying is easy in order; jumping to the
+    # members of a category is not), adding only the asked category's counts.
     total = 0
     steps = []
     for (cat, s, p), k in zip(kinds, counts, strict=True):
-        noun = s if k == 1 else p
+        phrase = count_phrase(k, s, p)
         if cat == category:
             steps.append(
-                f"{noun} {number_word(k)}: {number_word(total)} plus {number_word(k)} "
+                f"{phrase}: yes, {number_word(total)} plus {number_word(k)} "
                 f"is {number_word(total + k)}."
             )
             total += k
+        else:
+            steps.append(f"{phrase}: no.")
     answer = number_word(total)
     solution = " ".join([f"count the {category}.", *steps, _final(answer)])
     return ReasoningItem("object_counting", prompt, answer, solution)
@@ -211,12 +215,13 @@ def make_boolean(rng: random.Random, diff: Difficulty) -> ReasoningItem:
         if i:
             words.append(ops[i - 1])
         words.append(("not " if negated[i] else "") + _bool_word(values[i]))
-    steps = []
-    terms = []
-    for v, neg in zip(values, negated, strict=True):
-        if neg:
-            steps.append(f"not {_bool_word(v)} is {_bool_word(not v)}.")
-        terms.append(v != neg)
+    # First the expression again with each "not" resolved in place (a position-by-position
+    # copy), then the and-groups, then the ors, each step naming its operands.
+    terms = [v != neg for v, neg in zip(values, negated, strict=True)]
+    rewritten = [_bool_word(terms[0])]
+    for op, t in zip(ops, terms[1:], strict=True):
+        rewritten += [op, _bool_word(t)]
+    steps = [f"that is {' '.join(rewritten)}."] if any(negated) else []
     # and-groups, left to right
     groups: list[list[bool]] = [[terms[0]]]
     for op, t in zip(ops, terms[1:], strict=True):

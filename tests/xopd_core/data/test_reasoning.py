@@ -60,7 +60,7 @@ def test_counting_solution_adds_up_only_the_asked_category() -> None:
     rng = random.Random(3)
     for _ in range(50):
         item = REASONING_TASKS["object_counting"](rng, Difficulty())
-        totals = re.findall(r"plus \w+ is (\w+)\.", item.solution)
+        totals = re.findall(r"yes, \w+ plus \w+ is (\w+)\.", item.solution)
         assert totals and totals[-1] == item.answer
 
 
@@ -82,11 +82,25 @@ def test_navigate_solution_tracks_each_axis_with_local_sums() -> None:
     for _ in range(100):
         item = REASONING_TASKS["navigate"](rng, Difficulty())
         for before, op, k, after in re.findall(
-            r"[xy] ((?:minus )?\w+) (plus|minus) (\w+) is ((?:minus )?\w+)\.", item.solution
+            r"[xy] ((?:minus )?\w+) (plus|minus) (\w+) is ((?:minus )?\w+), now", item.solution
         ):
             sign = 1 if op == "plus" else -1
             assert value(before + " _") + sign * words[k] == value(after + " _")
-        end = re.search(r"end at x ((?:minus )?\w+), y ((?:minus )?\w+)\.", item.solution)
-        assert end is not None
-        returned = end.group(1) == "zero" and end.group(2) == "zero"
+        ends = re.findall(r"now x ((?:minus )?\w+), y ((?:minus )?\w+)\.", item.solution)
+        assert ends
+        returned = ends[-1] == ("zero", "zero")
         assert returned == (item.answer == "yes")
+
+
+def test_boolean_solution_first_resolves_every_not() -> None:
+    rng = random.Random(9)
+    for _ in range(100):
+        item = REASONING_TASKS["boolean_expressions"](rng, Difficulty())
+        expr = item.prompt.split(".")[0]
+        if " not " in f" {expr}":
+            restated = re.match(r"that is ([a-z ]+)\.", item.solution)
+            assert restated is not None and "not" not in restated.group(1).split()
+            # Same operators in the same places, one truth value per operand.
+            assert [w for w in restated.group(1).split() if w in ("and", "or")] == [
+                w for w in expr.split() if w in ("and", "or")
+            ]
