@@ -158,15 +158,16 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     total = 0
     steps = []
     for (cat, s, p), k in zip(kinds, counts, strict=True):
-        phrase = count_phrase(k, s, p)
+        # Name the item's own category first: membership is then one memorised fact
+        # (noun → category) and one comparison with the category asked for.
+        phrase = f"{count_phrase(k, s, p)}: {cat}"
         if cat == category:
             steps.append(
-                f"{phrase}: yes, {number_word(total)} plus {number_word(k)} "
-                f"is {number_word(total + k)}."
+                f"{phrase}, {number_word(total)} plus {number_word(k)} is {number_word(total + k)}."
             )
             total += k
         else:
-            steps.append(f"{phrase}: no.")
+            steps.append(f"{phrase}.")
     answer = number_word(total)
     solution = " ".join([f"count the {category}.", *steps, _final(answer)])
     return ReasoningItem("object_counting", prompt, answer, solution)
@@ -221,7 +222,7 @@ def make_boolean(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     rewritten = [_bool_word(terms[0])]
     for op, t in zip(ops, terms[1:], strict=True):
         rewritten += [op, _bool_word(t)]
-    steps = [f"that is {' '.join(rewritten)}."] if any(negated) else []
+    steps = [f"that is {' '.join(rewritten)}."]
     # and-groups, left to right
     groups: list[list[bool]] = [[terms[0]]]
     for op, t in zip(ops, terms[1:], strict=True):
