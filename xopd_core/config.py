@@ -245,7 +245,7 @@ class TeacherParams(_Strict):
 
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     model: LMShape = Field(default=LMShape(), description="Architecture.")
-    steps: int = Field(default=1500, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(default=2000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per step.")
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
