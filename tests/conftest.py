@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xopd_core.config import IntRange, Params, SynthParams
+from xopd_core.config import Params, SynthParams
 from xopd_core.data.world import synthesize_world
 from xopd_core.runtime import apply_offline_env
 
@@ -46,6 +46,3 @@ def world_copy(tiny_world: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "mini"
     shutil.copytree(tiny_world, dst)
     return dst
-
-
-__all__ = ["IntRange", "tiny_synth_params"]
