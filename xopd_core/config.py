@@ -255,6 +255,35 @@ class TeacherParams(_Strict):
     )
 
 
+class AudioEncoderShape(_Strict):
+    """Size of the student's Whisper-style audio encoder (Qwen2-Audio's audio tower)."""
+
+    d_model: int = Field(default=128, ge=16, le=4096, description="Encoder width.")
+    num_layers: int = Field(default=2, ge=1, le=64, description="Encoder blocks.")
+    num_heads: int = Field(default=4, ge=1, le=64, description="Encoder attention heads.")
+    ffn_dim: int = Field(default=512, ge=16, le=16384, description="Encoder MLP width.")
+    num_mel_bins: int = Field(default=80, ge=16, le=256, description="Log-mel features.")
+    chunk_length_s: int = Field(
+        default=30,
+        ge=1,
+        le=30,
+        description="Feature window (s). vLLM 0.31 accepts only 30 (3000 mel frames).",
+    )
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> AudioEncoderShape:
+        if self.d_model % self.num_heads:
+            raise ValueError("d_model must be a multiple of num_heads")
+        return self
+
+
+class StudentParams(_Strict):
+    """The `student` stage: a tiny Qwen2-Audio whose language model starts as the teacher."""
+
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init seed of the new parts.")
+    audio: AudioEncoderShape = Field(default=AudioEncoderShape(), description="Audio encoder.")
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -263,6 +292,7 @@ class Params(_Strict):
         default=ValidateParams(), alias="validate", description="The `validate` stage."
     )
     teacher: TeacherParams = Field(default=TeacherParams(), description="The `teacher` stage.")
+    student: StudentParams = Field(default=StudentParams(), description="The `student` stage.")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors import safe_open
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from xopd_core.config import AudioEncoderShape, LMShape
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.models.build import build_teacher
+from xopd_core.models.checkpoint import WEIGHTS, save_checkpoint
+from xopd_core.models.student import audio_tokens_for, build_processor, build_student
+from xopd_core.models.tokenizer import AUDIO, load_tokenizer, token_id, train_tokenizer
+
+TINY_LM = LMShape(
+    hidden_size=64,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=128,
+    max_positions=2048,
+)
+TINY_AUDIO = AudioEncoderShape(d_model=64, num_layers=1, num_heads=2, ffn_dim=128)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_world: Path):
+    rows = read_manifest(manifest_path(tiny_world, "train"))
+    rows += read_manifest(manifest_path(tiny_world, "text_train"))
+    tok = train_tokenizer(t for r in rows for t in (r["transcript"], r["solution"]))
+    teacher = build_teacher(TINY_LM, tok, seed=1)
+    student = build_student(teacher, tok, TINY_AUDIO, seed=2)
+    return tok, teacher, student, build_processor(tok, TINY_AUDIO)
+
+
+def speech_inputs(processor, tiny_world: Path, row: dict) -> dict[str, torch.Tensor]:
+    audio, rate = sf.read(str(tiny_world / row["audio_path"]), dtype="float32")
+    messages = [{"role": "user", "content": [{"type": "audio"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor(text=text, audio=[audio], sampling_rate=rate, return_tensors="pt")
+
+
+def test_student_language_model_starts_as_the_teacher(parts) -> None:
+    tok, teacher, student, _ = parts
+    ids = torch.tensor([tok("alice lies. does alice tell the truth?")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(student(input_ids=ids).logits, teacher(input_ids=ids).logits)
+    assert student.config.audio_token_index == token_id(tok, AUDIO)
+
+
+def test_processor_expands_one_utterance_to_25_tokens_per_second(parts, tiny_world: Path) -> None:
+    tok, _, _, processor = parts
+    row = read_manifest(manifest_path(tiny_world, "eval"))[0]
+    inputs = speech_inputs(processor, tiny_world, row)
+    n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
+    n_samples = sf.info(str(tiny_world / row["audio_path"])).frames
+    assert n_audio == audio_tokens_for(n_samples)
+    assert abs(n_audio / row["duration_s"] - 25) < 1
+    assert inputs["input_features"].shape[-1] == 3000  # the 30 s window vLLM requires
+
+
+def test_saved_student_reloads_with_identical_outputs(
+    parts, tiny_world: Path, tmp_path: Path
+) -> None:
+    _, _, student, processor = parts
+    save_checkpoint(student, tmp_path, savers=[processor], resolved_config={"stage": "test"})
+    with safe_open(str(tmp_path / WEIGHTS), "pt") as f:
+        keys = list(f.keys())
+    # vLLM 0.31 loads `language_model.model.*`, not transformers 5.17's doubled prefix.
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    assert not any(k.startswith("language_model.model.model.") for k in keys)
+
+    reloaded = Qwen2AudioForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    reprocessor = AutoProcessor.from_pretrained(str(tmp_path))
+    load_tokenizer(tmp_path)  # same ids through AutoTokenizer
+    row = read_manifest(manifest_path(tiny_world, "para_eval"))[0]
+    before = speech_inputs(processor, tiny_world, row)
+    after = speech_inputs(reprocessor, tiny_world, row)
+    assert torch.equal(before["input_ids"], after["input_ids"])
+    with torch.no_grad():
+        a = student(**before).logits
+        b = reloaded(**after).logits
+    assert torch.equal(a, b)
