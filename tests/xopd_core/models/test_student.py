@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,61 @@ def test_saved_student_reloads_with_identical_outputs(
         a = student(**before).logits
         b = reloaded(**after).logits
     assert torch.equal(a, b)
+
+
+def _hf_logprobs(model, inputs: dict[str, torch.Tensor], new: list[int]) -> list[float]:
+    """Teacher-forced log-probs of `new` after the prompt in `inputs`."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([new])], dim=1)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits
+    logp = torch.log_softmax(logits[0, -len(new) - 1 : -1].float(), dim=-1)
+    return logp.gather(-1, torch.tensor(new)[:, None]).squeeze(-1).tolist()
+
+
+def test_vllm_serves_the_saved_student_like_transformers(
+    parts, tiny_world: Path, tmp_path: Path
+) -> None:
+    tok, _, student, processor = parts
+    folder = tmp_path / "student"
+    save_checkpoint(student, folder, savers=[processor], resolved_config={"stage": "test"})
+    row = read_manifest(manifest_path(tiny_world, "eval"))[1]
+    audio_prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    text_prompt = tok.apply_chat_template(
+        [{"role": "user", "content": row["transcript"]}], add_generation_prompt=True, tokenize=False
+    )
+    spec = {
+        "max_tokens": 6,
+        "requests": [
+            {"prompt": audio_prompt, "audio": str(tiny_world / row["audio_path"])},
+            {"prompt": text_prompt, "audio": None},
+        ],
+    }
+    (tmp_path / "requests.json").write_text(json.dumps(spec))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).parents[2] / "vllm_greedy.py"),
+            str(folder),
+            str(tmp_path / "requests.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    vllm_audio, vllm_text = json.loads(lines[0].removeprefix("RESULT "))["outputs"]
+
+    audio, rate = sf.read(str(tiny_world / row["audio_path"]), dtype="float32")
+    hf_audio = processor(text=audio_prompt, audio=[audio], sampling_rate=rate, return_tensors="pt")
+    hf_text = {"input_ids": torch.tensor([tok(text_prompt)["input_ids"]])}
+    # A random model samples nearly uniformly, so compare log-probs, not just tokens
+    # (DESIGN.md §4: HF and vLLM agree to ~1e-6 in float32 with enforce_eager).
+    for out, inputs in ((vllm_audio, hf_audio), (vllm_text, hf_text)):
+        hf = _hf_logprobs(student, inputs, out["token_ids"])
+        assert max(abs(a - b) for a, b in zip(hf, out["logprobs"], strict=True)) < 1e-4
