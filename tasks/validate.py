@@ -24,7 +24,6 @@ METRICS_JSON = "metrics.json"  # small and flat, for `dvc metrics show`
 class ValidateSummary:
     success: bool
     n_rows: int
-    failed_rules: list[str]
     report_json: Path
     report_html: Path
     seconds: float
@@ -75,4 +74,4 @@ def validate(
         raise DataValidationError(
             f"{report.summary_line()}\n{detail}\nfull report: {html_path}", report
         )
-    return ValidateSummary(True, report.n_rows, [], json_path, html_path, report.seconds)
+    return ValidateSummary(True, report.n_rows, json_path, html_path, report.seconds)

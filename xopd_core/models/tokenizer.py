@@ -104,10 +104,6 @@ def decode(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> str:
     return text if isinstance(text, str) else " ".join(text)
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    tokenizer.save_pretrained(str(out_dir))
-
-
 def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
     """Reload through AutoTokenizer, as transformers and vLLM will, and prove it still gives
     the saved tokenizer's ids (a silent swap of tokenizer class is the failure this guards)."""

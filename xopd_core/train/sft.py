@@ -66,21 +66,16 @@ def train_sft(
     warmup: int,
     seed: int,
     weight_decay: float = 0.01,
-    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train `model` in place for `steps` batches drawn by a seeded shuffler; returns losses.
-
-    `forward(model, batch)` returns logits_B_T_V; the default calls a causal LM on
-    `input_ids_B_T`. Pass another one to feed extra inputs (e.g. audio features).
-    """
+    """Train a causal LM in place for `steps` batches drawn by a seeded shuffler; returns
+    the per-step losses."""
     if not examples:
         raise ValueError("train_sft needs at least one example")
     torch.manual_seed(seed)
     order_rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    forward = forward or _causal_lm_forward
     model.train()
     losses = []
     order: list[int] = []
@@ -93,7 +88,10 @@ def train_sft(
         batch = collate([examples[i] for i in idx], pad_id)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = response_nll(forward(model, batch), batch["labels_B_T"])
+        logits = model(
+            input_ids=batch["input_ids_B_T"], attention_mask=batch["attention_mask_B_T"]
+        ).logits
+        loss = response_nll(logits, batch["labels_B_T"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -103,8 +101,3 @@ def train_sft(
             on_step(step, losses[-1])
     model.eval()
     return losses
-
-
-def _causal_lm_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(input_ids=batch["input_ids_B_T"], attention_mask=batch["attention_mask_B_T"])
-    return out.logits

@@ -12,7 +12,6 @@ from xopd_core.models.tokenizer import (
     AUDIO_BOS,
     AUDIO_EOS,
     load_tokenizer,
-    save_tokenizer,
     token_id,
     train_tokenizer,
 )
@@ -29,7 +28,7 @@ def world_tokenizer(tiny_world: Path):
 def test_saved_tokenizer_reloads_with_identical_ids(
     world_tokenizer, tmp_path: Path, tiny_world: Path, model_type: str
 ) -> None:
-    save_tokenizer(world_tokenizer, tmp_path)
+    world_tokenizer.save_pretrained(str(tmp_path))
     # transformers rebuilds any `qwen2` folder's tokenizer as Qwen2Tokenizer, whatever
     # tokenizer_config.json says: the ids must survive that (the teacher is a qwen2 model).
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
