@@ -20,6 +20,9 @@ DEFAULT_DATA = Path("data/mini")
 DEFAULT_VALIDATE_OUT = Path("reports/validate")
 DEFAULT_TEACHER = Path("models/teacher")
 DEFAULT_TEACHER_METRICS = Path("reports/teacher/metrics.json")
+DEFAULT_STUDENT = Path("models/student")
+DEFAULT_STUDENT_METRICS = Path("reports/student/metrics.json")
+DEFAULT_EVAL_OUT = Path("reports/eval")
 
 
 def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
@@ -93,8 +96,46 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _phase_bar(params):  # type: ignore[no-untyped-def]
+    """One progress bar per bootstrap phase of the student stage."""
+    p = params.student
+    bars = {}
+
+    def update(phase: str, step: int, loss: float) -> None:
+        if phase not in bars:
+            bars[phase] = _step_bar(f"student {phase}", getattr(p, phase).steps)
+        bars[phase](step, loss)
+
+    return update
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    from tasks.student import student
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    summary = student(
+        params, args.data, args.teacher, args.out, args.metrics, on_step=_phase_bar(params)
+    )
+    print(f"student: bootstrapped in {summary.metrics['total_seconds']:.0f} s → {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tasks.eval import evaluate
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    summary = evaluate(params, args.data, args.model, args.teacher_metrics, args.out)
+    print(summary.table_path.read_text())
+    print(f"eval: → {summary.metrics_path}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Every stage that exists so far, in pipeline order, on the embedded mini world."""
+    from tasks.eval import evaluate
+    from tasks.student import student
     from tasks.synth import synth
     from tasks.teacher import teacher
     from tasks.validate import validate
@@ -104,9 +145,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     data = args.workdir / DEFAULT_DATA
     world = synth(params, data, progress=_progress_bar("synth"))
-    print(f"[1/3] synth     {world.describe()}")
+    print(f"[1/5] synth     {world.describe()}")
     checked = validate(params, [data], args.workdir / DEFAULT_VALIDATE_OUT)
-    print(f"[2/3] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
+    print(f"[2/5] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
     taught = teacher(
         params,
         data,
@@ -121,9 +162,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
     )
     print(
-        f"[3/3] teacher   text accuracy {m['text_accuracy_mean']:.3f} ({per_task}) "
+        f"[3/5] teacher   text accuracy {m['text_accuracy_mean']:.3f} ({per_task}) "
         f"in {m['total_seconds']:.0f} s"
     )
+    made = student(
+        params,
+        data,
+        taught.checkpoint,
+        args.workdir / DEFAULT_STUDENT,
+        args.workdir / DEFAULT_STUDENT_METRICS,
+        on_step=_phase_bar(params),
+    )
+    print(f"[4/5] student   bootstrapped in {made.metrics['total_seconds']:.0f} s")
+    scored = evaluate(
+        params, data, made.checkpoint, taught.metrics_path, args.workdir / DEFAULT_EVAL_OUT
+    )
+    e = scored.metrics
+    print(
+        f"[5/5] eval      speech Avg-Drop {e['avg_drop_speech']:.1f} %, text Avg-Drop "
+        f"{e['avg_drop_text']:.1f} %, paralinguistic accuracy "
+        f"{e['paralinguistic_accuracy']:.3f} in {e['seconds']:.0f} s\n"
+    )
+    print(scored.table_path.read_text())
     print(f"\nDone in {time.perf_counter() - start:.1f} s. Results:")
     for split, path in world.manifests.items():
         print(f"  manifest {split:<10} {path}  ({world.rows_per_split[split]} rows)")
@@ -132,6 +192,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  validation result   {checked.report_json}")
     print(f"  teacher checkpoint  {taught.checkpoint}")
     print(f"  teacher metrics     {taught.metrics_path}")
+    print(f"  student checkpoint  {made.checkpoint}")
+    print(f"  student metrics     {made.metrics_path}")
+    print(f"  eval metrics        {scored.metrics_path}")
+    print(f"  eval table          {scored.table_path}")
+    print(f"  eval responses      {scored.responses_path}")
     return 0
 
 
@@ -187,6 +252,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_teacher)
 
+    p = sub.add_parser("student", help="bootstrap the mini world's round-0 speech student")
+    add_params(p)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mini-world data root")
+    p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="teacher checkpoint")
+    p.add_argument("--out", type=Path, default=DEFAULT_STUDENT, help="checkpoint folder")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=DEFAULT_STUDENT_METRICS,
+        help="where the student stage's training metrics JSON goes",
+    )
+    p.set_defaults(func=cmd_student)
+
+    p = sub.add_parser("eval", help="accuracy by task and modality, Avg-Drop, paralinguistics")
+    add_params(p)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (eval splits)")
+    p.add_argument("--model", type=Path, default=DEFAULT_STUDENT, help="student checkpoint")
+    p.add_argument(
+        "--teacher-metrics",
+        type=Path,
+        default=DEFAULT_TEACHER_METRICS,
+        help="the teacher's metrics JSON (its text scores are the Avg-Drop reference)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_EVAL_OUT,
+        help="folder for metrics.json, table.md, responses.jsonl",
+    )
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
     add_params(p)
     p.add_argument(
@@ -206,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from tasks.eval import TeacherScoresError
     from xopd_core.config import ConfigError
     from xopd_core.data.manifest import ManifestError
     from xopd_core.data.speech import SpeechToolError
@@ -222,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         ManifestError,
         SpeechToolError,
         WorldGenerationError,
+        TeacherScoresError,
         FileNotFoundError,
     ) as err:
         print(f"xopd {args.command}: error: {err}", file=sys.stderr)

@@ -277,11 +277,62 @@ class AudioEncoderShape(_Strict):
         return self
 
 
-class StudentParams(_Strict):
-    """The `student` stage: a tiny Qwen2-Audio whose language model starts as the teacher."""
+class Phase(_Strict):
+    """One supervised training phase: AdamW, linear warm-up, cosine decay to 10 %."""
 
-    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init seed of the new parts.")
+    steps: int = Field(ge=0, le=1_000_000, description="Optimizer steps (0 skips the phase).")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="Examples per step.")
+    lr: float = Field(gt=0, le=1, description="Peak learning rate.")
+    warmup_steps: int = Field(default=20, ge=0, le=100_000, description="Linear warm-up.")
+    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+
+
+class InstructPhase(Phase):
+    """Speech instruction tuning: the data mix of the LM phase (DESIGN.md §4, README)."""
+
+    speech_solution_fraction: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of spoken reasoning items answered with a worked solution; the "
+        "rest are answered directly ('the answer is X.'), as in typical spoken-QA corpora.",
+    )
+    asr_items: int = Field(
+        default=500, ge=0, le=1_000_000, description="Transcription examples (audio → text)."
+    )
+    text_replay_items: int = Field(
+        default=2000,
+        ge=0,
+        le=1_000_000,
+        description="Text-only worked solutions replayed from text_train (keeps text ability).",
+    )
+
+
+class StudentParams(_Strict):
+    """The `student` stage: a tiny Qwen2-Audio whose language model starts as the teacher,
+    bootstrapped in three phases (README: "How the round-0 student is made")."""
+
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     audio: AudioEncoderShape = Field(default=AudioEncoderShape(), description="Audio encoder.")
+    ctc: Phase = Field(
+        default=Phase(steps=400, batch_size=8, lr=2e-3, warmup_steps=40),
+        description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
+    )
+    align: Phase = Field(
+        default=Phase(steps=900, batch_size=16, lr=2e-3),
+        description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
+    )
+    instruct: InstructPhase = Field(
+        default=InstructPhase(steps=300, lr=1e-3),
+        description="Phase 3: LM + projector on speech instruction data (encoder frozen).",
+    )
+
+
+class EvalParams(_Strict):
+    """The `eval` stage: greedy accuracy per task and modality, Avg-Drop vs the teacher."""
+
+    max_new_tokens: int = Field(default=128, ge=1, le=4096, description="Generation budget.")
+    batch_size: int = Field(default=64, ge=1, le=4096, description="Prompts per generate call.")
 
 
 class Params(_Strict):
@@ -293,6 +344,7 @@ class Params(_Strict):
     )
     teacher: TeacherParams = Field(default=TeacherParams(), description="The `teacher` stage.")
     student: StudentParams = Field(default=StudentParams(), description="The `student` stage.")
+    eval: EvalParams = Field(default=EvalParams(), description="The `eval` stage.")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

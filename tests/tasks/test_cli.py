@@ -28,28 +28,38 @@ def xopd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def write_tiny_params(path: Path) -> None:
     import yaml
 
+    from tests.tasks.conftest import TINY_STUDENT
     from tests.tasks.test_teacher import TINY
 
     path.write_text(
         yaml.safe_dump(
             {
                 "synth": tiny_synth_params(seed=11).model_dump(mode="json"),
-                "teacher": TINY.model_copy(update={"steps": 5}).model_dump(mode="json"),
+                "teacher": TINY.model_dump(mode="json"),
+                "student": TINY_STUDENT.model_dump(mode="json"),
+                "eval": {"max_new_tokens": 16},
             }
         )
     )
 
 
-def test_run_synthesises_validates_and_says_where_results_are(tmp_path: Path) -> None:
+def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Path) -> None:
+    """The tiny settings run every stage; a 40-step teacher answers nothing right, so the
+    Avg-Drop against it is undefined and eval stops the run with exit 2, naming the file.
+    (tests/tasks/test_eval.py covers eval's success path with a reference teacher.)"""
     write_tiny_params(tmp_path / "params.yaml")
     proc = xopd("run", "--workdir", str(tmp_path), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
     assert "passed every rule" in proc.stdout
-    html = tmp_path / "reports" / "validate" / "validation.html"
-    assert html.is_file() and str(html) in proc.stdout
+    assert (tmp_path / "reports" / "validate" / "validation.html").is_file()
     assert (tmp_path / "data" / "mini" / "manifests" / "train.jsonl").is_file()
     assert (tmp_path / "models" / "teacher" / "model.safetensors").is_file()
-    assert "text_accuracy_mean" in (tmp_path / "reports" / "teacher" / "metrics.json").read_text()
+    teacher = json.loads((tmp_path / "reports" / "teacher" / "metrics.json").read_text())
+    assert teacher["text_accuracy_mean"] == 0.0
+    assert "[4/5] student" in proc.stdout
+    assert (tmp_path / "models" / "student" / "model.safetensors").is_file()
+    assert proc.returncode == 2
+    assert "teacher/metrics.json: the teacher scores 0 on every task" in proc.stderr
+    assert not (tmp_path / "reports" / "eval").exists()  # nothing half-written
 
 
 def test_validate_exit_codes(tiny_world: Path, tmp_path: Path) -> None:

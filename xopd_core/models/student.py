@@ -88,8 +88,13 @@ def build_student(
     with torch.no_grad():
         student.model.language_model.load_state_dict(teacher.model.state_dict())
         student.lm_head.weight.copy_(teacher.lm_head.weight)
-        positions = student.model.audio_tower.embed_positions.weight
-        positions.copy_(sinusoids(*positions.shape))
+        tower = student.model.audio_tower
+        tower.embed_positions.weight.copy_(sinusoids(*tower.embed_positions.weight.shape))
+        # HF draws the convolutions from N(0, 0.02): their output is then ~100x smaller than
+        # the positions added to it and the encoder cannot learn (CTC stalls on blanks).
+        for conv in (tower.conv1, tower.conv2):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(conv.bias)
     student.generation_config.pad_token_id = teacher.generation_config.pad_token_id
     student.generation_config.eos_token_id = teacher.generation_config.eos_token_id
     student.generation_config.do_sample = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +47,73 @@ def response_nll(logits_B_T_V: torch.Tensor, labels_B_T: torch.Tensor) -> torch.
     return -(picked * mask).sum() / mask.sum().clamp_min(1)
 
 
+def length_bucketed_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, pool_batches: int = 1
+) -> Iterator[list[int]]:
+    """Endless batches of example indices: every epoch is a fresh shuffle, cut into pools of
+    `pool_batches` batches; inside a pool examples are sorted by length and the resulting
+    batches shuffled, so a batch pads little while the order stays random across pools.
+    `pool_batches=1` is plain shuffled batching.
+
+    Bucketing is for homogeneous data (transcription). On a task mix it groups items of one
+    task together (tasks differ in length): the teacher trained that way reached 0.64 mean
+    accuracy where shuffled batches gave 0.94 at the same 1500 steps."""
+    while True:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        pool_size = batch_size * pool_batches
+        for start in range(0, len(order), pool_size):
+            pool = sorted(order[start : start + pool_size], key=lambda i: lengths[i])
+            batches = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
+            rng.shuffle(batches)
+            yield from batches
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up to `peak`, then cosine decay to 10 % of it."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_steps(
+    params: Sequence[torch.nn.Parameter],
+    lengths: Sequence[int],
+    loss_of: Callable[[list[int]], torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    seed: int,
+    weight_decay: float = 0.01,
+    pool_batches: int = 1,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """The one optimisation loop: `steps` AdamW steps on `params`, each on the loss
+    `loss_of` computes for a batch of example indices (batched by `length_bucketed_batches`
+    from the examples' `lengths`). Gradients are clipped to norm 1. Returns the per-step
+    losses."""
+    if not lengths:
+        raise ValueError("training needs at least one example")
+    torch.manual_seed(seed)
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    batches = length_bucketed_batches(lengths, batch_size, random.Random(seed), pool_batches)
+    losses = []
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr, warmup)
+        loss = loss_of(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step, losses[-1])
+    return losses
 
 
 def train_sft(
@@ -68,36 +129,28 @@ def train_sft(
     weight_decay: float = 0.01,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train a causal LM in place for `steps` batches drawn by a seeded shuffler; returns
-    the per-step losses."""
-    if not examples:
-        raise ValueError("train_sft needs at least one example")
-    torch.manual_seed(seed)
-    order_rng = random.Random(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    order: list[int] = []
-    for step in range(steps):
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            order_rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[:batch_size], order[batch_size:]
+    """Train a causal LM in place on (prompt, response) pairs; returns the per-step losses."""
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
         batch = collate([examples[i] for i in idx], pad_id)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
         logits = model(
             input_ids=batch["input_ids_B_T"], attention_mask=batch["attention_mask_B_T"]
         ).logits
-        loss = response_nll(logits, batch["labels_B_T"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(loss.item())
-        if on_step is not None:
-            on_step(step, losses[-1])
-    model.eval()
-    return losses
+        return response_nll(logits, batch["labels_B_T"])
+
+    model.train()
+    try:
+        return train_steps(
+            [p for p in model.parameters() if p.requires_grad],
+            [len(e.prompt_ids) + len(e.response_ids) for e in examples],
+            loss_of,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            warmup=warmup,
+            seed=seed,
+            weight_decay=weight_decay,
+            on_step=on_step,
+        )
+    finally:
+        model.eval()

@@ -5,45 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import soundfile as sf
 import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from xopd_core.config import AudioEncoderShape, LMShape
+from tests.xopd_core.conftest import speech_inputs
 from xopd_core.data.manifest import manifest_path, read_manifest
-from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import WEIGHTS, save_checkpoint
-from xopd_core.models.student import audio_tokens_for, build_processor, build_student
-from xopd_core.models.tokenizer import AUDIO, load_tokenizer, token_id, train_tokenizer
-
-TINY_LM = LMShape(
-    hidden_size=64,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    intermediate_size=128,
-    max_positions=2048,
-)
-TINY_AUDIO = AudioEncoderShape(d_model=64, num_layers=1, num_heads=2, ffn_dim=128)
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_world: Path):
-    rows = read_manifest(manifest_path(tiny_world, "train"))
-    rows += read_manifest(manifest_path(tiny_world, "text_train"))
-    tok = train_tokenizer(t for r in rows for t in (r["transcript"], r["solution"]))
-    teacher = build_teacher(TINY_LM, tok, seed=1)
-    student = build_student(teacher, tok, TINY_AUDIO, seed=2)
-    return tok, teacher, student, build_processor(tok, TINY_AUDIO)
-
-
-def speech_inputs(processor, tiny_world: Path, row: dict) -> dict[str, torch.Tensor]:
-    audio, rate = sf.read(str(tiny_world / row["audio_path"]), dtype="float32")
-    messages = [{"role": "user", "content": [{"type": "audio"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return processor(text=text, audio=[audio], sampling_rate=rate, return_tensors="pt")
+from xopd_core.models.student import audio_tokens_for
+from xopd_core.models.tokenizer import AUDIO, load_tokenizer, token_id
 
 
 def test_student_language_model_starts_as_the_teacher(parts) -> None:

@@ -1,0 +1,155 @@
+"""The `eval` stage, reused by every round: how well a speech student reasons from speech and
+from text, against the teacher's text scores, and whether it still hears what only audio says.
+
+Greedy decoding, strict answer extraction, fixed batch order: deterministic for a fixed
+checkpoint. Writes flat metrics JSON (DVC metrics), a Markdown table, and every response
+(JSONL) so a score can be traced to the outputs behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from xopd_core.atomic import write_json_atomic, write_text_atomic
+from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text
+from xopd_core.eval.metrics import avg_drop
+
+METRICS = "metrics.json"
+TABLE = "table.md"
+RESPONSES = "responses.jsonl"
+
+
+class TeacherScoresError(ValueError):
+    """The teacher's metrics file lacks a score the Avg-Drop needs."""
+
+
+@dataclass(frozen=True)
+class EvalSummary:
+    metrics_path: Path
+    table_path: Path
+    responses_path: Path
+    metrics: dict[str, Any]
+
+
+def teacher_scores(path: Path) -> dict[str, float]:
+    """Per-task text accuracy of the teacher (`text_accuracy_<task>` keys of its metrics)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise TeacherScoresError(f"{path}: cannot read the teacher's metrics ({err})") from err
+    scores = {
+        k.removeprefix("text_accuracy_"): float(v)
+        for k, v in data.items()
+        if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
+    }
+    if not scores:
+        raise TeacherScoresError(f"{path}: no text_accuracy_<task> keys")
+    if all(v <= 0 for v in scores.values()):
+        raise TeacherScoresError(
+            f"{path}: the teacher scores 0 on every task; the Avg-Drop against it is undefined"
+        )
+    return scores
+
+
+def _table(
+    teacher: dict[str, float],
+    speech: dict[str, float],
+    text: dict[str, float],
+    para: dict[str, float],
+    metrics: dict[str, Any],
+) -> str:
+    excluded = sorted(t for t, v in teacher.items() if v <= 0)
+    lines = [
+        "| task | teacher (text) | student (speech) | student (text) |",
+        "|---|---|---|---|",
+    ]
+    for task in sorted(teacher):
+        lines.append(f"| {task} | {teacher[task]:.3f} | {speech[task]:.3f} | {text[task]:.3f} |")
+    lines += [
+        "",
+        f"Avg-Drop, speech input: {metrics['avg_drop_speech']:.2f} %  ",
+        f"Avg-Drop, text input: {metrics['avg_drop_text']:.2f} %",
+        *(
+            [f"(left out of the Avg-Drops, the teacher scores 0 on: {', '.join(excluded)})"]
+            if excluded
+            else []
+        ),
+        "",
+        "| paralinguistic task | accuracy |",
+        "|---|---|",
+        *(f"| {task} | {acc:.3f} |" for task, acc in sorted(para.items())),
+        f"| **mean** | **{metrics['paralinguistic_accuracy']:.3f}** |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def evaluate(
+    params: Params,
+    data_root: Path,
+    student_dir: Path,
+    teacher_metrics: Path,
+    out_dir: Path,
+) -> EvalSummary:
+    p = params.eval
+    start = time.perf_counter()
+    teacher = teacher_scores(teacher_metrics)
+    # A relative drop from 0 is undefined: such a task is left out of both Avg-Drops, and
+    # the table and `avg_drop_tasks` say so (only tiny test teachers score 0 anywhere).
+    reference = {t: v for t, v in teacher.items() if v > 0}
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(student_dir))
+    eval_rows = read_manifest(manifest_path(data_root, "eval"))
+    para_rows = read_manifest(manifest_path(data_root, "para_eval"))
+
+    def waves(rows: list[dict[str, Any]]) -> list[Any]:
+        return [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
+
+    speech = evaluate_speech(
+        model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size
+    )
+    text = evaluate_text(
+        model, processor.tokenizer, eval_rows, p.max_new_tokens, batch_size=p.batch_size
+    )
+    para = evaluate_speech(
+        model, processor, para_rows, waves(para_rows), p.max_new_tokens, p.batch_size
+    )
+    speech_acc, text_acc, para_acc = (accuracy_by_task(r) for r in (speech, text, para))
+    missing = sorted(set(teacher) - set(speech_acc))
+    if missing:
+        raise TeacherScoresError(
+            f"{teacher_metrics}: teacher scores tasks {missing} that the eval split lacks"
+        )
+    metrics: dict[str, Any] = {
+        "avg_drop_speech": avg_drop(reference, speech_acc),
+        "avg_drop_text": avg_drop(reference, text_acc),
+        "avg_drop_tasks": len(reference),
+        "paralinguistic_accuracy": sum(para_acc.values()) / len(para_acc),
+        "speech_accuracy_mean": sum(speech_acc.values()) / len(speech_acc),
+        "text_accuracy_mean": sum(text_acc.values()) / len(text_acc),
+        **{f"speech_accuracy_{t}": a for t, a in speech_acc.items()},
+        **{f"text_accuracy_{t}": a for t, a in text_acc.items()},
+        **{f"paralinguistic_accuracy_{t}": a for t, a in para_acc.items()},
+        "eval_items": len(eval_rows),
+        "para_eval_items": len(para_rows),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    out_dir = Path(out_dir)
+    responses = "".join(
+        json.dumps({"modality": modality, **asdict(r), "correct": r.correct}) + "\n"
+        for modality, results in (("speech", speech), ("text", text), ("paralinguistic", para))
+        for r in results
+    )
+    write_text_atomic(out_dir / RESPONSES, responses)
+    write_text_atomic(out_dir / TABLE, _table(teacher, speech_acc, text_acc, para_acc, metrics))
+    write_json_atomic(out_dir / METRICS, metrics)
+    return EvalSummary(out_dir / METRICS, out_dir / TABLE, out_dir / RESPONSES, metrics)

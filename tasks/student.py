@@ -1,0 +1,150 @@
+"""The `student` stage (mini world only): the round-0 speech student.
+
+A tiny Qwen2-Audio whose language model starts as the teacher, bootstrapped in three phases
+on the speech train split (xopd_core/train/bootstrap.py): CTC encoder pre-training, audio
+alignment through the frozen LM, speech instruction tuning. Saves a checkpoint folder
+(safetensors, tokenizer, processor, resolved config) plus training metrics for DVC; the
+`eval` stage measures it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import soundfile as sf
+from transformers import Qwen2ForCausalLM
+
+from xopd_core.atomic import write_json_atomic
+from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.eval.evaluate import text_prompt_ids
+from xopd_core.models.audio import extract_features
+from xopd_core.models.checkpoint import save_checkpoint, weights_sha256
+from xopd_core.models.student import build_processor, build_student
+from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
+from xopd_core.train.bootstrap import (
+    align_to_embeddings,
+    cache_encoder_states,
+    character_targets,
+    instruct,
+    instruction_mix,
+    pretrain_encoder_ctc,
+)
+
+
+@dataclass(frozen=True)
+class StudentSummary:
+    checkpoint: Path
+    metrics_path: Path
+    metrics: dict[str, Any]
+    weights_sha256: str
+
+
+def _mean_tail(losses: list[float], n: int = 20) -> float | None:
+    return sum(losses[-n:]) / len(losses[-n:]) if losses else None
+
+
+def student(
+    params: Params,
+    data_root: Path,
+    teacher_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    on_step: Callable[[str, int, float], None] | None = None,
+) -> StudentSummary:
+    p = params.student
+    clock = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 1)
+        clock = now
+
+    def reporter(phase: str) -> Callable[[int, float], None] | None:
+        if on_step is None:
+            return None
+        report = on_step
+        return lambda step, loss: report(phase, step, loss)
+
+    tokenizer = load_tokenizer(Path(teacher_dir))
+    teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
+    processor = build_processor(tokenizer, p.audio)
+    rows = read_manifest(manifest_path(data_root, "train"))
+    text_rows = read_manifest(manifest_path(data_root, "text_train"))
+    waves = [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
+    feats = extract_features(processor, waves)
+    audio_tokens = [f.audio_tokens for f in feats]
+    lap("features")
+
+    model = build_student(teacher, tokenizer, p.audio, seed=p.seed)
+    pad = token_id(tokenizer, PAD)
+    alphabet, char_ids = character_targets([r["transcript"] for r in rows])
+    ctc_losses = pretrain_encoder_ctc(
+        model,
+        feats,
+        char_ids,
+        len(alphabet),
+        p.ctc,
+        seed=p.seed,
+        on_step=reporter("ctc"),
+    )
+    lap("ctc")
+    align_losses = align_to_embeddings(
+        model,
+        feats,
+        [list(tokenizer(r["transcript"])["input_ids"]) for r in rows],
+        p.align,
+        seed=p.seed,
+        on_step=reporter("align"),
+    )
+    lap("align")
+    states = cache_encoder_states(model, feats)
+    examples, mix = instruction_mix(
+        tokenizer,
+        rows,
+        audio_tokens,
+        text_rows,
+        lambda text: text_prompt_ids(tokenizer, text),
+        p.instruct,
+        seed=p.seed,
+    )
+    instruct_losses = instruct(
+        model, states, examples, pad, p.instruct, seed=p.seed, on_step=reporter("instruct")
+    )
+    lap("instruct")
+
+    digest = save_checkpoint(
+        model,
+        out_dir,
+        savers=[processor],
+        resolved_config={
+            "stage": "student",
+            "teacher_weights_sha256": weights_sha256(Path(teacher_dir)),
+            "params": p.model_dump(mode="json"),
+        },
+    )
+    lap("save")
+    metrics: dict[str, Any] = {
+        "ctc_final_loss": _mean_tail(ctc_losses),
+        "align_final_loss": _mean_tail(align_losses),
+        "instruct_final_loss": _mean_tail(instruct_losses),
+        "parameters": sum(t.numel() for t in model.parameters()),
+        "audio_parameters": sum(
+            t.numel()
+            for part in (model.model.audio_tower, model.model.multi_modal_projector)
+            for t in part.parameters()
+        ),
+        "train_utterances": len(rows),
+        **{f"mix_{k}": v for k, v in mix.items()},
+        **{f"seconds_{k}": v for k, v in seconds.items()},
+        "total_seconds": round(sum(seconds.values()), 1),
+        "weights_sha256": digest,
+    }
+    write_json_atomic(Path(metrics_path), metrics)
+    return StudentSummary(Path(out_dir), Path(metrics_path), metrics, digest)

@@ -1,0 +1,84 @@
+"""A tiny teacher and round-0 student, trained once per session on the tiny world."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tasks.student import StudentSummary, student
+from tasks.teacher import TeacherSummary, teacher
+from xopd_core.config import (
+    AudioEncoderShape,
+    InstructPhase,
+    LMShape,
+    Params,
+    Phase,
+    StudentParams,
+    TeacherParams,
+)
+
+TINY_TEACHER = TeacherParams(
+    model=LMShape(
+        hidden_size=64,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=1,
+        intermediate_size=128,
+        max_positions=1024,
+    ),
+    steps=40,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=5,
+    max_new_tokens=24,
+)
+
+TINY_STUDENT = StudentParams(
+    audio=AudioEncoderShape(d_model=64, num_layers=1, num_heads=2, ffn_dim=128),
+    ctc=Phase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2),
+    align=Phase(steps=15, batch_size=4, lr=3e-3, warmup_steps=2),
+    instruct=InstructPhase(
+        steps=15, batch_size=8, lr=2e-3, warmup_steps=2, asr_items=8, text_replay_items=16
+    ),
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_params() -> Params:
+    return Params(teacher=TINY_TEACHER, student=TINY_STUDENT)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(
+    tiny_world: Path, tiny_pipeline_params: Params, tmp_path_factory: pytest.TempPathFactory
+) -> TeacherSummary:
+    out = tmp_path_factory.mktemp("teacher")
+    return teacher(tiny_pipeline_params, tiny_world, out / "teacher", out / "metrics.json")
+
+
+@dataclass
+class TinyStudent:
+    summary: StudentSummary
+    losses: dict[str, list[float]] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(
+    tiny_world: Path,
+    tiny_pipeline_params: Params,
+    tiny_teacher: TeacherSummary,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> TinyStudent:
+    out = tmp_path_factory.mktemp("student")
+    losses: dict[str, list[float]] = {}
+    summary = student(
+        tiny_pipeline_params,
+        tiny_world,
+        tiny_teacher.checkpoint,
+        out / "student",
+        out / "metrics.json",
+        on_step=lambda phase, step, loss: losses.setdefault(phase, []).append(loss),
+    )
+    return TinyStudent(summary, losses)

@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+from tasks.student import student
+from tasks.teacher import TeacherSummary
+from tests.tasks.conftest import TINY_STUDENT, TinyStudent
+from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
+from xopd_core.models.tokenizer import AUDIO, token_id
+from xopd_core.train.bootstrap import speech_prompt_ids
+
+
+def test_student_stage_learns_in_every_phase(tiny_student: TinyStudent) -> None:
+    assert set(tiny_student.losses) == {"ctc", "align", "instruct"}
+    for phase, losses in tiny_student.losses.items():
+        assert len(losses) == getattr(TINY_STUDENT, phase).steps
+        assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, phase
+
+
+def test_student_checkpoint_reloads_with_its_processor(
+    tiny_student: TinyStudent, tiny_teacher: TeacherSummary, tiny_world: Path
+) -> None:
+    summary = tiny_student.summary
+    out = summary.checkpoint
+    assert summary.weights_sha256 == weights_sha256(out)
+    resolved = json.loads((out / RESOLVED_CONFIG).read_text())
+    assert resolved["teacher_weights_sha256"] == tiny_teacher.weights_sha256
+    assert resolved["params"]["instruct"]["steps"] == TINY_STUDENT.instruct.steps
+    metrics = json.loads(summary.metrics_path.read_text())
+    rows = read_manifest(manifest_path(tiny_world, "train"))
+    assert metrics["train_utterances"] == len(rows)
+    assert metrics["mix_asr"] == TINY_STUDENT.instruct.asr_items
+    assert metrics["weights_sha256"] == summary.weights_sha256
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(out)).eval()
+    processor = AutoProcessor.from_pretrained(str(out))
+    wave = sf.read(str(tiny_world / rows[0]["audio_path"]), dtype="float32")[0]
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "audio"}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    inputs = processor(text=text, audio=[wave], sampling_rate=16000, return_tensors="pt")
+    n_audio = int((inputs["input_ids"] == token_id(processor.tokenizer, AUDIO)).sum())
+    assert inputs["input_ids"][0].tolist() == speech_prompt_ids(processor.tokenizer, n_audio)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_student_stage_is_deterministic(
+    tiny_world: Path, tiny_teacher: TeacherSummary, tmp_path: Path
+) -> None:
+    short = TINY_STUDENT.model_copy(
+        update={
+            name: getattr(TINY_STUDENT, name).model_copy(update={"steps": 2})
+            for name in ("ctc", "align", "instruct")
+        }
+    )
+    digests = [
+        student(
+            Params(student=short),
+            tiny_world,
+            tiny_teacher.checkpoint,
+            tmp_path / run / "student",
+            tmp_path / run / "metrics.json",
+        ).weights_sha256
+        for run in ("a", "b")
+    ]
+    assert digests[0] == digests[1]

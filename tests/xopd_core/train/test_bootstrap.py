@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import soundfile as sf
+import torch
+
+from xopd_core.config import InstructPhase, Phase
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.eval.evaluate import text_prompt_ids
+from xopd_core.models.audio import extract_features
+from xopd_core.models.tokenizer import AUDIO, PAD, token_id
+from xopd_core.train.bootstrap import (
+    TRANSCRIBE,
+    align_to_embeddings,
+    cache_encoder_states,
+    character_targets,
+    instruct,
+    instruction_mix,
+    pretrain_encoder_ctc,
+    speech_prompt_ids,
+)
+
+FAST = Phase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2)
+
+
+def _train_rows(tiny_world: Path) -> tuple[list[dict], list]:
+    rows = read_manifest(manifest_path(tiny_world, "train"))
+    waves = [sf.read(str(tiny_world / r["audio_path"]), dtype="float32")[0] for r in rows]
+    return rows, waves
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {k for k, v in module.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def test_speech_prompt_matches_the_processor_expansion(parts, tiny_world: Path) -> None:
+    tok, _, _, processor = parts
+    _, waves = _train_rows(tiny_world)
+    feats = extract_features(processor, waves[:2])
+    for instruction in (None, TRANSCRIBE):
+        content: list[dict] = [{"type": "audio"}]
+        if instruction:
+            content.append({"type": "text", "text": instruction})
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        for wave, f in zip(waves[:2], feats, strict=True):
+            expected = processor(text=text, audio=[wave], sampling_rate=16000)["input_ids"][0]
+            ids = speech_prompt_ids(tok, f.audio_tokens, instruction)
+            assert ids == list(expected)
+            assert ids.count(token_id(tok, AUDIO)) == f.audio_tokens
+
+
+def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
+    tok, _, _, processor = parts
+    rows, waves = _train_rows(tiny_world)
+    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    n_tokens = [f.audio_tokens for f in extract_features(processor, waves)]
+    phase = InstructPhase(
+        steps=1, lr=1e-3, speech_solution_fraction=0.5, asr_items=5, text_replay_items=7
+    )
+
+    def mix(seed: int):
+        return instruction_mix(
+            tok, rows, n_tokens, text_rows, lambda t: text_prompt_ids(tok, t), phase, seed
+        )
+
+    examples, counts = mix(0)
+    reasoning = sum(r["kind"] == "reasoning" for r in rows)
+    assert counts == {
+        "speech_solution": round(0.5 * reasoning),
+        "speech_direct": reasoning - round(0.5 * reasoning),
+        "paralinguistic": len(rows) - reasoning,
+        "asr": 5,
+        "text": 7,
+    }
+    assert len(examples) == sum(counts.values())
+    audio_id = token_id(tok, AUDIO)
+    for e in examples:
+        has_audio = audio_id in e.prompt_ids
+        assert has_audio == (e.audio is not None)
+        if e.audio is not None:
+            assert e.prompt_ids.count(audio_id) == n_tokens[e.audio]
+    direct = [tok.decode(e.response_ids[:-1]) for e in examples[:reasoning]]
+    answers = [f"the answer is {r['answer']}." for r in rows if r["kind"] == "reasoning"]
+    assert sum(d == a for d, a in zip(direct, answers, strict=True)) == counts["speech_direct"]
+    again, _ = mix(0)
+    assert again == examples
+    other, _ = mix(1)
+    assert other != examples
+
+
+def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world: Path) -> None:
+    tok, teacher, fresh, processor = parts
+    model = copy.deepcopy(fresh)
+    rows, waves = _train_rows(tiny_world)
+    feats = extract_features(processor, waves)
+    n_tokens = [f.audio_tokens for f in feats]
+    pad = token_id(tok, PAD)
+    tower, projector = model.model.audio_tower, model.model.multi_modal_projector
+    lm = model.model.language_model
+
+    def falls(losses: list[float]) -> bool:
+        return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+    flags = {n: q.requires_grad for n, q in model.named_parameters()}
+    lm_before, tower_before, proj_before = _state(lm), _state(tower), _state(projector)
+    alphabet, targets = character_targets([r["transcript"] for r in rows])
+    assert "".join(alphabet[i] for i in targets[0]) == rows[0]["transcript"]
+    assert falls(pretrain_encoder_ctc(model, feats, targets, len(alphabet), FAST, seed=0))
+    assert _changed(tower_before, tower) and not _changed(lm_before, lm)
+    assert not _changed(proj_before, projector)
+    assert "embed_positions.weight" not in _changed(tower_before, tower)  # fixed sinusoids
+
+    tower_before = _state(tower)
+    tokens = [list(tok(r["transcript"])["input_ids"]) for r in rows]
+    assert falls(align_to_embeddings(model, feats, tokens, FAST, seed=0))
+    # The LM is frozen while the audio side learns: the text teacher's ability is intact.
+    assert not _changed(lm_before, lm)
+    assert _changed(tower_before, tower) and _changed(proj_before, projector)
+    ids = torch.tensor([text_prompt_ids(tok, "alice lies. does alice tell the truth?")])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+    tower_before = _state(tower)
+    states = cache_encoder_states(model, feats)
+    assert [s.shape[0] for s in states] == n_tokens
+    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    phase = InstructPhase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, asr_items=4)
+    mix, _ = instruction_mix(
+        tok, rows, n_tokens, text_rows, lambda t: text_prompt_ids(tok, t), phase, seed=0
+    )
+    assert falls(instruct(model, states, mix, pad, phase, seed=0))
+    assert _changed(lm_before, lm) and not _changed(tower_before, tower)
+    # Each phase hands the model back with the trainable flags it received.
+    assert {n: q.requires_grad for n, q in model.named_parameters()} == flags
