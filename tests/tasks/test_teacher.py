@@ -7,27 +7,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.teacher import teacher
-from xopd_core.config import LMShape, Params, TeacherParams
+from tests.tasks.conftest import TINY_TEACHER
+from xopd_core.config import Params
 from xopd_core.eval.evaluate import text_prompt_ids
 from xopd_core.eval.generate import greedy_generate
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
 from xopd_core.models.tokenizer import IM_END, PAD, load_tokenizer, token_id
 
-TINY = TeacherParams(
-    model=LMShape(
-        hidden_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=128,
-        max_positions=256,
-    ),
-    steps=40,
-    batch_size=8,
-    lr=3e-3,
-    warmup_steps=5,
-    max_new_tokens=24,
-)
+TINY = TINY_TEACHER
 
 
 def test_teacher_stage_trains_saves_and_reloads(tiny_world: Path, tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGenera
 from xopd_core.config import InstructPhase, Phase
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
 from xopd_core.models.tokenizer import AUDIO, IM_END, token_id
-from xopd_core.train.sft import IGNORE, response_nll, train_steps
+from xopd_core.train.sft import collate, response_nll, train_steps
 
 TRANSCRIBE = "transcribe the audio."
 
@@ -69,21 +69,6 @@ def speech_prompt_ids(
     )
     slot = ids.index(token_id(tokenizer, AUDIO))
     return ids[:slot] + [ids[slot]] * audio_tokens + ids[slot + 1 :]
-
-
-def _collate(
-    examples: Sequence[SpeechExample], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    longest = max(e.length for e in examples)
-    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    labels = torch.full_like(ids, IGNORE)
-    mask = torch.zeros_like(ids)
-    for i, e in enumerate(examples):
-        seq = e.prompt_ids + e.response_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        labels[i, len(e.prompt_ids) : len(seq)] = torch.tensor(e.response_ids)
-        mask[i, : len(seq)] = 1
-    return ids, labels, mask
 
 
 def _run(
@@ -244,11 +229,11 @@ def instruct(
 
     def loss_of(idx: list[int]) -> torch.Tensor:
         batch = [examples[i] for i in idx]
-        ids, labels, mask = _collate(batch, pad_id)
+        tensors = collate(batch, pad_id)
         audio = [projector(states[e.audio]) for e in batch if e.audio is not None]
-        embeds = merge_audio(model, ids, audio)
-        logits = model(inputs_embeds=embeds, attention_mask=mask).logits
-        return response_nll(logits, labels)
+        embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
+        logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
+        return response_nll(logits, tensors["labels_B_T"])
 
     with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
         return _run(params, [e.length for e in examples], loss_of, phase, seed, on_step)
