@@ -14,12 +14,11 @@ from typing import Any
 
 import soundfile as sf
 import torch
-from transformers.masking_utils import create_bidirectional_mask
 
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.data.world import synthesize_world
-from xopd_core.models.audio import encoder_states, extract_features
+from xopd_core.models.audio import AudioFeatures, encoder_states, extract_features
 from xopd_core.models.build import build_teacher
 from xopd_core.models.student import build_processor, build_student
 from xopd_core.models.tokenizer import train_tokenizer
@@ -63,20 +62,15 @@ def run() -> dict[str, Any]:
     full_inputs = extractor(
         waves, sampling_rate=16000, return_attention_mask=True, return_tensors="pt"
     )
-    tower: Any = model.model.audio_tower
+    # The same encoder pass on the uncropped 30 s window: what serving pays per utterance.
+    full = [
+        AudioFeatures(mel, f.frames)
+        for mel, f in zip(full_inputs["input_features"], feats, strict=True)
+    ]
 
     def full_pass() -> None:
         with torch.no_grad():
-            lengths = full_inputs["attention_mask"].sum(-1)
-            after_conv = (lengths - 1) // 2 + 1
-            positions = tower.config.max_source_positions
-            valid = (torch.arange(positions)[None, :] < after_conv[:, None]).long()
-            mask = create_bidirectional_mask(
-                config=tower.config,
-                inputs_embeds=torch.zeros(len(waves), positions, 1),
-                attention_mask=valid,
-            )
-            tower(full_inputs["input_features"], attention_mask=mask)
+            encoder_states(model, full)
 
     def cropped_pass() -> None:
         with torch.no_grad():
