@@ -21,9 +21,9 @@ from transformers import Qwen2ForCausalLM
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
-from xopd_core.eval.evaluate import text_prompt_ids
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import save_checkpoint, weights_sha256
+from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.student import build_processor, build_student
 from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
 from xopd_core.train.bootstrap import (

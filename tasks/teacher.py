@@ -16,9 +16,10 @@ from typing import Any
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
-from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text, text_prompt_ids
+from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text
 from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
+from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_tokenizer
 from xopd_core.train.sft import SftExample, train_sft
 

@@ -13,8 +13,8 @@ from tests.tasks.conftest import TINY_STUDENT, TinyStudent
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
+from xopd_core.models.prompts import speech_prompt_ids
 from xopd_core.models.tokenizer import AUDIO, token_id
-from xopd_core.train.bootstrap import speech_prompt_ids
 
 
 def test_student_stage_learns_in_every_phase(tiny_student: TinyStudent) -> None:

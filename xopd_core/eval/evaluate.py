@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 
 from xopd_core.eval.generate import greedy_generate
 from xopd_core.eval.metrics import extract_answer
+from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, decode, token_id
 
 
@@ -30,17 +31,6 @@ class ItemResult:
     @property
     def correct(self) -> bool:
         return self.predicted == self.answer
-
-
-def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list[int]:
-    """The teacher's prompt: the transcript as a user turn, then the assistant header."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": transcript}],
-        tokenize=True,
-        add_generation_prompt=True,
-        return_dict=False,
-    )
-    return list(ids)
 
 
 def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:

@@ -29,7 +29,8 @@ from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGenera
 
 from xopd_core.config import InstructPhase, Phase
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
-from xopd_core.models.tokenizer import AUDIO, IM_END, token_id
+from xopd_core.models.prompts import speech_prompt_ids
+from xopd_core.models.tokenizer import IM_END, token_id
 from xopd_core.train.sft import collate, response_nll, train_steps
 
 TRANSCRIBE = "transcribe the audio."
@@ -47,28 +48,6 @@ class SpeechExample:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
-
-
-def speech_prompt_ids(
-    tokenizer: PreTrainedTokenizerFast, audio_tokens: int, instruction: str | None = None
-) -> list[int]:
-    """The student's prompt for one utterance: a user turn holding the audio (and an optional
-    text instruction after it), then the assistant header; <|AUDIO|> expanded to
-    `audio_tokens` copies, as the processor does."""
-    content: list[Any] = [{"type": "audio"}]
-    if instruction is not None:
-        content.append({"type": "text", "text": instruction})
-    messages: Any = [{"role": "user", "content": content}]
-    ids = list(
-        tokenizer.apply_chat_template(
-            messages,
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=False,
-        )
-    )
-    slot = ids.index(token_id(tokenizer, AUDIO))
-    return ids[:slot] + [ids[slot]] * audio_tokens + ids[slot + 1 :]
 
 
 def _run(

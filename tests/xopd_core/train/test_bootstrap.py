@@ -8,8 +8,8 @@ import torch
 
 from xopd_core.config import InstructPhase, Phase
 from xopd_core.data.manifest import manifest_path, read_manifest
-from xopd_core.eval.evaluate import text_prompt_ids
 from xopd_core.models.audio import extract_features
+from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import AUDIO, PAD, token_id
 from xopd_core.train.bootstrap import (
     TRANSCRIBE,
@@ -19,7 +19,6 @@ from xopd_core.train.bootstrap import (
     instruct,
     instruction_mix,
     pretrain_encoder_ctc,
-    speech_prompt_ids,
 )
 
 FAST = Phase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2)

@@ -1,0 +1,1 @@
+"""Rollout and teacher-scoring engines (HF and vLLM) behind two small Protocols."""

@@ -1,0 +1,249 @@
+"""HF transformers engines: the student samples rollouts and gives teacher-forced log-probs
+(with gradients, for the trainer); the teacher scores rollouts after the transcript.
+
+The student's audio goes through the cropped encoder pass (`models.audio`, proved equal to
+the 30 s window), and sampled sequences are generated from input embeddings, so HF needs no
+full-window features. Sampling policy = softmax(logits / temperature), no top-k/top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import soundfile as sf
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
+from xopd_core.engines.scoring import gather_response_logits, right_padded
+from xopd_core.losses import token_logprobs
+from xopd_core.models.audio import encoder_states, extract_features, merge_audio
+from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
+from xopd_core.models.tokenizer import IM_END, PAD, token_id
+
+
+def _response_tensor(rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens_B_T` (−1 past each response's end) and `mask_B_T` of the responses."""
+    longest = max((len(r.response_ids) for r in rollouts), default=0)
+    tokens = torch.full((len(rollouts), longest), -1, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        tokens[i, : len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
+    return tokens, (tokens >= 0).long()
+
+
+class HfStudent:
+    """A `Qwen2AudioForConditionalGeneration` and its processor as a `RolloutEngine`, plus
+    `response_logits`/`response_logprobs` for training on rollouts.
+
+    Audio is read once per prompt; while the encoder is frozen its outputs are cached (call
+    `clear_audio_cache` after loading other encoder weights)."""
+
+    def __init__(self, model: Any, processor: Any, *, batch_size: int = 16) -> None:
+        self.model = model
+        self.processor = processor
+        self.tokenizer: PreTrainedTokenizerFast = processor.tokenizer
+        self.batch_size = batch_size
+        self.pad_id = token_id(self.tokenizer, PAD)
+        self.eos_id = token_id(self.tokenizer, IM_END)
+        self._features: dict[str, Any] = {}
+        self._states: dict[str, torch.Tensor] = {}
+
+    # -- audio -------------------------------------------------------------------------
+    def load_audio(self, prompts: Sequence[Prompt]) -> None:
+        """Read and featurise the prompts' audio not seen yet."""
+        new = [p for p in prompts if p.id not in self._features]
+        if not new:
+            return
+        rate = self.processor.feature_extractor.sampling_rate
+        waves = []
+        for p in new:
+            wave, sr = sf.read(str(p.audio_path), dtype="float32")
+            if sr != rate or wave.ndim != 1:
+                raise ValueError(f"{p.audio_path}: expected mono {rate} Hz audio, got {sr} Hz")
+            waves.append(wave)
+        for p, f in zip(new, extract_features(self.processor, waves), strict=True):
+            self._features[p.id] = f
+
+    def clear_audio_cache(self) -> None:
+        self._states.clear()
+
+    def _encoder_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.model.model.audio_tower.parameters())
+
+    def audio_embeddings(self, prompt_ids: Sequence[str]) -> list[torch.Tensor]:
+        """Projected audio embeddings `[A, D]` per prompt (gradients reach whatever parts
+        require grad)."""
+        missing = [i for i in prompt_ids if i not in self._features]
+        if missing:
+            raise KeyError(f"audio not loaded for prompts {missing[:3]}; call load_audio")
+        frozen = self._encoder_frozen()
+        todo = [i for i in dict.fromkeys(prompt_ids) if not (frozen and i in self._states)]
+        states: dict[str, torch.Tensor] = {}
+        if todo:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+                padded, lengths = encoder_states(self.model, [self._features[i] for i in todo])
+            for i, s, n in zip(todo, padded, lengths.tolist(), strict=True):
+                states[i] = s[:n]
+                if frozen:
+                    self._states[i] = s[:n].detach()
+        projector = self.model.model.multi_modal_projector
+        return [projector(states.get(i, self._states.get(i))) for i in prompt_ids]
+
+    def audio_tokens(self, prompt_id: str) -> int:
+        return int(self._features[prompt_id].audio_tokens)
+
+    # -- prompts -----------------------------------------------------------------------
+    def prompt_ids(self, prompt: Prompt, modality: Modality) -> list[int]:
+        if modality == "speech":
+            self.load_audio([prompt])
+            return speech_prompt_ids(self.tokenizer, self.audio_tokens(prompt.id))
+        return text_prompt_ids(self.tokenizer, prompt.transcript)
+
+    def _embed(self, ids_B_L: torch.Tensor, audio_ids: Sequence[str]) -> torch.Tensor:
+        return merge_audio(
+            self.model, ids_B_L, self.audio_embeddings(audio_ids) if audio_ids else []
+        )
+
+    # -- RolloutEngine -----------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: Sequence[Prompt],
+        modality: Modality,
+        *,
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[Rollout]:
+        if temperature <= 0:
+            raise ValueError("sampling needs temperature > 0")
+        if modality == "speech":
+            self.load_audio(prompts)
+        rollouts: list[Rollout] = []
+        for chunk_no, start in enumerate(range(0, len(prompts), self.batch_size)):
+            chunk = prompts[start : start + self.batch_size]
+            seqs = [self.prompt_ids(p, modality) for p in chunk]
+            longest = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, s in enumerate(seqs):  # left padding: every prompt ends where decoding starts
+                ids[i, longest - len(s) :] = torch.tensor(s)
+                mask[i, longest - len(s) :] = 1
+            embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [])
+            # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed * 1_000_003 + chunk_no)
+                out = self.model.generate(
+                    inputs_embeds=embeds,
+                    attention_mask=mask,
+                    do_sample=True,
+                    temperature=temperature,
+                    top_k=0,
+                    top_p=1.0,
+                    num_return_sequences=n,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.pad_id,
+                    eos_token_id=self.eos_id,
+                    output_logits=True,
+                    return_dict_in_generate=True,
+                )
+            steps = torch.stack(out.logits, dim=1).float()  # [B·n, new, V], raw logits
+            logp = torch.log_softmax(steps / temperature, dim=-1)
+            for row, tokens in enumerate(out.sequences.tolist()):
+                end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)
+                picked = logp[row, torch.arange(end), torch.tensor(tokens[:end])]
+                rollouts.append(
+                    Rollout(
+                        prompt_id=chunk[row // n].id,
+                        modality=modality,
+                        sample_index=row % n,
+                        prompt_ids=seqs[row // n],
+                        response_ids=tokens[:end],
+                        logprobs=picked.tolist(),
+                        finished=end <= len(tokens) and tokens[end - 1] == self.eos_id,
+                    )
+                )
+        return rollouts
+
+    # -- teacher-forced ----------------------------------------------------------------
+    def response_logits(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
+        """`[B, T, V]` logits predicting each rollout's response tokens (zeros past its
+        end), from one forward over prompt + response; gradients flow when enabled."""
+        ids, mask = right_padded([r.prompt_ids + r.response_ids for r in rollouts], self.pad_id)
+        embeds = self._embed(ids, [r.prompt_id for r in rollouts if r.modality == "speech"])
+        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
+        return gather_response_logits(
+            logits,
+            [len(r.prompt_ids) for r in rollouts],
+            [len(r.response_ids) for r in rollouts],
+        )
+
+    def response_logprobs(
+        self, rollouts: Sequence[Rollout], temperature: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log π_θ of each response token under softmax(logits / temperature), `[B, T]`
+        float32, and the response mask `[B, T]`."""
+        tokens, mask = _response_tensor(rollouts)
+        return token_logprobs(self.response_logits(rollouts), tokens, temperature), mask
+
+
+class HfTeacher:
+    """A causal LM as a `TeacherScorer`: full logits are available, so all three modes."""
+
+    def __init__(
+        self, model: Any, tokenizer: PreTrainedTokenizerFast, vocab_size: int, batch_size: int = 16
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
+        self.pad_id = token_id(tokenizer, PAD)
+
+    @torch.no_grad()
+    def response_logprobs_full(
+        self, rollouts: Sequence[Rollout], transcripts: Sequence[str]
+    ) -> torch.Tensor:
+        """`[B, T, V_shared]` float32 log-probs predicting each response token after the
+        transcript prompt (zeros past a response's end)."""
+        prompts = [text_prompt_ids(self.tokenizer, t) for t in transcripts]
+        ids, mask = right_padded(
+            [p + r.response_ids for p, r in zip(prompts, rollouts, strict=True)], self.pad_id
+        )
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[..., : self.vocab_size]
+        resp = gather_response_logits(
+            logits, [len(p) for p in prompts], [len(r.response_ids) for r in rollouts]
+        )
+        return torch.log_softmax(resp.float(), dim=-1)
+
+    def score(
+        self,
+        rollouts: Sequence[Rollout],
+        transcripts: Sequence[str],
+        *,
+        mode: ScoreMode,
+        top_k: int = 0,
+    ) -> list[TeacherScores]:
+        if len(rollouts) != len(transcripts):
+            raise ValueError(f"{len(rollouts)} rollouts but {len(transcripts)} transcripts")
+        if mode == "topk" and not 0 < top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in 1..{self.vocab_size} for mode 'topk'")
+        scores: list[TeacherScores] = []
+        for start in range(0, len(rollouts), self.batch_size):
+            chunk = rollouts[start : start + self.batch_size]
+            lp = self.response_logprobs_full(chunk, transcripts[start : start + self.batch_size])
+            for i, r in enumerate(chunk):
+                n = len(r.response_ids)
+                rows = lp[i, :n]
+                sampled = rows[torch.arange(n), torch.tensor(r.response_ids, dtype=torch.long)]
+                top = rows.topk(top_k, dim=-1) if mode == "topk" else None
+                scores.append(
+                    TeacherScores(
+                        sampled=sampled.tolist(),
+                        topk_ids=top.indices.tolist() if top is not None else None,
+                        topk_logprobs=top.values.tolist() if top is not None else None,
+                        full_T_V=rows.clone() if mode == "full" else None,
+                    )
+                )
+        return scores

@@ -1,0 +1,64 @@
+"""Where a response sits in a prompt + response sequence, and the vocabulary both models share.
+
+The student's prompt holds audio placeholders, the teacher's the transcript, so one response
+starts at different offsets; both sides read their log-probs through `response_positions`.
+Pure functions; the classic bug they guard is the off-by-one at the first response token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+
+def response_positions(prompt_len: int, response_len: int) -> slice:
+    """Logit positions that predict the response tokens of `prompt + response`: position
+    `prompt_len − 1` (the last prompt token) predicts response token 0."""
+    if prompt_len < 1:
+        raise ValueError("a prompt needs at least one token to predict the response from")
+    return slice(prompt_len - 1, prompt_len - 1 + response_len)
+
+
+def right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids_B_L` right-padded with `pad_id` and `attention_mask_B_L`."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def gather_response_logits(
+    logits_B_L_V: torch.Tensor, prompt_lens: Sequence[int], response_lens: Sequence[int]
+) -> torch.Tensor:
+    """`[B, T, V]` logits predicting each row's response tokens (T = longest response; rows
+    shorter than T are padded with zeros), from the logits of right-padded prompt+response
+    rows whose prompts have different lengths."""
+    b, _, v = logits_B_L_V.shape
+    t = max(response_lens) if response_lens else 0
+    out = logits_B_L_V.new_zeros(b, t, v)
+    for i, (p, r) in enumerate(zip(prompt_lens, response_lens, strict=True)):
+        out[i, :r] = logits_B_L_V[i, response_positions(p, r)]
+    return out
+
+
+def shared_vocab_size(
+    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase
+) -> int:
+    """Entries both models' logits must be sliced to before any KL. Checkpoints of one
+    tokenizer pad their embedding tables to different sizes (Qwen: 151936 vs 152064); the
+    padded rows are not tokens. Different tokenizers cannot be distilled token by token."""
+    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s != t:
+        only_s = sorted(set(s.items()) - set(t.items()))[:3]
+        only_t = sorted(set(t.items()) - set(s.items()))[:3]
+        raise ValueError(
+            f"student and teacher tokenizers differ ({len(s)} vs {len(t)} entries; "
+            f"student-only e.g. {only_s}, teacher-only e.g. {only_t}): token-level "
+            "distillation needs one shared tokenizer"
+        )
+    return len(s)

@@ -1,0 +1,47 @@
+"""The two prompt layouts: the teacher reads the transcript T, the student hears the audio S.
+
+Both are chat turns ending with the assistant header, so a response continues either one;
+only the offset at which it starts differs (remapped in `xopd_core.engines.scoring`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedTokenizerFast
+
+from xopd_core.models.tokenizer import AUDIO, token_id
+
+
+def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list[int]:
+    """The transcript as a user turn, then the assistant header (the teacher's prompt, and
+    the student's in-modal prompt)."""
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": transcript}],
+        tokenize=True,
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    return list(ids)
+
+
+def speech_prompt_ids(
+    tokenizer: PreTrainedTokenizerFast, audio_tokens: int, instruction: str | None = None
+) -> list[int]:
+    """The student's prompt for one utterance: a user turn holding the audio (and an optional
+    text instruction after it), then the assistant header; <|AUDIO|> expanded to
+    `audio_tokens` copies, as the processor does."""
+    content: list[Any] = [{"type": "audio"}]
+    if instruction is not None:
+        content.append({"type": "text", "text": instruction})
+    messages: Any = [{"role": "user", "content": content}]
+    ids = list(
+        tokenizer.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=False,
+        )
+    )
+    slot = ids.index(token_id(tokenizer, AUDIO))
+    return ids[:slot] + [ids[slot]] * audio_tokens + ids[slot + 1 :]
