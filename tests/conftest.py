@@ -46,3 +46,8 @@ def world_copy(tiny_world: Path, tmp_path: Path) -> Path:
     dst = tmp_path / "mini"
     shutil.copytree(tiny_world, dst)
     return dst
+
+
+from tests.pipeline_fixtures import tiny_pipeline_params, tiny_student, tiny_teacher  # noqa: E402
+
+__all__ = ["tiny_pipeline_params", "tiny_student", "tiny_teacher"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -335,6 +335,61 @@ class EvalParams(_Strict):
     batch_size: int = Field(default=64, ge=1, le=4096, description="Prompts per generate call.")
 
 
+class TrainParams(_Strict):
+    """The trainer (`train` stage, one round): X-OPD by default, or a baseline through the same
+    loop and budget accounting. Defaults are the paper's except where the mini world's 1M-param
+    model needs otherwise (said per field)."""
+
+    method: Literal["xopd", "sft", "offline_kd", "gkd", "grpo"] = Field(
+        default="xopd",
+        description="xopd; sft (reference solutions); offline_kd (teacher-written responses); "
+        "gkd (generalised JSD on student samples, forward KL by default); grpo (outcome reward).",
+    )
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Prompt order and sampling seed.")
+    steps: int = Field(default=60, ge=0, le=1_000_000, description="Optimizer steps per round.")
+    prompts_per_step: int = Field(
+        default=8, ge=1, le=4096, description="Prompt pairs (S, T) per step (paper: 256)."
+    )
+    rollouts_per_prompt: int = Field(
+        default=4, ge=1, le=64, description="m: responses sampled per prompt and modality."
+    )
+    lmbda: float = Field(
+        default=0.5, ge=0, le=1, description="λ: weight of the in-modal term (text rollouts)."
+    )
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
+    max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Response length cap.")
+    loss: Literal["sampled", "full", "topk"] = Field(
+        default="sampled",
+        description="X-OPD divergence: sampled-token log-ratio (paper), exact full-vocabulary "
+        "reverse KL, or reverse KL over the teacher's top-k (+ a rest bucket).",
+    )
+    top_k: int = Field(default=20, ge=1, le=1024, description="k for loss: topk.")
+    clip_eps: float | None = Field(
+        default=None, gt=0, le=1, description="PPO-style ratio clip ε (off: null)."
+    )
+    gkd_beta: float = Field(
+        default=0.0, ge=0, le=1, description="GKD's β: 0 forward KL, 1 reverse KL."
+    )
+    lr: float = Field(
+        default=1e-4,
+        gt=0,
+        le=1,
+        description="Adam learning rate (paper 2e-6 at 256 prompts on 7B; the mini world's "
+        "1M-param LM moves at 1e-4, DESIGN.md §4).",
+    )
+    warmup_steps: int = Field(default=0, ge=0, le=100_000, description="Linear warm-up.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6, description="Gradient clip norm.")
+    micro_batch_size: int = Field(
+        default=16, ge=1, le=4096, description="Rollouts per forward (gradient accumulation)."
+    )
+    train_audio_encoder: bool = Field(default=False, description="Paper: frozen.")
+    train_projector: bool = Field(default=False, description="Paper: frozen (the adapter).")
+    checkpoint_every: int = Field(
+        default=20, ge=1, le=1_000_000, description="Steps between resumable checkpoints."
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -345,6 +400,7 @@ class Params(_Strict):
     teacher: TeacherParams = Field(default=TeacherParams(), description="The `teacher` stage.")
     student: StudentParams = Field(default=StudentParams(), description="The `student` stage.")
     eval: EvalParams = Field(default=EvalParams(), description="The `eval` stage.")
+    train: TrainParams = Field(default=TrainParams(), description="The `train` stage (a round).")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

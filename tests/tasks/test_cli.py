@@ -28,7 +28,7 @@ def xopd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def write_tiny_params(path: Path) -> None:
     import yaml
 
-    from tests.tasks.conftest import TINY_STUDENT
+    from tests.pipeline_fixtures import TINY_STUDENT
     from tests.tasks.test_teacher import TINY
 
     path.write_text(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tasks.eval import METRICS, TeacherScoresError, evaluate, teacher_scores
-from tests.tasks.conftest import TinyStudent
+from tests.pipeline_fixtures import TinyStudent
 from xopd_core.config import EvalParams, Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 

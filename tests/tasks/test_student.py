@@ -9,7 +9,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.student import student
 from tasks.teacher import TeacherSummary
-from tests.tasks.conftest import TINY_STUDENT, TinyStudent
+from tests.pipeline_fixtures import TINY_STUDENT, TinyStudent
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tasks.teacher import teacher
-from tests.tasks.conftest import TINY_TEACHER
+from tests.pipeline_fixtures import TINY_TEACHER
 from xopd_core.config import Params
 from xopd_core.eval.generate import greedy_generate
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256

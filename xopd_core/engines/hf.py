@@ -100,10 +100,13 @@ class HfStudent:
             return speech_prompt_ids(self.tokenizer, self.audio_tokens(prompt.id))
         return text_prompt_ids(self.tokenizer, prompt.transcript)
 
-    def _embed(self, ids_B_L: torch.Tensor, audio_ids: Sequence[str]) -> torch.Tensor:
-        return merge_audio(
-            self.model, ids_B_L, self.audio_embeddings(audio_ids) if audio_ids else []
-        )
+    def _embed(
+        self, ids_B_L: torch.Tensor, audio_ids: Sequence[str], prompt_B_L: torch.Tensor
+    ) -> torch.Tensor:
+        """Embeddings with the audio at the prompts' placeholders (`prompt_B_L` marks prompt
+        positions: an <|AUDIO|> token the student sampled in a response stays a token)."""
+        audio = self.audio_embeddings(audio_ids) if audio_ids else []
+        return merge_audio(self.model, ids_B_L, audio, prompt_B_L)
 
     # -- RolloutEngine -----------------------------------------------------------------
     @torch.no_grad()
@@ -131,7 +134,7 @@ class HfStudent:
             for i, s in enumerate(seqs):  # left padding: every prompt ends where decoding starts
                 ids[i, longest - len(s) :] = torch.tensor(s)
                 mask[i, longest - len(s) :] = 1
-            embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [])
+            embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
             # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed * 1_000_003 + chunk_no)
@@ -172,7 +175,10 @@ class HfStudent:
         """`[B, T, V]` logits predicting each rollout's response tokens (zeros past its
         end), from one forward over prompt + response; gradients flow when enabled."""
         ids, mask = right_padded([r.prompt_ids + r.response_ids for r in rollouts], self.pad_id)
-        embeds = self._embed(ids, [r.prompt_id for r in rollouts if r.modality == "speech"])
+        prompt_part, _ = right_padded([[1] * len(r.prompt_ids) for r in rollouts], 0)
+        prompt_part = torch.nn.functional.pad(prompt_part, (0, ids.shape[1] - prompt_part.shape[1]))
+        speech = [r.prompt_id for r in rollouts if r.modality == "speech"]
+        embeds = self._embed(ids, speech, prompt_part)
         logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
         return gather_response_logits(
             logits,

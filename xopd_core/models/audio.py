@@ -128,11 +128,16 @@ def merge_audio(
     model: Qwen2AudioForConditionalGeneration,
     input_ids_B_T: torch.Tensor,
     audio: Sequence[torch.Tensor],
+    slots_B_T: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token embeddings with each run of <|AUDIO|> placeholders replaced, in order, by the
-    rows of the matching entry of `audio` (what the model's forward does with features)."""
+    rows of the matching entry of `audio` (what the model's forward does with features).
+    `slots_B_T` limits which placeholders are audio (default: all); a sampled response may
+    itself contain the <|AUDIO|> token, which is then just a token."""
     embeds = model.get_input_embeddings()(input_ids_B_T)
     slots = input_ids_B_T == model.config.audio_token_id
+    if slots_B_T is not None:
+        slots = slots & slots_B_T.bool()
     if not audio:
         if slots.any():
             raise ValueError("prompt has <|AUDIO|> placeholders but no audio was given")

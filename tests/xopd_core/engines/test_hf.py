@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from xopd_core.engines.base import Prompt
+from xopd_core.engines.base import Prompt, Rollout
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import response_positions, shared_vocab_size
 from xopd_core.models.prompts import text_prompt_ids
@@ -116,3 +116,20 @@ def test_different_tokenizers_are_refused_with_a_clear_error(parts) -> None:
     other = train_tokenizer(["a different corpus entirely", "with other words"])
     with pytest.raises(ValueError, match="tokenizers differ"):
         shared_vocab_size(tok, other)
+
+
+def test_an_audio_token_inside_a_sampled_response_is_just_a_token(
+    student: HfStudent, prompts: list[Prompt]
+) -> None:
+    """Only the prompt's placeholders receive audio; a response may contain <|AUDIO|> (an
+    untrained student samples it) and teacher forcing must still work."""
+    (r,) = student.sample(prompts[:1], "speech", n=1, temperature=1.0, max_new_tokens=4, seed=0)
+    audio_id = student.model.config.audio_token_id
+    odd = Rollout(
+        r.prompt_id, "speech", 0, r.prompt_ids, [audio_id, *r.response_ids], [0.0] * 5, False
+    )
+    with torch.no_grad():
+        lp, mask = student.response_logprobs([odd, r])
+    assert torch.isfinite(lp[mask.bool()]).all()
+    n = len(r.response_ids)
+    assert torch.allclose(lp[1, :n], torch.tensor(r.logprobs), atol=1e-4)

@@ -1,4 +1,5 @@
-"""A tiny teacher and round-0 student, trained once per session on the tiny world."""
+"""A tiny teacher and round-0 student, trained once per session on the tiny world (the
+fixtures are registered in tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,375 @@
+"""The distillation trainer: one loop — rollout, score, loss, step, log, checkpoint.
+
+X-OPD (DESIGN.md §1) trains the student's language model on its own samples from the speech
+prompt S (cross-modal) and the transcript T (in-modal), scored by the text teacher reading T.
+The baselines (SFT, offline KD, GKD, GRPO) run through the same loop, data and accounting
+(student tokens trained, teacher tokens scored or written). Deterministic on CPU for a fixed
+seed and thread count; a run resumed from its checkpoint ends bit-identical to an
+uninterrupted one. Not a framework Trainer subclass, on purpose (STYLE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from xopd_core.atomic import atomic_directory
+from xopd_core.config import TrainParams
+from xopd_core.engines.base import Modality, Prompt, Rollout, RolloutEngine, TeacherScorer
+from xopd_core.engines.hf import HfStudent
+from xopd_core.losses import (
+    generalized_jsd,
+    grpo_advantages,
+    policy_gradient_terms,
+    reverse_kl_full,
+    reverse_kl_topk,
+    sequence_mean_weights,
+    token_cross_entropy,
+    token_logprobs,
+    token_mean_weights,
+    weighted_sum,
+    xopd_advantages,
+)
+
+STATE_WEIGHTS = "trainable.safetensors"
+STATE_OPTIMIZER = "optimizer.safetensors"
+STATE_META = "trainer.json"
+TEXT, SPEECH = 0, 1  # group index of in-modal / cross-modal rollouts
+
+Reward = Callable[[Prompt, list[int]], float]
+
+
+class Interrupted(Exception):
+    """Raised by an `on_step` callback to stop after a step (tests; a user's Ctrl-C is a
+    KeyboardInterrupt and behaves the same: the last checkpoint is the resume point)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    student_tokens: int
+    teacher_tokens: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def prompts_for_step(n_prompts: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Prompt indices of `step`: consecutive slices of per-epoch shuffles, a pure function of
+    (seed, step) so a resumed run sees the same prompts."""
+    out = []
+    for k in range(step * per_step, (step + 1) * per_step):
+        epoch, pos = divmod(k, n_prompts)
+        order = list(range(n_prompts))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        out.append(order[pos])
+    return out
+
+
+def set_trainable(model: Any, *, audio_encoder: bool, projector: bool) -> list[torch.nn.Parameter]:
+    """Freeze or unfreeze the parts; the language model always trains. Returns the trainable
+    parameters in a fixed order."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    for p in model.model.audio_tower.parameters():
+        p.requires_grad_(audio_encoder)
+    for p in model.model.multi_modal_projector.parameters():
+        p.requires_grad_(projector)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _padded(rows: Sequence[Sequence[float]], width: int, fill: float) -> torch.Tensor:
+    out = torch.full((len(rows), width), fill, dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.float32)
+    return out
+
+
+def _modalities(cfg: TrainParams) -> list[Modality]:
+    if cfg.method != "xopd":
+        return ["speech"]
+    both: list[tuple[Modality, bool]] = [("text", cfg.lmbda > 0), ("speech", cfg.lmbda < 1)]
+    return [m for m, on in both if on]
+
+
+def _score_mode(cfg: TrainParams) -> str | None:
+    if cfg.method == "xopd":
+        return cfg.loss
+    return "full" if cfg.method == "gkd" else None
+
+
+# -- resumable state ---------------------------------------------------------------------
+def _config_fingerprint(cfg: TrainParams) -> dict[str, Any]:
+    return cfg.model_dump(mode="json", exclude={"checkpoint_every", "steps"})
+
+
+def save_state(
+    state_dir: Path,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    cfg: TrainParams,
+    step: int,
+    counters: dict[str, int],
+    history: list[dict[str, float]],
+) -> None:
+    """Everything a resumed run needs, swapped in whole (a crash mid-write keeps the last
+    good state): trainable weights, Adam moments, step, counters, metric history."""
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt_state = opt.state_dict()
+    tensors = {f"{i}.{k}": v.clone() for i, s in opt_state["state"].items() for k, v in s.items()}
+    meta = {
+        "step": step,
+        "counters": counters,
+        "history": history,
+        "param_groups": opt_state["param_groups"],
+        "config": _config_fingerprint(cfg),
+    }
+    with atomic_directory(state_dir) as staging:
+        save_file(trainable, str(staging / STATE_WEIGHTS))
+        save_file(tensors, str(staging / STATE_OPTIMIZER))
+        (staging / STATE_META).write_text(json.dumps(meta, indent=1))
+
+
+def load_state(
+    state_dir: Path, model: Any, opt: torch.optim.Optimizer, cfg: TrainParams
+) -> tuple[int, dict[str, int], list[dict[str, float]]]:
+    meta = json.loads((state_dir / STATE_META).read_text())
+    if meta["config"] != _config_fingerprint(cfg):
+        raise ValueError(
+            f"{state_dir}: this training state was written with different train params; "
+            "delete it to start over or restore the params it was written with"
+        )
+    weights = load_file(str(state_dir / STATE_WEIGHTS))
+    params = dict(model.named_parameters())
+    if set(weights) != {n for n, p in params.items() if p.requires_grad}:
+        raise ValueError(f"{state_dir}: saved trainable parameters do not match the model's")
+    with torch.no_grad():
+        for name, t in weights.items():
+            params[name].copy_(t)
+    flat = load_file(str(state_dir / STATE_OPTIMIZER))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in flat.items():
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = t
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return int(meta["step"]), dict(meta["counters"]), list(meta["history"])
+
+
+# -- the loop ----------------------------------------------------------------------------
+def train(
+    student: HfStudent,
+    engine: RolloutEngine,
+    scorer: TeacherScorer | None,
+    prompts: Sequence[Prompt],
+    cfg: TrainParams,
+    *,
+    vocab_size: int,
+    state_dir: Path | None = None,
+    reward: Reward | None = None,
+    teacher_tokens_spent: int = 0,
+    log: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run `cfg.steps` steps of `cfg.method` on `student` (in place), resuming from
+    `state_dir` when it holds a state. `vocab_size`: the shared student/teacher vocabulary
+    (`engines.scoring.shared_vocab_size`); `reward(prompt, response_ids)` for GRPO;
+    `teacher_tokens_spent`: teacher tokens used before the loop (offline KD's written
+    responses), counted in the budget."""
+    if not prompts:
+        raise ValueError("training needs at least one prompt")
+    mode = _score_mode(cfg)
+    if mode is not None and scorer is None:
+        raise ValueError(f"method {cfg.method} needs a teacher scorer")
+    if cfg.method == "grpo" and reward is None:
+        raise ValueError("method grpo needs a reward function")
+    model = student.model
+    params = set_trainable(
+        model, audio_encoder=cfg.train_audio_encoder, projector=cfg.train_projector
+    )
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start, history = 0, list[dict[str, float]]()
+    counters = {"student_tokens": 0, "teacher_tokens": teacher_tokens_spent}
+    if state_dir is not None and (state_dir / STATE_META).is_file():
+        start, counters, history = load_state(state_dir, model, opt, cfg)
+    student.clear_audio_cache()
+    by_id = {p.id: p for p in prompts}
+    model.train()
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=None
+    )
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for param_group in opt.param_groups:
+                param_group["lr"] = lr
+            batch = [
+                prompts[i]
+                for i in prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
+            ]
+
+            # 1. rollout: m responses per prompt, from the text prompt T and/or the speech prompt S
+            model.eval()
+            rollouts: list[Rollout] = []
+            for modality in _modalities(cfg):
+                rollouts += engine.sample(
+                    batch,
+                    modality,
+                    n=cfg.rollouts_per_prompt,
+                    temperature=cfg.temperature,
+                    max_new_tokens=cfg.max_new_tokens,
+                    seed=cfg.seed * 100_003 + step * 2 + (modality == "speech"),
+                )
+            model.train()
+
+            # 2. score: the teacher reads the transcript and scores the same tokens
+            scores = None
+            if mode is not None and scorer is not None:
+                scores = scorer.score(
+                    rollouts,
+                    [by_id[r.prompt_id].transcript for r in rollouts],
+                    mode=mode,  # type: ignore[arg-type]
+                    top_k=cfg.top_k,
+                )
+                counters["teacher_tokens"] += sum(len(r.response_ids) for r in rollouts)
+
+            # 3. loss weights over the whole step's batch, so micro-batches sum to its objective
+            width = max(len(r.response_ids) for r in rollouts)
+            mask = _padded([[1.0] * len(r.response_ids) for r in rollouts], width, 0.0)
+            group_B = torch.tensor([TEXT if r.modality == "text" else SPEECH for r in rollouts])
+            if cfg.method == "xopd":  # paper: length mean per rollout, mean over rollouts
+                weights = sequence_mean_weights(mask, group_B, (cfg.lmbda, 1 - cfg.lmbda))
+            elif cfg.method == "grpo":
+                weights = sequence_mean_weights(mask, torch.zeros_like(group_B), (1.0,))
+            else:  # SFT / KD / GKD: token mean over the global batch
+                weights = token_mean_weights(mask)
+            old = _padded([r.logprobs for r in rollouts], width, 0.0)
+            teacher_lp = (
+                _padded([s.sampled for s in scores], width, 0.0) if scores is not None else None
+            )
+            advantages = None
+            rewards = None
+            if cfg.method == "grpo" and reward is not None:
+                rewards = torch.tensor(
+                    [reward(by_id[r.prompt_id], r.response_ids) for r in rollouts]
+                ).view(-1, cfg.rollouts_per_prompt)
+                advantages = grpo_advantages(rewards).view(-1, 1).expand(-1, width)
+            elif teacher_lp is not None:
+                advantages = xopd_advantages(teacher_lp, old)
+
+            # 4. step: accumulate micro-batch gradients, clip, update
+            opt.zero_grad(set_to_none=True)
+            loss_total, ratios = 0.0, []
+            for i in range(0, len(rollouts), cfg.micro_batch_size):
+                mb = rollouts[i : i + cfg.micro_batch_size]
+                t = max(len(r.response_ids) for r in mb)
+                rows = slice(i, i + len(mb))
+                tokens = torch.tensor(
+                    [r.response_ids + [-1] * (t - len(r.response_ids)) for r in mb]
+                )
+                logits = student.response_logits(mb)[..., :vocab_size]
+                if cfg.temperature != 1.0:
+                    logits = logits / cfg.temperature
+                w = weights[rows, :t]
+                if cfg.method in ("sft", "offline_kd"):
+                    loss = weighted_sum(token_cross_entropy(logits, tokens), w)
+                elif cfg.method == "gkd" or cfg.loss in ("full", "topk"):
+                    assert scores is not None
+                    loss = weighted_sum(_divergence_terms(logits, scores[rows], cfg), w)
+                else:  # X-OPD sampled-token objective, or GRPO: −r·A with a given advantage
+                    assert advantages is not None
+                    keep = w != 0
+                    lp = torch.where(keep, token_logprobs(logits, tokens), 0.0)
+                    old_mb = torch.where(keep, old[rows, :t], 0.0)
+                    terms = policy_gradient_terms(lp, old_mb, advantages[rows, :t], cfg.clip_eps)
+                    loss = weighted_sum(terms, w)
+                    ratios.append(torch.exp(lp - old_mb).detach()[keep])
+                loss.backward()
+                loss_total += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            counters["student_tokens"] += int(mask.sum().item())
+
+            # 5. log
+            metrics = {
+                "loss": loss_total,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "response_length": float(mask.sum(-1).mean()),
+                "finished": sum(r.finished for r in rollouts) / len(rollouts),
+                "student_tokens": float(counters["student_tokens"]),
+                "teacher_tokens": float(counters["teacher_tokens"]),
+                "seconds": time.perf_counter() - t0,
+            }
+            if teacher_lp is not None:
+                # Mean sampled-token reverse-KL estimate log π_old − log π_φ, per modality.
+                est = (old - teacher_lp) * mask
+                metrics["reverse_kl"] = float(est.sum() / mask.sum().clamp_min(1))
+                for g, name in ((TEXT, "text"), (SPEECH, "speech")):
+                    sel = group_B == g
+                    if sel.any():
+                        metrics[f"reverse_kl_{name}"] = float(
+                            est[sel].sum() / mask[sel].sum().clamp_min(1)
+                        )
+            if ratios:
+                r_all = torch.cat(ratios)
+                metrics |= {
+                    "ratio_mean": float(r_all.mean()),
+                    "ratio_min": float(r_all.min()),
+                    "ratio_max": float(r_all.max()),
+                }
+            if rewards is not None:
+                metrics["reward"] = float(rewards.float().mean())
+            history.append(metrics)
+            bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
+            if log is not None:
+                log(step, metrics)
+
+            # 6. checkpoint
+            done = step + 1
+            if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+                save_state(state_dir, model, opt, cfg, done, counters, history)
+            if on_step is not None:
+                on_step(step, metrics)
+    finally:
+        model.eval()
+        bar.close()
+    return TrainResult(
+        steps=cfg.steps,
+        student_tokens=counters["student_tokens"],
+        teacher_tokens=counters["teacher_tokens"],
+        history=history,
+        resumed_from=start,
+    )
+
+
+def _divergence_terms(
+    logits: torch.Tensor, scores: Sequence[Any], cfg: TrainParams
+) -> torch.Tensor:
+    """Per-token divergence of the student's distribution from the teacher's stored one:
+    GKD's generalised JSD, or X-OPD's full-vocabulary / top-k reverse KL."""
+    b, t, v = logits.shape
+    if cfg.method == "gkd" or cfg.loss == "full":
+        teacher = torch.full((b, t, v), -torch.log(torch.tensor(float(v))).item())
+        for i, s in enumerate(scores):
+            teacher[i, : s.full_T_V.shape[0]] = s.full_T_V
+        if cfg.method == "gkd":
+            return generalized_jsd(logits, teacher, cfg.gkd_beta)
+        return reverse_kl_full(logits, teacher)
+    k = cfg.top_k
+    ids = torch.zeros((b, t, k), dtype=torch.long)
+    lps = torch.full((b, t, k), -torch.log(torch.tensor(float(k))).item())
+    for i, s in enumerate(scores):
+        n = len(s.topk_ids)
+        ids[i, :n] = torch.tensor(s.topk_ids, dtype=torch.long)
+        lps[i, :n] = torch.tensor(s.topk_logprobs)
+    return reverse_kl_topk(logits, ids, lps)
