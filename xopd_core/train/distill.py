@@ -201,6 +201,8 @@ def train(
     if state_dir is not None and (state_dir / STATE_META).is_file():
         start, counters, history = load_state(state_dir, model, opt, cfg)
     student.clear_audio_cache()
+    if "speech" in _modalities(cfg):
+        student.load_audio(prompts)  # rollouts may come from another engine (vLLM)
     by_id = {p.id: p for p in prompts}
     model.train()
     bar = tqdm(
