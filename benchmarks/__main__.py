@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import bench_audio, bench_data
+from benchmarks import bench_audio, bench_data, bench_kl
 from xopd_core.runtime import apply_offline_env
 
 RESULTS = Path(__file__).parent / "results"
@@ -16,7 +16,11 @@ def main() -> int:
     apply_offline_env()
     RESULTS.mkdir(exist_ok=True)
     ok = True
-    for name, bench in (("data", bench_data.run), ("audio", bench_audio.run)):
+    for name, bench in (
+        ("data", bench_data.run),
+        ("audio", bench_audio.run),
+        ("kl", bench_kl.run),
+    ):
         result = bench()
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))

@@ -132,6 +132,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks.train import train
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    summary = train(
+        params,
+        args.data,
+        args.student,
+        args.teacher,
+        args.out,
+        args.metrics,
+        live_dir=args.live,
+        engine=args.engine,
+    )
+    m = summary.metrics
+    print(
+        f"train: {m['method']} {m['steps']} steps in {m['seconds']:.0f} s "
+        f"({m['student_tokens']} student / {m['teacher_tokens']} teacher tokens) → {args.out}"
+    )
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Every stage that exists so far, in pipeline order, on the embedded mini world."""
     from tasks.eval import evaluate
@@ -282,6 +305,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for metrics.json, table.md, responses.jsonl",
     )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="one round of X-OPD (or a baseline) from a student")
+    add_params(p)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (train split)")
+    p.add_argument("--student", type=Path, default=DEFAULT_STUDENT, help="starting checkpoint")
+    p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="teacher checkpoint")
+    p.add_argument("--out", type=Path, default=Path("models/round1"), help="trained checkpoint")
+    p.add_argument(
+        "--metrics", type=Path, default=Path("reports/train/metrics.json"), help="summary JSON"
+    )
+    p.add_argument(
+        "--live", type=Path, default=Path("reports/train/live"), help="dvclive per-step logs"
+    )
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
     add_params(p)

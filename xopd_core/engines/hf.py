@@ -42,7 +42,9 @@ class HfStudent:
     def __init__(self, model: Any, processor: Any, *, batch_size: int = 16) -> None:
         self.model = model
         self.processor = processor
-        self.tokenizer: PreTrainedTokenizerFast = processor.tokenizer
+        # A text-only causal LM (with its tokenizer as `processor`) works for text prompts.
+        self.hears = hasattr(getattr(model, "model", None), "audio_tower")
+        self.tokenizer: PreTrainedTokenizerFast = getattr(processor, "tokenizer", processor)
         self.batch_size = batch_size
         self.pad_id = token_id(self.tokenizer, PAD)
         self.eos_id = token_id(self.tokenizer, IM_END)
@@ -55,6 +57,8 @@ class HfStudent:
         new = [p for p in prompts if p.id not in self._features]
         if not new:
             return
+        if not self.hears:
+            raise ValueError("this student is a text-only model: it has no audio encoder")
         rate = self.processor.feature_extractor.sampling_rate
         waves = []
         for p in new:
@@ -69,7 +73,9 @@ class HfStudent:
         self._states.clear()
 
     def _encoder_frozen(self) -> bool:
-        return not any(p.requires_grad for p in self.model.model.audio_tower.parameters())
+        return not self.hears or not any(
+            p.requires_grad for p in self.model.model.audio_tower.parameters()
+        )
 
     def audio_embeddings(self, prompt_ids: Sequence[str]) -> list[torch.Tensor]:
         """Projected audio embeddings `[A, D]` per prompt (gradients reach whatever parts
@@ -105,6 +111,8 @@ class HfStudent:
     ) -> torch.Tensor:
         """Embeddings with the audio at the prompts' placeholders (`prompt_B_L` marks prompt
         positions: an <|AUDIO|> token the student sampled in a response stays a token)."""
+        if not self.hears:
+            return self.model.get_input_embeddings()(ids_B_L)
         audio = self.audio_embeddings(audio_ids) if audio_ids else []
         return merge_audio(self.model, ids_B_L, audio, prompt_B_L)
 

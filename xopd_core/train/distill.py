@@ -75,14 +75,14 @@ def prompts_for_step(n_prompts: int, per_step: int, seed: int, step: int) -> lis
 
 
 def set_trainable(model: Any, *, audio_encoder: bool, projector: bool) -> list[torch.nn.Parameter]:
-    """Freeze or unfreeze the parts; the language model always trains. Returns the trainable
-    parameters in a fixed order."""
+    """Freeze or unfreeze the audio parts (a text-only model has none); the language model
+    always trains. Returns the trainable parameters in a fixed order."""
     for p in model.parameters():
         p.requires_grad_(True)
-    for p in model.model.audio_tower.parameters():
-        p.requires_grad_(audio_encoder)
-    for p in model.model.multi_modal_projector.parameters():
-        p.requires_grad_(projector)
+    inner = getattr(model, "model", None)
+    for name, on in (("audio_tower", audio_encoder), ("multi_modal_projector", projector)):
+        for p in getattr(inner, name, torch.nn.Module()).parameters():
+            p.requires_grad_(on)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -182,7 +182,8 @@ def train(
     `state_dir` when it holds a state. `vocab_size`: the shared student/teacher vocabulary
     (`engines.scoring.shared_vocab_size`); `reward(prompt, response_ids)` for GRPO;
     `teacher_tokens_spent`: teacher tokens used before the loop (offline KD's written
-    responses), counted in the budget."""
+    responses), counted in the budget. `log(step, metrics)` is called for every step,
+    including (replayed first) the steps a resumed run restored."""
     if not prompts:
         raise ValueError("training needs at least one prompt")
     mode = _score_mode(cfg)
@@ -200,6 +201,9 @@ def train(
     counters = {"student_tokens": 0, "teacher_tokens": teacher_tokens_spent}
     if state_dir is not None and (state_dir / STATE_META).is_file():
         start, counters, history = load_state(state_dir, model, opt, cfg)
+        if log is not None:  # the log sees every step once, restored ones replayed
+            for step, metrics in enumerate(history):
+                log(step, metrics)
     student.clear_audio_cache()
     if "speech" in _modalities(cfg):
         student.load_audio(prompts)  # rollouts may come from another engine (vLLM)

@@ -133,3 +133,18 @@ def test_an_audio_token_inside_a_sampled_response_is_just_a_token(
     assert torch.isfinite(lp[mask.bool()]).all()
     n = len(r.response_ids)
     assert torch.allclose(lp[1, :n], torch.tensor(r.logprobs), atol=1e-4)
+
+
+def test_a_text_only_causal_lm_works_as_a_text_student(parts, prompts: list[Prompt]) -> None:
+    """The in-modal half (and the TRL comparison benchmark) runs a plain Qwen2 LM."""
+    tok, teacher, _, _ = parts
+    text_student = HfStudent(teacher, tok, batch_size=4)
+    rollouts = text_student.sample(
+        prompts[:3], "text", n=2, temperature=1.0, max_new_tokens=6, seed=1
+    )
+    with torch.no_grad():
+        lp, _ = text_student.response_logprobs(rollouts)
+    for i, r in enumerate(rollouts):
+        assert torch.allclose(lp[i, : len(r.response_ids)], torch.tensor(r.logprobs), atol=1e-4)
+    with pytest.raises(ValueError, match="no audio encoder"):
+        text_student.sample(prompts[:1], "speech", n=1, temperature=1.0, max_new_tokens=2, seed=0)

@@ -58,7 +58,7 @@ def fresh(parts) -> tuple[HfStudent, HfTeacher, int]:
     )
 
 
-def run(trained, prompts, state_dir=None, on_step=None, **overrides):
+def run(trained, prompts, state_dir=None, on_step=None, log=None, **overrides):
     student, teacher, vocab = fresh(trained)
     cfg = TrainParams(**(TINY | overrides))
     result = train(
@@ -70,6 +70,7 @@ def run(trained, prompts, state_dir=None, on_step=None, **overrides):
         vocab_size=vocab,
         state_dir=state_dir,
         on_step=on_step,
+        log=log,
     )
     return student.model, result
 
@@ -106,8 +107,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(trained, prompts, tmp_path
 
     with pytest.raises(Interrupted):
         run(trained, prompts, state_dir=tmp_path / "state", on_step=stop_after_two)
-    resumed, result = run(trained, prompts, state_dir=tmp_path / "state")
+    logged: list[int] = []
+    resumed, result = run(
+        trained, prompts, state_dir=tmp_path / "state", log=lambda step, m: logged.append(step)
+    )
     assert result.resumed_from == 2 and len(result.history) == 4
+    assert logged == [0, 1, 2, 3]  # restored steps replayed to the log, then new ones
     a, b = weights(straight), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="different train params"):

@@ -1,0 +1,168 @@
+"""On-policy distillation train-step throughput: our loop (`train.distill`) against TRL's
+`DistillationTrainer` (a dev-only peer) on the same tiny text model, prompts and budget.
+
+Both: the teacher's architecture at the default shape (random init, built here), a student
+= the teacher + small noise (so the loss is not 0), float32 on CPU, 8 prompts × 4 sampled
+completions per step, at most 64 new tokens, temperature 1, lr 1e-4, fully on-policy, one
+optimizer step per batch. TRL has no "completions per prompt" for this trainer: each prompt
+is repeated 4 times in its (unshuffled) batch of 32. TRL's loss is full-vocabulary reverse KL
+(β = 1); ours runs both its default sampled-token objective and `loss: full`. Steady state:
+the first step of each run is not timed. Runs are back to back in one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from xopd_core.config import Difficulty, LMShape, TrainParams
+from xopd_core.data.reasoning import make_boolean, make_counting, make_navigate, make_web_of_lies
+from xopd_core.engines.base import Prompt
+from xopd_core.engines.hf import HfStudent, HfTeacher
+from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.models.build import build_teacher
+from xopd_core.models.tokenizer import train_tokenizer
+from xopd_core.train.distill import train
+
+STEPS = 6
+PROMPTS, GENERATIONS, NEW_TOKENS, LR = 8, 4, 64, 1e-4
+TARGET = 2.0
+
+
+def _world(n: int = 64) -> tuple[list[Prompt], list[str]]:
+    rng = random.Random(0)
+    makers = (make_navigate, make_counting, make_web_of_lies, make_boolean)
+    items = [makers[i % 4](rng, Difficulty()) for i in range(n)]
+    prompts = [Prompt(f"p{i}", it.prompt, Path("/nonexistent"), it.task) for i, it in enumerate(items)]
+    return prompts, [t for it in items for t in (it.prompt, it.solution)]
+
+
+def _models() -> tuple[Any, Any, Any]:
+    prompts, texts = _world()
+    tok = train_tokenizer(texts)
+    teacher = build_teacher(LMShape(), tok, seed=0).eval()
+    student = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return tok, teacher, student
+
+
+def ours(loss: str) -> dict[str, Any]:
+    prompts, _ = _world()
+    tok, teacher, student = _models()
+    stamps: list[float] = []
+    cfg = TrainParams(
+        lmbda=1.0,  # in-modal only: a text student, as TRL's
+        steps=STEPS,
+        prompts_per_step=PROMPTS,
+        rollouts_per_prompt=GENERATIONS,
+        max_new_tokens=NEW_TOKENS,
+        lr=LR,
+        loss=loss,  # type: ignore[arg-type]
+        micro_batch_size=PROMPTS * GENERATIONS,
+    )
+    s = HfStudent(student, tok, batch_size=PROMPTS)
+    result = train(
+        s,
+        s,
+        HfTeacher(teacher, tok, shared_vocab_size(tok, tok), batch_size=PROMPTS * GENERATIONS),
+        prompts,
+        cfg,
+        vocab_size=shared_vocab_size(tok, tok),
+        on_step=lambda step, m: stamps.append(time.perf_counter()),
+    )
+    steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return {
+        "seconds_per_step": round(steady, 3),
+        "tokens_per_step": result.student_tokens / STEPS,
+        "first_loss": round(result.history[0]["loss"], 4),
+    }
+
+
+def trl() -> dict[str, Any]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    prompts, _ = _world()
+    tok, teacher, student = _models()
+    rows = []
+    for start in range(0, STEPS * PROMPTS, PROMPTS):
+        for i in range(start, start + PROMPTS):
+            rows += [[{"role": "user", "content": prompts[i % len(prompts)].transcript}]] * GENERATIONS
+    stamps: list[float] = []
+
+    class Stamp(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            stamps.append(time.perf_counter())
+
+    with tempfile.TemporaryDirectory() as out:
+        args = DistillationConfig(
+            output_dir=out,
+            per_device_train_batch_size=PROMPTS * GENERATIONS,
+            max_steps=STEPS,
+            learning_rate=LR,
+            lr_scheduler_type="constant",
+            beta=1.0,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_completion_length=NEW_TOKENS,
+            use_vllm=False,
+            shuffle_dataset=False,
+            bf16=False,
+            gradient_checkpointing=False,
+            use_cpu=True,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=1,
+            disable_tqdm=True,
+            seed=0,
+        )
+        tok.padding_side = "left"
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": rows}),
+            processing_class=tok,
+            callbacks=[Stamp()],
+        )
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "seconds_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 3),
+        "first_loss": round(losses[0], 4) if losses else None,
+    }
+
+
+def run() -> dict[str, Any]:
+    torch.manual_seed(0)
+    sampled, full, reference = ours("sampled"), ours("full"), trl()
+    speedup = reference["seconds_per_step"] / sampled["seconds_per_step"]
+    return {
+        "threads": torch.get_num_threads(),
+        "steps_timed": STEPS - 1,
+        "xopd_sampled": sampled,
+        "xopd_full_vocab": full,
+        "trl_distillation_trainer": reference,
+        "speedup_sampled_vs_trl": round(speedup, 2),
+        "speedup_full_vs_trl": round(reference["seconds_per_step"] / full["seconds_per_step"], 2),
+        "targets": [
+            {"what": f"X-OPD step ≥ {TARGET}x TRL DistillationTrainer's", "met": speedup >= TARGET}
+        ],
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,169 @@
+"""The `train` stage: one round of X-OPD (or a baseline) from a student checkpoint.
+
+Prompts are the speech train split's reasoning items, each a parallel pair (audio S,
+transcript T); paralinguistic items are not parallel (the transcript lacks the answer), so
+the teacher cannot score them. Engines are HF (default) or vLLM (`engine="vllm"`: the student
+samples in vLLM with the round's starting weights, the teacher scores in vLLM). Per-step
+metrics go to dvclive; a resumable state lives in `state_dir` until the round completes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM
+
+from xopd_core.atomic import write_json_atomic
+from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.engines.base import Prompt, RolloutEngine, TeacherScorer
+from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
+from xopd_core.engines.hf import HfStudent, HfTeacher
+from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.eval.metrics import extract_answer
+from xopd_core.models.checkpoint import RESOLVED_CONFIG, save_checkpoint, weights_sha256
+from xopd_core.models.tokenizer import decode, load_tokenizer
+from xopd_core.train.distill import train as run_trainer
+
+Engine = Literal["hf", "vllm"]
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    checkpoint: Path
+    metrics_path: Path
+    metrics: dict[str, Any]
+    weights_sha256: str
+
+
+def distillation_prompts(data_root: Path) -> list[Prompt]:
+    rows = read_manifest(manifest_path(data_root, "train"))
+    return [
+        Prompt(r["id"], r["transcript"], data_root / r["audio_path"], r["task"], r["answer"])
+        for r in rows
+        if r["kind"] == "reasoning"
+    ]
+
+
+class _DvcLiveLog:
+    """Per-step metrics as a dvclive series (plots for `dvc plots show`)."""
+
+    def __init__(self, folder: Path) -> None:
+        from dvclive import Live
+
+        self.live = Live(str(folder), dvcyaml=False, save_dvc_exp=False)
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.live.step = step
+        for k, v in metrics.items():
+            self.live.log_metric(k, v)
+        self.live.next_step()
+
+    def close(self) -> None:
+        self.live.end()
+
+
+def train(
+    params: Params,
+    data_root: Path,
+    student_dir: Path,
+    teacher_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    *,
+    state_dir: Path | None = None,
+    live_dir: Path | None = None,
+    engine: Engine = "hf",
+) -> TrainSummary:
+    p = params.train
+    clock = time.perf_counter()
+    prompts = distillation_prompts(data_root)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(student_dir))
+    teacher_tok = load_tokenizer(teacher_dir)
+    vocab = shared_vocab_size(processor.tokenizer, teacher_tok)
+    student = HfStudent(model, processor)
+    state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
+    closers: list[Any] = []
+    try:
+        rollout: RolloutEngine = student
+        scorer: TeacherScorer | None = None
+        spent = 0
+        needs_teacher = p.method in ("xopd", "gkd", "offline_kd")
+        teacher_model = (
+            Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval() if needs_teacher else None
+        )
+        if engine == "vllm" and p.method in ("xopd", "grpo"):
+            from xopd_core.engines.vllm_engine import VllmEngine
+
+            vllm_student = VllmEngine(student_dir, audio=True)
+            closers.append(vllm_student)
+            rollout = vllm_student
+            if p.method == "xopd" and p.loss != "full":  # vLLM returns no full distributions
+                vllm_teacher = VllmEngine(teacher_dir, audio=False)
+                closers.append(vllm_teacher)
+                scorer = vllm_teacher
+        if scorer is None and p.method in ("xopd", "gkd"):
+            scorer = HfTeacher(teacher_model, teacher_tok, vocab)
+        if p.method == "sft":
+            rows = read_manifest(manifest_path(data_root, "train"))
+            rollout = FixedResponses(
+                student, reference_responses(teacher_tok, {r["id"]: r["solution"] for r in rows})
+            )
+        elif p.method == "offline_kd":
+            written = teacher_written_responses(
+                teacher_model, teacher_tok, prompts, p.max_new_tokens
+            )
+            spent = sum(len(v) for v in written.values())
+            rollout = FixedResponses(student, written)
+
+        def reward(prompt: Prompt, ids: list[int]) -> float:
+            return float(extract_answer(decode(teacher_tok, ids), prompt.task) == prompt.answer)
+
+        # A fresh series each time: on resume the trainer replays the steps it restored.
+        log = _DvcLiveLog(live_dir) if live_dir else None
+        if log is not None:
+            closers.append(log)
+        result = run_trainer(
+            student,
+            rollout,
+            scorer,
+            prompts,
+            p,
+            vocab_size=vocab,
+            state_dir=state_dir,
+            reward=reward,
+            teacher_tokens_spent=spent,
+            log=log,
+        )
+    finally:
+        for c in closers:
+            c.close()
+    base_hash = weights_sha256(student_dir)
+    digest = save_checkpoint(
+        model,
+        out_dir,
+        savers=[processor],
+        resolved_config={"params": p.model_dump(mode="json"), "from_weights_sha256": base_hash},
+    )
+    last = result.history[-1] if result.history else {}
+    metrics = {
+        "method": p.method,
+        "engine": engine,
+        "steps": result.steps,
+        "student_tokens": result.student_tokens,
+        "teacher_tokens": result.teacher_tokens,
+        "resumed_from_step": result.resumed_from,
+        "final_loss": last.get("loss"),
+        "final_reverse_kl_speech": last.get("reverse_kl_speech"),
+        "final_reverse_kl_text": last.get("reverse_kl_text"),
+        "seconds": round(time.perf_counter() - clock, 1),
+    }
+    write_json_atomic(metrics_path, metrics)
+    shutil.rmtree(state_dir, ignore_errors=True)  # the round is complete: its checkpoint is out
+    assert (out_dir / RESOLVED_CONFIG).is_file()
+    return TrainSummary(out_dir, metrics_path, metrics, digest)
