@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import bench_audio, bench_data, bench_kl
+from benchmarks import bench_audio, bench_data, bench_kl, bench_trainer
 from xopd_core.runtime import apply_offline_env
 
 RESULTS = Path(__file__).parent / "results"
@@ -20,6 +20,7 @@ def main() -> int:
         ("data", bench_data.run),
         ("audio", bench_audio.run),
         ("kl", bench_kl.run),
+        ("trainer", bench_trainer.run),
     ):
         result = bench()
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -3,7 +3,8 @@ the naive formula, forward + backward at a real vocabulary (152,064) and T = 204
 
 Each variant runs in a fresh process on identical bf16 logits; memory is that process's peak
 resident set above what it held once the inputs existed (Linux `VmHWM`, reset through
-/proc/self/clear_refs), with glibc's mmap threshold fixed so freed tensors leave. Inputs are built chunk by chunk so building them sets no peak.
+/proc/self/clear_refs), with glibc's mmap threshold fixed so freed tensors leave. Inputs are
+built chunk by chunk so building them sets no peak.
 Usage of one variant: python -m benchmarks.bench_kl naive|chunked [T] [V].
 """
 

@@ -6,8 +6,10 @@ Both: the teacher's architecture at the default shape (random init, built here),
 completions per step, at most 64 new tokens, temperature 1, lr 1e-4, fully on-policy, one
 optimizer step per batch. TRL has no "completions per prompt" for this trainer: each prompt
 is repeated 4 times in its (unshuffled) batch of 32. TRL's loss is full-vocabulary reverse KL
-(β = 1); ours runs both its default sampled-token objective and `loss: full`. Steady state:
-the first step of each run is not timed. Runs are back to back in one process.
+(β = 1); ours runs its default sampled-token objective and `loss: full` with HF engines, and
+the sampled objective with vLLM engines (student rollouts from the round's starting weights,
+teacher `prompt_logprobs`; engine start-up reported apart, once per round). Steady state: the
+first step of each run is not timed. Runs are back to back in one process.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from xopd_core.data.reasoning import make_boolean, make_counting, make_navigate,
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.engines.vllm_engine import VllmEngine
 from xopd_core.models.build import build_teacher
+from xopd_core.models.checkpoint import save_checkpoint
 from xopd_core.models.tokenizer import train_tokenizer
 from xopd_core.train.distill import train
 
@@ -39,12 +43,14 @@ def _world(n: int = 64) -> tuple[list[Prompt], list[str]]:
     rng = random.Random(0)
     makers = (make_navigate, make_counting, make_web_of_lies, make_boolean)
     items = [makers[i % 4](rng, Difficulty()) for i in range(n)]
-    prompts = [Prompt(f"p{i}", it.prompt, Path("/nonexistent"), it.task) for i, it in enumerate(items)]
+    prompts = [
+        Prompt(f"p{i}", it.prompt, Path("/nonexistent"), it.task) for i, it in enumerate(items)
+    ]
     return prompts, [t for it in items for t in (it.prompt, it.solution)]
 
 
 def _models() -> tuple[Any, Any, Any]:
-    prompts, texts = _world()
+    _, texts = _world()
     tok = train_tokenizer(texts)
     teacher = build_teacher(LMShape(), tok, seed=0).eval()
     student = copy.deepcopy(teacher)
@@ -55,10 +61,11 @@ def _models() -> tuple[Any, Any, Any]:
     return tok, teacher, student
 
 
-def ours(loss: str) -> dict[str, Any]:
+def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
     prompts, _ = _world()
     tok, teacher, student = _models()
     stamps: list[float] = []
+    vocab = shared_vocab_size(tok, tok)
     cfg = TrainParams(
         lmbda=1.0,  # in-modal only: a text student, as TRL's
         steps=STEPS,
@@ -70,18 +77,38 @@ def ours(loss: str) -> dict[str, Any]:
         micro_batch_size=PROMPTS * GENERATIONS,
     )
     s = HfStudent(student, tok, batch_size=PROMPTS)
-    result = train(
-        s,
-        s,
-        HfTeacher(teacher, tok, shared_vocab_size(tok, tok), batch_size=PROMPTS * GENERATIONS),
-        prompts,
-        cfg,
-        vocab_size=shared_vocab_size(tok, tok),
-        on_step=lambda step, m: stamps.append(time.perf_counter()),
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        rollout: Any = s
+        scorer: Any = HfTeacher(teacher, tok, vocab, batch_size=PROMPTS * GENERATIONS)
+        start = time.perf_counter()
+        if engine == "vllm":
+            # The round's rollouts come from the weights it started with (reloaded between
+            # rounds); π_θ/π_old corrects for the steps taken since.
+            for name, model in (("student", student), ("teacher", teacher)):
+                save_checkpoint(model, Path(tmp) / name, savers=[tok], resolved_config={})
+            rollout = VllmEngine(Path(tmp) / "student", audio=False)
+            scorer = VllmEngine(Path(tmp) / "teacher", audio=False)
+        startup = time.perf_counter() - start
+        try:
+            result = train(
+                s,
+                rollout,
+                scorer,
+                prompts,
+                cfg,
+                vocab_size=vocab,
+                on_step=lambda step, m: stamps.append(time.perf_counter()),
+            )
+        finally:
+            for e in (rollout, scorer):
+                if isinstance(e, VllmEngine):
+                    e.close()
     steady = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     return {
+        "engine": engine,
+        "loss": loss,
         "seconds_per_step": round(steady, 3),
+        "engine_start_seconds": round(startup, 1),
         "tokens_per_step": result.student_tokens / STEPS,
         "first_loss": round(result.history[0]["loss"], 4),
     }
@@ -97,7 +124,9 @@ def trl() -> dict[str, Any]:
     rows = []
     for start in range(0, STEPS * PROMPTS, PROMPTS):
         for i in range(start, start + PROMPTS):
-            rows += [[{"role": "user", "content": prompts[i % len(prompts)].transcript}]] * GENERATIONS
+            rows += [
+                [{"role": "user", "content": prompts[i % len(prompts)].transcript}]
+            ] * GENERATIONS
     stamps: list[float] = []
 
     class Stamp(TrainerCallback):  # type: ignore[misc]
@@ -146,18 +175,26 @@ def trl() -> dict[str, Any]:
 
 def run() -> dict[str, Any]:
     torch.manual_seed(0)
-    sampled, full, reference = ours("sampled"), ours("full"), trl()
-    speedup = reference["seconds_per_step"] / sampled["seconds_per_step"]
+    reference = trl()
+    variants = [ours("sampled"), ours("full"), ours("sampled", "vllm")]
+    speedups = {
+        f"{v['engine']}_{v['loss']}": round(
+            reference["seconds_per_step"] / v["seconds_per_step"], 2
+        )
+        for v in variants
+    }
+    best = max(speedups.values())
     return {
         "threads": torch.get_num_threads(),
         "steps_timed": STEPS - 1,
-        "xopd_sampled": sampled,
-        "xopd_full_vocab": full,
         "trl_distillation_trainer": reference,
-        "speedup_sampled_vs_trl": round(speedup, 2),
-        "speedup_full_vs_trl": round(reference["seconds_per_step"] / full["seconds_per_step"], 2),
+        "xopd": variants,
+        "speedup_vs_trl": speedups,
         "targets": [
-            {"what": f"X-OPD step ≥ {TARGET}x TRL DistillationTrainer's", "met": speedup >= TARGET}
+            {
+                "what": f"X-OPD step ≥ {TARGET}x TRL DistillationTrainer's (best variant)",
+                "met": best >= TARGET,
+            }
         ],
     }
 

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
-from xopd_core.engines.scoring import gather_response_logits, right_padded
+from xopd_core.engines.scoring import response_logits, right_padded
 from xopd_core.losses import token_logprobs
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
@@ -187,11 +187,12 @@ class HfStudent:
         prompt_part = torch.nn.functional.pad(prompt_part, (0, ids.shape[1] - prompt_part.shape[1]))
         speech = [r.prompt_id for r in rollouts if r.modality == "speech"]
         embeds = self._embed(ids, speech, prompt_part)
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask).logits
-        return gather_response_logits(
-            logits,
+        return response_logits(
+            self.model,
             [len(r.prompt_ids) for r in rollouts],
             [len(r.response_ids) for r in rollouts],
+            inputs_embeds=embeds,
+            attention_mask=mask,
         )
 
     def response_logprobs(
@@ -225,10 +226,13 @@ class HfTeacher:
         ids, mask = right_padded(
             [p + r.response_ids for p, r in zip(prompts, rollouts, strict=True)], self.pad_id
         )
-        logits = self.model(input_ids=ids, attention_mask=mask).logits[..., : self.vocab_size]
-        resp = gather_response_logits(
-            logits, [len(p) for p in prompts], [len(r.response_ids) for r in rollouts]
-        )
+        resp = response_logits(
+            self.model,
+            [len(p) for p in prompts],
+            [len(r.response_ids) for r in rollouts],
+            input_ids=ids,
+            attention_mask=mask,
+        )[..., : self.vocab_size]
         return torch.log_softmax(resp.float(), dim=-1)
 
     def score(

@@ -8,6 +8,7 @@ Pure functions; the classic bug they guard is the off-by-one at the first respon
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -32,18 +33,39 @@ def right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
-def gather_response_logits(
-    logits_B_L_V: torch.Tensor, prompt_lens: Sequence[int], response_lens: Sequence[int]
+def gather_response_states(
+    states_B_L_E: torch.Tensor, prompt_lens: Sequence[int], response_lens: Sequence[int]
 ) -> torch.Tensor:
-    """`[B, T, V]` logits predicting each row's response tokens (T = longest response; rows
-    shorter than T are padded with zeros), from the logits of right-padded prompt+response
-    rows whose prompts have different lengths."""
-    b, _, v = logits_B_L_V.shape
+    """`[B, T, E]` rows (hidden states or logits) at the positions predicting each row's
+    response tokens (T = longest response; shorter rows padded with zeros), from right-padded
+    prompt+response rows whose prompts have different lengths."""
+    b, _, e = states_B_L_E.shape
     t = max(response_lens) if response_lens else 0
-    out = logits_B_L_V.new_zeros(b, t, v)
+    out = states_B_L_E.new_zeros(b, t, e)
     for i, (p, r) in enumerate(zip(prompt_lens, response_lens, strict=True)):
-        out[i, :r] = logits_B_L_V[i, response_positions(p, r)]
+        out[i, :r] = states_B_L_E[i, response_positions(p, r)]
     return out
+
+
+def response_logits(
+    model: Any,
+    prompt_lens: Sequence[int],
+    response_lens: Sequence[int],
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    attention_mask: torch.Tensor,
+) -> torch.Tensor:
+    """`[B, T, V]` logits predicting the response tokens of a causal LM (or a speech LLM's
+    LM): the backbone's hidden states are gathered at the response positions first and only
+    those go through the output head — the prompt's (hundreds of audio positions for speech)
+    never become [L, V] logits."""
+    inner = model.model
+    backbone = getattr(inner, "language_model", inner)  # Qwen2-Audio wraps a Qwen2Model
+    hidden = backbone(
+        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+    ).last_hidden_state
+    return model.lm_head(gather_response_states(hidden, prompt_lens, response_lens))
 
 
 def shared_vocab_size(

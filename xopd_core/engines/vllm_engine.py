@@ -37,7 +37,7 @@ class VllmSettings:
     default asks for most of the machine's memory)."""
 
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "float32"
-    max_model_len: int = 2048
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     max_num_seqs: int = 16
     max_logprobs: int = 20
     kv_cache_gib: int = 1
