@@ -10,10 +10,9 @@ import pytest
 
 from tasks.student import StudentSummary, student
 from tasks.teacher import TeacherSummary, teacher
+from tests.xopd_core.conftest import TINY_AUDIO, TINY_LM
 from xopd_core.config import (
-    AudioEncoderShape,
     InstructPhase,
-    LMShape,
     Params,
     Phase,
     StudentParams,
@@ -21,14 +20,7 @@ from xopd_core.config import (
 )
 
 TINY_TEACHER = TeacherParams(
-    model=LMShape(
-        hidden_size=64,
-        num_layers=1,
-        num_heads=2,
-        num_kv_heads=1,
-        intermediate_size=128,
-        max_positions=1024,
-    ),
+    model=TINY_LM.model_copy(update={"max_positions": 1024}),
     steps=40,
     batch_size=8,
     lr=3e-3,
@@ -37,7 +29,7 @@ TINY_TEACHER = TeacherParams(
 )
 
 TINY_STUDENT = StudentParams(
-    audio=AudioEncoderShape(d_model=64, num_layers=1, num_heads=2, ffn_dim=128),
+    audio=TINY_AUDIO,
     ctc=Phase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2),
     align=Phase(steps=15, batch_size=4, lr=3e-3, warmup_steps=2),
     instruct=InstructPhase(

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.engines.scoring import response_logits, right_padded
-from xopd_core.losses import token_logprobs
+from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
@@ -217,23 +217,29 @@ class HfTeacher:
         self.pad_id = token_id(tokenizer, PAD)
 
     @torch.no_grad()
-    def response_logprobs_full(
+    def response_logits(
         self, rollouts: Sequence[Rollout], transcripts: Sequence[str]
     ) -> torch.Tensor:
-        """`[B, T, V_shared]` float32 log-probs predicting each response token after the
-        transcript prompt (zeros past a response's end)."""
+        """`[B, T, V_shared]` logits predicting each response token after the transcript
+        prompt (zeros past a response's end)."""
         prompts = [text_prompt_ids(self.tokenizer, t) for t in transcripts]
         ids, mask = right_padded(
             [p + r.response_ids for p, r in zip(prompts, rollouts, strict=True)], self.pad_id
         )
-        resp = response_logits(
+        return response_logits(
             self.model,
             [len(p) for p in prompts],
             [len(r.response_ids) for r in rollouts],
             input_ids=ids,
             attention_mask=mask,
         )[..., : self.vocab_size]
-        return torch.log_softmax(resp.float(), dim=-1)
+
+    @torch.no_grad()
+    def response_logprobs_full(
+        self, rollouts: Sequence[Rollout], transcripts: Sequence[str]
+    ) -> torch.Tensor:
+        """`[B, T, V_shared]` float32 log-probs (the "full" mode)."""
+        return torch.log_softmax(self.response_logits(rollouts, transcripts).float(), dim=-1)
 
     def score(
         self,
@@ -250,18 +256,24 @@ class HfTeacher:
         scores: list[TeacherScores] = []
         for start in range(0, len(rollouts), self.batch_size):
             chunk = rollouts[start : start + self.batch_size]
-            lp = self.response_logprobs_full(chunk, transcripts[start : start + self.batch_size])
+            with torch.no_grad():
+                logits = self.response_logits(chunk, transcripts[start : start + self.batch_size])
+                # log p = logit − log Σ exp(logits): no float32 [B, T, V] copy unless "full".
+                norm = log_normalizer(logits)
+                full = torch.log_softmax(logits.float(), -1) if mode == "full" else None
             for i, r in enumerate(chunk):
                 n = len(r.response_ids)
-                rows = lp[i, :n]
-                sampled = rows[torch.arange(n), torch.tensor(r.response_ids, dtype=torch.long)]
-                top = rows.topk(top_k, dim=-1) if mode == "topk" else None
+                ids = torch.tensor(r.response_ids, dtype=torch.long)
+                sampled = logits[i, torch.arange(n), ids].float() - norm[i, :n]
+                top = logits[i, :n].topk(top_k, dim=-1) if mode == "topk" else None
                 scores.append(
                     TeacherScores(
                         sampled=sampled.tolist(),
                         topk_ids=top.indices.tolist() if top is not None else None,
-                        topk_logprobs=top.values.tolist() if top is not None else None,
-                        full_T_V=rows.clone() if mode == "full" else None,
+                        topk_logprobs=(top.values.float() - norm[i, :n, None]).tolist()
+                        if top is not None
+                        else None,
+                        full_T_V=full[i, :n].clone() if full is not None else None,
                     )
                 )
         return scores
