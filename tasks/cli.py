@@ -155,6 +155,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gate(args: argparse.Namespace) -> int:
+    from tasks.gate import describe, gate
+    from xopd_core.config import load_params
+
+    summary = gate(
+        load_params(args.params),
+        args.candidate_metrics,
+        args.candidate,
+        args.champion,
+        args.out,
+        args.round,
+    )
+    print(describe(summary))
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Every stage that exists so far, in pipeline order, on the embedded mini world."""
     from tasks.eval import evaluate
@@ -321,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("gate", help="promote a round's candidate to champion, or keep it")
+    add_params(p)
+    p.add_argument("--candidate", type=Path, required=True, help="candidate checkpoint")
+    p.add_argument(
+        "--candidate-metrics", type=Path, required=True, help="the candidate's eval metrics"
+    )
+    p.add_argument("--round", type=int, required=True, help="the candidate's round number")
+    p.add_argument(
+        "--champion", type=Path, default=Path("champion.json"), help="the champion pointer"
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("reports/gate/metrics.json"), help="decision JSON"
+    )
+    p.set_defaults(func=cmd_gate)
+
     p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
     add_params(p)
     p.add_argument(
@@ -346,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
+    from xopd_core.gate import GateInputError
 
     try:
         return int(args.func(args))
@@ -358,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         SpeechToolError,
         WorldGenerationError,
         TeacherScoresError,
+        GateInputError,
         FileNotFoundError,
     ) as err:
         print(f"xopd {args.command}: error: {err}", file=sys.stderr)

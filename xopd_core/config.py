@@ -390,6 +390,23 @@ class TrainParams(_Strict):
     )
 
 
+class GateParams(_Strict):
+    """The `gate` stage: when a round's candidate becomes the champion."""
+
+    min_improvement: float = Field(
+        default=0.5,
+        ge=0,
+        le=100,
+        description="δ: speech Avg-Drop must fall by at least this many percentage points.",
+    )
+    max_paralinguistic_drop: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="ε: paralinguistic accuracy may fall by at most this much (absolute).",
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -401,6 +418,7 @@ class Params(_Strict):
     student: StudentParams = Field(default=StudentParams(), description="The `student` stage.")
     eval: EvalParams = Field(default=EvalParams(), description="The `eval` stage.")
     train: TrainParams = Field(default=TrainParams(), description="The `train` stage (a round).")
+    gate: GateParams = Field(default=GateParams(), description="The `gate` stage.")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

@@ -1,0 +1,85 @@
+"""The `gate` stage: promote a round's candidate to champion, or keep the champion.
+
+Reads the candidate's eval metrics, decides with `xopd_core.gate.decide` (δ, ε from params),
+writes the decision and its reasons as DVC metrics, and — only when promoted — swaps the
+champion pointer atomically. A rejected candidate never touches the pointer. Re-running the
+gate on the current champion is a no-op that reports it promoted (so a crash between the
+pointer and the metrics write heals on retry).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xopd_core.atomic import write_json_atomic
+from xopd_core.config import Params
+from xopd_core.gate import (
+    Champion,
+    GateDecision,
+    GateInputError,
+    decide,
+    gate_metrics,
+    read_champion,
+    write_champion,
+)
+from xopd_core.models.checkpoint import weights_sha256
+
+
+@dataclass(frozen=True)
+class GateSummary:
+    decision: GateDecision
+    metrics_path: Path
+    champion: Champion | None
+
+
+def gate(
+    params: Params,
+    candidate_metrics: Path,
+    candidate_checkpoint: Path,
+    champion_path: Path,
+    out_metrics: Path,
+    round_: int,
+) -> GateSummary:
+    try:
+        raw: dict[str, Any] = json.loads(Path(candidate_metrics).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise GateInputError(f"{candidate_metrics}: cannot read eval metrics ({err})") from err
+    candidate = gate_metrics(raw, str(candidate_metrics))
+    digest = weights_sha256(candidate_checkpoint)
+    champion = read_champion(champion_path)
+    if champion is not None and champion.weights_sha256 == digest:
+        decision = GateDecision(True, [f"already the champion (round {champion.round})"])
+    else:
+        decision = decide(
+            candidate,
+            champion,
+            delta=params.gate.min_improvement,
+            epsilon=params.gate.max_paralinguistic_drop,
+        )
+        if decision.promoted:
+            champion = Champion(round_, str(candidate_checkpoint), digest, candidate)
+            write_champion(champion_path, champion)
+    write_json_atomic(
+        out_metrics,
+        {
+            "round": round_,
+            "promoted": decision.promoted,
+            "reasons": decision.reasons,
+            "improvement": decision.improvement,
+            "paralinguistic_drop": decision.paralinguistic_drop,
+            "checks": decision.checks,
+            "candidate_weights_sha256": digest,
+            "champion_round": champion.round if champion else None,
+            **candidate,
+        },
+    )
+    return GateSummary(decision, out_metrics, champion)
+
+
+def describe(summary: GateSummary) -> str:
+    d = summary.decision
+    head = "PROMOTED" if d.promoted else "REJECTED (champion unchanged)"
+    return "\n".join([f"gate: {head}", *(f"  - {r}" for r in d.reasons)])

@@ -1,0 +1,76 @@
+"""The gate's rule: promote iff speech Avg-Drop improves by ≥ δ and paralinguistics fall ≤ ε."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xopd_core.gate import (
+    Champion,
+    GateInputError,
+    decide,
+    gate_metrics,
+    read_champion,
+    write_champion,
+)
+
+CHAMP = Champion(
+    1,
+    "models/round1",
+    "ab" * 32,
+    {
+        "avg_drop_speech": 40.0,
+        "avg_drop_text": 1.0,
+        "paralinguistic_accuracy": 0.90,
+    },
+)
+
+
+def cand(drop: float, para: float) -> dict[str, float]:
+    return {"avg_drop_speech": drop, "avg_drop_text": 1.0, "paralinguistic_accuracy": para}
+
+
+@pytest.mark.parametrize(
+    ("drop", "para", "promoted"),
+    [
+        (38.0, 0.90, True),  # 2 points better, paralinguistics kept
+        (39.5, 0.88, True),  # exactly δ better and exactly ε lower: both bounds inclusive
+        (39.6, 0.90, False),  # better, but by less than δ
+        (41.0, 0.95, False),  # worse
+        (30.0, 0.85, False),  # much better speech, but paralinguistics fell by 0.05 > ε
+    ],
+)
+def test_decide(drop: float, para: float, promoted: bool) -> None:
+    d = decide(cand(drop, para), CHAMP, delta=0.5, epsilon=0.02)
+    assert d.promoted is promoted
+    assert len(d.reasons) == 2 and ("REJECT" in " ".join(d.reasons)) is (not promoted)
+    assert d.improvement == pytest.approx(40.0 - drop)
+
+
+def test_first_candidate_becomes_the_champion() -> None:
+    d = decide(cand(50.0, 0.5), None, delta=0.5, epsilon=0.02)
+    assert d.promoted and "no champion" in d.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("metrics", "key"),
+    [
+        ({"avg_drop_text": 1.0, "paralinguistic_accuracy": 0.9}, "avg_drop_speech"),
+        ({**cand(1.0, 0.9), "paralinguistic_accuracy": float("nan")}, "paralinguistic_accuracy"),
+        ({**cand(1.0, 0.9), "avg_drop_text": True}, "avg_drop_text"),
+    ],
+)
+def test_unusable_metrics_name_file_and_key(metrics: dict, key: str) -> None:
+    with pytest.raises(GateInputError, match=f"eval.json: '{key}'"):
+        gate_metrics(metrics, "eval.json")
+
+
+def test_champion_pointer_round_trips_and_bad_pointers_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "champion.json"
+    assert read_champion(path) is None
+    write_champion(path, CHAMP)
+    assert read_champion(path) == CHAMP
+    path.write_text('{"round": 1}')
+    with pytest.raises(GateInputError, match=r"champion\.json: not a champion pointer"):
+        read_champion(path)
