@@ -407,6 +407,14 @@ class GateParams(_Strict):
     )
 
 
+class CampaignParams(_Strict):
+    """The campaign: how many X-OPD rounds follow the bootstrap."""
+
+    rounds: int = Field(
+        default=2, ge=0, le=1000, description="Rounds per campaign; round k starts from k−1."
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -419,6 +427,9 @@ class Params(_Strict):
     eval: EvalParams = Field(default=EvalParams(), description="The `eval` stage.")
     train: TrainParams = Field(default=TrainParams(), description="The `train` stage (a round).")
     gate: GateParams = Field(default=GateParams(), description="The `gate` stage.")
+    campaign: CampaignParams = Field(
+        default=CampaignParams(), description="The campaign flow (bootstrap, then rounds)."
+    )
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True
