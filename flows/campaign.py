@@ -12,13 +12,22 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from flows.round import CHAMPION, DATA, TEACHER, TEACHER_METRICS, round_checkpoint, xopd_round
+from flows.round import (
+    CHAMPION,
+    DATA,
+    LOCK,
+    TEACHER,
+    TEACHER_METRICS,
+    round_checkpoint,
+    xopd_round,
+)
 from tasks.student import student
 from tasks.synth import synth
 from tasks.teacher import teacher
 from xopd_core.atomic import write_text_atomic
 from xopd_core.config import Params
 from xopd_core.gate import read_champion
+from xopd_core.lock import exclusive
 
 
 @task(name="bootstrap")
@@ -75,9 +84,13 @@ def xopd_campaign(
     starting from the previous; writes `reports/campaign.md` and a markdown artifact."""
     root = Path(workdir)
     n = params.campaign.rounds if rounds is None else rounds
-    built = bootstrap_step(params, root)
-    results = [xopd_round(params, round=k, workdir=workdir, engine=engine) for k in range(1, n + 1)]
-    table = campaign_table(root, n)
-    write_text_atomic(root / "reports" / "campaign.md", table)
+    with exclusive(root / LOCK, what="xopd run"):
+        built = bootstrap_step(params, root)
+        results = [
+            xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False)
+            for k in range(1, n + 1)
+        ]
+        table = campaign_table(root, n)
+        write_text_atomic(root / "reports" / "campaign.md", table)
     create_markdown_artifact(key="campaign", markdown=table, description="xopd campaign rounds")
     return {"bootstrapped": built, "rounds": [r["promoted"] for r in results], "table": table}

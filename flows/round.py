@@ -20,11 +20,13 @@ from tasks.gate import describe, gate
 from tasks.train import train
 from tasks.validate import validate
 from xopd_core.config import Params
+from xopd_core.lock import exclusive
 
 DATA = Path("data/mini")
 TEACHER = Path("models/teacher")
 TEACHER_METRICS = Path("reports/teacher/metrics.json")
 CHAMPION = Path("champion.json")
+LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
 
 
 def round_checkpoint(workdir: Path, k: int) -> Path:
@@ -106,11 +108,20 @@ def xopd_round(
     round: int = 1,
     workdir: str = ".",
     engine: Literal["hf", "vllm"] = "hf",
+    lock: bool = True,
 ) -> dict[str, Any]:
-    """Run round `round` in `workdir`; returns the gate's decision and the round's metrics."""
+    """Run round `round` in `workdir`; returns the gate's decision and the round's metrics.
+    `lock=False` only for callers that already hold the work folder's lock."""
     if round < 1:
         raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
     root = Path(workdir)
+    if lock:
+        with exclusive(root / LOCK, what="xopd run"):
+            return _round(params, round, root, engine)
+    return _round(params, round, root, engine)
+
+
+def _round(params: Params, round: int, root: Path, engine: str) -> dict[str, Any]:
     report = validate_step(params, root / DATA, root / "reports/validate")
     create_markdown_artifact(
         key="validation-report", markdown=f"Validation passed; report: `{report}`"

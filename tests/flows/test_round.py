@@ -87,3 +87,52 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     assert r2["from_weights_sha256"] == weights_sha256(work / "models" / "round1")
     table = (work / "reports" / "campaign.md").read_text()
     assert all(f"| {k} |" in table for k in (0, 1, 2)) and "Champion: round" in table
+
+
+def test_nightly_never_writes_beside_a_run_in_progress(
+    prefect_server,
+    tiny_world: Path,
+    tiny_pipeline_params: Params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    from flows.nightly import next_round, xopd_nightly
+    from xopd_core.lock import Busy
+
+    work = workdir_for(tmp_path, tiny_world, tiny_teacher, tiny_student)
+    params = tiny_pipeline_params.model_copy(
+        update={
+            "train": TrainParams(
+                steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8
+            ),
+            "eval": EvalParams(max_new_tokens=8),
+        }
+    )
+    holder = subprocess.Popen(  # another run holding the work folder
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from xopd_core.lock import exclusive\n"
+            "with exclusive(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+            str(work / ".xopd.lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(Busy, match="another xopd run holds"):
+            xopd_nightly(params, workdir=str(work), wait_s=1.0)
+        assert not (work / "models" / "round1").exists() and not (work / "champion.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert next_round(work) == 1
+    result = xopd_nightly(params, workdir=str(work))
+    assert result["round"] == 1 and next_round(work) == 2
