@@ -6,13 +6,18 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 GX_ANALYTICS_ENABLED=false \
 	AWS_EC2_METADATA_DISABLED=true PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: setup run test test-slow lint typecheck bench lock clean
+.PHONY: setup run ui test test-slow lint typecheck bench lock clean
 
 setup:
 	@XOPD_VENV=$(VENV) infra/setup_env.sh
 
 run: setup
 	@$(BIN)/xopd run
+
+# The Prefect UI with the deployments served (a local server on 127.0.0.1:4200 unless
+# PREFECT_API_URL points at one): open the printed URL and press Run.
+ui: setup
+	@$(BIN)/xopd serve
 
 lint: setup
 	@$(BIN)/ruff check flows tasks xopd_core tests benchmarks

@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from xopd_core.runtime import apply_offline_env
 
@@ -239,18 +241,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        help="params file (default: $XOPD_PARAMS or ./params.yaml)",
+    )
+
+
+def build_parser(
+    extra: Callable[[Any], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The `xopd` parser; `extra(subparsers)` lets the layer above (flows/cli.py) add its
+    commands without this module importing it."""
     parser = argparse.ArgumentParser(prog="xopd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_params(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--params",
-            type=Path,
-            default=None,
-            help="params file (default: $XOPD_PARAMS or ./params.yaml)",
-        )
 
     p = sub.add_parser("synth", help="generate the mini world (audio + manifests)")
     add_params(p)
@@ -361,12 +368,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder under which data/ and reports/ are written",
     )
     p.set_defaults(func=cmd_run)
+    if extra is not None:
+        extra(sub)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = None) -> int:
     apply_offline_env()
-    args = build_parser().parse_args(argv)
+    args = build_parser(extra).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -415,6 +415,22 @@ class CampaignParams(_Strict):
     )
 
 
+class NightlyParams(_Strict):
+    """The nightly deployment of the round flow."""
+
+    cron: str = Field(
+        default="0 2 * * *",
+        pattern=r"^\S+( \S+){4}$",
+        description="When the nightly round runs: a 5-field cron expression (local time).",
+    )
+    wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=86_400,
+        description="How long a nightly run waits for a run holding the work folder.",
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
@@ -430,6 +446,7 @@ class Params(_Strict):
     campaign: CampaignParams = Field(
         default=CampaignParams(), description="The campaign flow (bootstrap, then rounds)."
     )
+    nightly: NightlyParams = Field(default=NightlyParams(), description="The nightly round.")
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True
