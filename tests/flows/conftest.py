@@ -1,12 +1,49 @@
-"""A Prefect test server for the flow tests (one per session, started by the harness)."""
+"""Flow tests: a Prefect test server (one per session, started by the harness), the tiny
+pipeline's params cut to one- or two-step rounds, and a work folder laid out like the repo."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+
+from xopd_core.config import EvalParams, Params, TrainParams
 
 
 @pytest.fixture(scope="session")
 def prefect_server():
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def flow_params(tiny_pipeline_params: Params) -> Params:
+    return tiny_pipeline_params.model_copy(
+        update={
+            "train": TrainParams(
+                steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8
+            ),
+            "eval": EvalParams(max_new_tokens=8),
+        }
+    )
+
+
+@pytest.fixture()
+def work(tmp_path: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
+    """data/mini, models/teacher, models/student and the teacher's scores, as `make run`
+    leaves them."""
+    root = tmp_path / "work"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / "mini").symlink_to(tiny_world)
+    shutil.copytree(tiny_teacher.checkpoint, root / "models" / "teacher")
+    shutil.copytree(tiny_student.summary.checkpoint, root / "models" / "student")
+    # The 40-step tiny teacher answers nothing right; the Avg-Drop needs a non-zero
+    # reference, so the flows read a stand-in teacher score file.
+    (root / "reports" / "teacher").mkdir(parents=True)
+    tasks = ("navigate", "object_counting", "web_of_lies", "boolean_expressions")
+    scores = {f"text_accuracy_{t}": 0.9 for t in tasks}
+    (root / "reports" / "teacher" / "metrics.json").write_text(json.dumps(scores))
+    return root

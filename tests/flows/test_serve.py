@@ -18,8 +18,7 @@ from prefect.utilities.callables import parameter_schema
 
 from flows.nightly import xopd_nightly
 from flows.serve import deployments
-from tests.flows.test_round import workdir_for
-from xopd_core.config import EvalParams, Params, TrainParams
+from xopd_core.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 SERVE = """
@@ -46,27 +45,9 @@ def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path:
 
 
 def test_a_run_triggered_through_the_api_completes_with_artifacts(
-    prefect_server,
-    tiny_world: Path,
-    tiny_pipeline_params: Params,
-    tiny_teacher,
-    tiny_student,
-    tmp_path: Path,
+    prefect_server, flow_params: Params, work: Path, tmp_path: Path
 ) -> None:
-    work = (
-        workdir_for(tmp_path / "work", tiny_world, tiny_teacher, tiny_student)
-        if (tmp_path / "work").mkdir() is None
-        else None
-    )
-    assert work is not None
-    params = tiny_pipeline_params.model_copy(
-        update={
-            "train": TrainParams(
-                steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8
-            ),
-            "eval": EvalParams(max_new_tokens=8),
-        }
-    )
+    params = flow_params
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.to_yaml_dict()))
     env = {
