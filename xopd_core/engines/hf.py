@@ -16,20 +16,11 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
-from xopd_core.engines.scoring import response_logits, right_padded
+from xopd_core.engines.scoring import response_logits, response_tokens, right_padded
 from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
-
-
-def _response_tensor(rollouts: Sequence[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tokens_B_T` (−1 past each response's end) and `mask_B_T` of the responses."""
-    longest = max((len(r.response_ids) for r in rollouts), default=0)
-    tokens = torch.full((len(rollouts), longest), -1, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        tokens[i, : len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
-    return tokens, (tokens >= 0).long()
 
 
 class HfStudent:
@@ -173,7 +164,7 @@ class HfStudent:
                         prompt_ids=seqs[row // n],
                         response_ids=tokens[:end],
                         logprobs=picked.tolist(),
-                        finished=end <= len(tokens) and tokens[end - 1] == self.eos_id,
+                        finished=self.eos_id in tokens,
                     )
                 )
         return rollouts
@@ -183,8 +174,8 @@ class HfStudent:
         """`[B, T, V]` logits predicting each rollout's response tokens (zeros past its
         end), from one forward over prompt + response; gradients flow when enabled."""
         ids, mask = right_padded([r.prompt_ids + r.response_ids for r in rollouts], self.pad_id)
-        prompt_part, _ = right_padded([[1] * len(r.prompt_ids) for r in rollouts], 0)
-        prompt_part = torch.nn.functional.pad(prompt_part, (0, ids.shape[1] - prompt_part.shape[1]))
+        prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts])
+        prompt_part = torch.arange(ids.shape[1])[None, :] < prompt_lens[:, None]
         speech = [r.prompt_id for r in rollouts if r.modality == "speech"]
         embeds = self._embed(ids, speech, prompt_part)
         return response_logits(
@@ -200,7 +191,7 @@ class HfStudent:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """log π_θ of each response token under softmax(logits / temperature), `[B, T]`
         float32, and the response mask `[B, T]`."""
-        tokens, mask = _response_tensor(rollouts)
+        tokens, mask = response_tokens(rollouts)
         return token_logprobs(self.response_logits(rollouts), tokens, temperature), mask
 
 

@@ -33,6 +33,15 @@ def right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def response_tokens(rollouts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tokens_B_T` of the rollouts' responses (−1 past each one's end) and `mask_B_T`."""
+    longest = max((len(r.response_ids) for r in rollouts), default=0)
+    tokens = torch.full((len(rollouts), longest), -1, dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        tokens[i, : len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
+    return tokens, (tokens >= 0).long()
+
+
 def gather_response_states(
     states_B_L_E: torch.Tensor, prompt_lens: Sequence[int], response_lens: Sequence[int]
 ) -> torch.Tensor:

@@ -11,6 +11,7 @@ uninterrupted one. Not a framework Trainer subclass, on purpose (STYLE.md).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from xopd_core.atomic import atomic_directory
 from xopd_core.config import TrainParams
 from xopd_core.engines.base import Modality, Prompt, Rollout, RolloutEngine, TeacherScorer
 from xopd_core.engines.hf import HfStudent
+from xopd_core.engines.scoring import response_tokens
 from xopd_core.losses import (
     generalized_jsd,
     grpo_advantages,
@@ -37,7 +39,7 @@ from xopd_core.losses import (
     token_logprobs,
     token_mean_weights,
     weighted_sum,
-    xopd_advantages,
+    xopd_loss,
 )
 
 STATE_WEIGHTS = "trainable.safetensors"
@@ -249,8 +251,9 @@ def train(
                 counters["teacher_tokens"] += sum(len(r.response_ids) for r in rollouts)
 
             # 3. loss weights over the whole step's batch, so micro-batches sum to its objective
-            width = max(len(r.response_ids) for r in rollouts)
-            mask = _padded([[1.0] * len(r.response_ids) for r in rollouts], width, 0.0)
+            tokens_all, mask_long = response_tokens(rollouts)
+            mask = mask_long.float()
+            width = mask.shape[1]
             group_B = torch.tensor([TEXT if r.modality == "text" else SPEECH for r in rollouts])
             if cfg.method == "xopd":  # paper: length mean per rollout, mean over rollouts
                 weights = sequence_mean_weights(mask, group_B, (cfg.lmbda, 1 - cfg.lmbda))
@@ -269,8 +272,6 @@ def train(
                     [reward(by_id[r.prompt_id], r.response_ids) for r in rollouts]
                 ).view(-1, cfg.rollouts_per_prompt)
                 advantages = grpo_advantages(rewards).view(-1, 1).expand(-1, width)
-            elif teacher_lp is not None:
-                advantages = xopd_advantages(teacher_lp, old)
 
             # 4. step: accumulate micro-batch gradients, clip, update
             opt.zero_grad(set_to_none=True)
@@ -279,9 +280,7 @@ def train(
                 mb = rollouts[i : i + cfg.micro_batch_size]
                 t = max(len(r.response_ids) for r in mb)
                 rows = slice(i, i + len(mb))
-                tokens = torch.tensor(
-                    [r.response_ids + [-1] * (t - len(r.response_ids)) for r in mb]
-                )
+                tokens = tokens_all[rows, :t]
                 logits = student.response_logits(mb)[..., :vocab_size]
                 if cfg.temperature != 1.0:
                     logits = logits / cfg.temperature
@@ -291,14 +290,27 @@ def train(
                 elif cfg.method == "gkd" or cfg.loss in ("full", "topk"):
                     assert scores is not None
                     loss = weighted_sum(_divergence_terms(logits, scores[rows], cfg), w)
-                else:  # X-OPD sampled-token objective, or GRPO: −r·A with a given advantage
-                    assert advantages is not None
-                    keep = w != 0
-                    lp = torch.where(keep, token_logprobs(logits, tokens), 0.0)
-                    old_mb = torch.where(keep, old[rows, :t], 0.0)
-                    terms = policy_gradient_terms(lp, old_mb, advantages[rows, :t], cfg.clip_eps)
-                    loss = weighted_sum(terms, w)
-                    ratios.append(torch.exp(lp - old_mb).detach()[keep])
+                else:  # the policy-gradient objectives: −r·A
+                    lp, old_mb = token_logprobs(logits, tokens), old[rows, :t]
+                    if cfg.method == "xopd":
+                        assert teacher_lp is not None
+                        loss = xopd_loss(
+                            lp,
+                            old_mb,
+                            teacher_lp[rows, :t],
+                            mask[rows, :t],
+                            group_B[rows] == SPEECH,
+                            cfg.lmbda,
+                            cfg.clip_eps,
+                            weights_B_T=w,
+                        )
+                    else:
+                        assert advantages is not None
+                        terms = policy_gradient_terms(
+                            lp, old_mb, advantages[rows, :t], cfg.clip_eps
+                        )
+                        loss = weighted_sum(terms, w)
+                    ratios.append(torch.exp(lp - old_mb).detach()[w != 0])
                 loss.backward()
                 loss_total += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -365,7 +377,7 @@ def _divergence_terms(
     GKD's generalised JSD, or X-OPD's full-vocabulary / top-k reverse KL."""
     b, t, v = logits.shape
     if cfg.method == "gkd" or cfg.loss == "full":
-        teacher = torch.full((b, t, v), -torch.log(torch.tensor(float(v))).item())
+        teacher = torch.full((b, t, v), -math.log(v))
         for i, s in enumerate(scores):
             teacher[i, : s.full_T_V.shape[0]] = s.full_T_V
         if cfg.method == "gkd":
@@ -373,7 +385,7 @@ def _divergence_terms(
         return reverse_kl_full(logits, teacher)
     k = cfg.top_k
     ids = torch.zeros((b, t, k), dtype=torch.long)
-    lps = torch.full((b, t, k), -torch.log(torch.tensor(float(k))).item())
+    lps = torch.full((b, t, k), -math.log(k))
     for i, s in enumerate(scores):
         n = len(s.topk_ids)
         ids[i, :n] = torch.tensor(s.topk_ids, dtype=torch.long)
