@@ -1,96 +1,180 @@
-"""Prefect flow `xopd-campaign`: bootstrap the mini world if needed, then N rounds, then a
-report. Orchestration only: the bootstrap steps are the same stage functions as `make run`
-and `dvc repro`; each round is the `xopd-round` flow (a subflow, so the UI shows it whole).
+"""Prefect flow `xopd-campaign`: what `make run` runs. Bootstrap the mini world where it is
+missing or stale, then N X-OPD rounds (`campaign.rounds`), then report, record in DVC and push.
+
+Orchestration only: each step calls the same stage function as the matching `dvc.yaml` stage.
+In a DVC repository, whether a step runs is DVC's own answer (`dvc status <stage>`, asked
+just before it), so a second run, or a `dvc repro` after it, does nothing. Elsewhere a step
+runs when its output is missing or an earlier step rebuilt something.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 
-from flows.round import (
+from flows.publish import STAGES, publish
+from flows.round import eval_step, gate_step, validate_step, xopd_round
+from tasks.layout import (
+    CAMPAIGN_TABLE,
     CHAMPION,
     DATA,
     LOCK,
+    ROUND_REPORTS,
+    ROUNDS,
+    ROUNDS_METRICS,
+    STUDENT,
+    STUDENT_METRICS,
     TEACHER,
     TEACHER_METRICS,
+    VALIDATE,
     round_checkpoint,
-    xopd_round,
+    round_eval,
+    round_gate,
 )
+from tasks.record import RecordError, is_dvc_repo
+from tasks.remote import dvc
 from tasks.student import student
 from tasks.synth import synth
 from tasks.teacher import teacher
-from xopd_core.atomic import write_text_atomic
-from xopd_core.config import Params
-from xopd_core.gate import read_champion
+from xopd_core.config import Params, load_params
 from xopd_core.lock import exclusive
 
+T = TypeVar("T")
 
-@task(name="bootstrap")
-def bootstrap_step(params: Params, workdir: Path) -> list[str]:
-    """Build whatever of the mini world, teacher and round-0 student is missing."""
-    done = []
-    if not (workdir / DATA / "manifests").is_dir():
-        synth(params, workdir / DATA)
-        done.append("synth")
-    if not (workdir / TEACHER / "model.safetensors").is_file():
-        teacher(params, workdir / DATA, workdir / TEACHER, workdir / TEACHER_METRICS)
-        done.append("teacher")
-    if not (round_checkpoint(workdir, 0) / "model.safetensors").is_file():
-        student(
-            params,
-            workdir / DATA,
-            workdir / TEACHER,
-            round_checkpoint(workdir, 0),
-            workdir / "reports/student/metrics.json",
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    start = time.perf_counter()
+    return fn(*args), time.perf_counter() - start
+
+
+@task(name="synth")
+def synth_step(params: Params, root: Path) -> float:
+    return _timed(synth, params, root / DATA)[1]
+
+
+@task(name="teacher")
+def teacher_step(params: Params, root: Path) -> float:
+    return _timed(teacher, params, root / DATA, root / TEACHER, root / TEACHER_METRICS)[1]
+
+
+@task(name="student")
+def student_step(params: Params, root: Path) -> float:
+    args = (params, root / DATA, root / TEACHER, root / STUDENT, root / STUDENT_METRICS)
+    return _timed(student, *args)[1]
+
+
+def _present(root: Path, stage: str, rounds: int) -> bool:
+    """Without DVC: is the stage's output on disk?"""
+    if stage == "synth":
+        return (root / DATA / "manifests").is_dir()
+    if stage in ("teacher", "student"):
+        return (root / (TEACHER if stage == "teacher" else STUDENT) / "model.safetensors").is_file()
+    if stage == "eval":
+        return (round_eval(root, 0) / "metrics.json").is_file()
+    if stage == "rounds":
+        return all(
+            (round_checkpoint(root, k) / "model.safetensors").is_file()
+            and round_gate(root, k).is_file()
+            for k in range(1, rounds + 1)
         )
-        done.append("student")
-    return done
+    if stage == "validate":
+        return (root / VALIDATE / "metrics.json").is_file()
+    return False  # the report is cheap and always re-made
 
 
-def campaign_table(workdir: Path, rounds: int) -> str:
-    lines = [
-        "| round | speech Avg-Drop (%) | text Avg-Drop (%) | paralinguistic | promoted |",
-        "|---|---|---|---|---|",
-    ]
-    for k in range(rounds + 1):
-        base = workdir / ("reports" if k == 0 else f"reports/round{k}")
-        gate_file = base / "gate" / "metrics.json"
-        if not gate_file.is_file():
-            continue
-        g = json.loads(gate_file.read_text())
-        lines.append(
-            f"| {k} | {g['avg_drop_speech']:.2f} | {g['avg_drop_text']:.2f} | "
-            f"{g['paralinguistic_accuracy']:.3f} | {'yes' if g['promoted'] else 'no'} |"
-        )
-    champion = read_champion(workdir / CHAMPION)
-    if champion is not None:
-        lines.append(f"\nChampion: round {champion.round}, `{champion.checkpoint}`")
-    return "\n".join(lines) + "\n"
+# The params.yaml groups each stage reads (as in dvc.yaml).
+STAGE_PARAMS = {
+    "synth": ["synth"],
+    "validate": ["validate_"],
+    "teacher": ["teacher"],
+    "student": ["student"],
+    "eval": ["eval"],
+    "rounds": ["train", "eval", "gate", "campaign"],
+}
+
+
+def changed_groups(root: Path, params: Params) -> set[str]:
+    """The param groups in which the run's params differ from the work folder's params.yaml
+    (a run started from the UI with edited params)."""
+    path = root / "params.yaml"
+    if not path.is_file():
+        return set()
+    on_disk = load_params(path)
+    return {g for g in type(params).model_fields if getattr(params, g) != getattr(on_disk, g)}
+
+
+def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) -> bool:
+    """Must `stage` run now? When the run's params for it differ from params.yaml, yes. In a
+    DVC repository DVC decides (`dvc status <stage>` compares its deps, params and outputs
+    with dvc.lock, so an upstream stage that just rebuilt makes it stale); elsewhere, when its
+    output is missing or an earlier stage rebuilt something."""
+    if changed & set(STAGE_PARAMS.get(stage, [])):
+        return True
+    if is_dvc_repo(root):
+        out = dvc(root, "status", "--json", stage)
+        if out.returncode != 0:
+            raise RecordError(f"dvc status {stage} failed: {out.stderr.strip()}")
+        return bool(json.loads(out.stdout or "{}"))
+    return any(s != "validate" for s in ran) or not _present(root, stage, rounds)
+
+
+def _clear_rounds(root: Path) -> None:
+    """What `dvc repro` removes before the rounds stage: earlier rounds and their champion."""
+    for path in (root / ROUNDS, root / ROUND_REPORTS):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (root / CHAMPION, root / ROUNDS_METRICS):
+        path.unlink(missing_ok=True)
 
 
 @flow(name="xopd-campaign")
 def xopd_campaign(
-    params: Params,
-    rounds: int | None = None,
-    workdir: str = ".",
-    engine: Literal["hf", "vllm"] = "hf",
+    params: Params, workdir: str = ".", engine: Literal["hf", "vllm"] = "hf"
 ) -> dict[str, Any]:
-    """Bootstrap if needed, then `rounds` rounds (default: `campaign.rounds` in params), each
-    starting from the previous; writes `reports/campaign.md` and a markdown artifact."""
+    """Bootstrap where needed, `campaign.rounds` rounds each from the previous one, report.
+    Returns which steps ran, each round's decision, the table and the stage functions' own
+    seconds (for the orchestration-overhead figure)."""
     root = Path(workdir)
-    n = params.campaign.rounds if rounds is None else rounds
+    n = params.campaign.rounds
+    seconds: dict[str, float] = {}
     with exclusive(root / LOCK, what="xopd run"):
-        built = bootstrap_step(params, root)
-        results = [
-            xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False)
-            for k in range(1, n + 1)
-        ]
-        table = campaign_table(root, n)
-        write_text_atomic(root / "reports" / "campaign.md", table)
-    create_markdown_artifact(key="campaign", markdown=table, description="xopd campaign rounds")
-    return {"bootstrapped": built, "rounds": [r["promoted"] for r in results], "table": table}
+        ran: list[str] = []
+        changed = changed_groups(root, params)
+
+        def step(stage: str) -> bool:
+            if due(root, stage, ran, n, changed):
+                ran.append(stage)
+                return True
+            return False
+
+        if step("synth"):
+            seconds["synth"] = synth_step(params, root)
+        if step("validate"):
+            seconds["validate"] = validate_step(params, root, root / VALIDATE)["seconds"]
+        if step("teacher"):
+            seconds["teacher"] = teacher_step(params, root)
+        if step("student"):
+            seconds["student"] = student_step(params, root)
+        if step("eval"):
+            seconds["eval"] = eval_step(params, root, 0)["seconds"]
+        promoted: list[bool] = []
+        if step("rounds"):
+            _clear_rounds(root)
+            gate_step(params, root, 0)
+            for k in range(1, n + 1):
+                r = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False,
+                               check_data=False)  # fmt: skip
+                promoted.append(r["promoted"])
+                for name, s in r["seconds"].items():
+                    seconds[name] = seconds.get(name, 0.0) + s
+        if ran:
+            ran.append("report")
+            out = publish(params, root, any(promoted))
+        else:  # nothing was stale: the recorded results stand
+            out = {"table": (root / CAMPAIGN_TABLE).read_text(), "recorded": True}
+    return {"ran": ran, "rounds": promoted, "seconds": seconds, **out}

@@ -1,13 +1,16 @@
-"""The `xopd` command: every stage command of `tasks/cli.py`, plus `serve` (the Prefect
-deployments), which lives here because tasks never import flows."""
+"""The `xopd` command: every stage command of `tasks/cli.py`, plus the commands that run
+flows — `run` (the campaign through Prefect, what `make run` calls) and `serve` (the
+deployments) — which live here because tasks never import flows."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from tasks import layout
 from tasks.cli import add_params
 from tasks.cli import main as tasks_main
 
@@ -20,7 +23,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The campaign flow on the work folder, then the table, the paths and the share of the
+    wall time spent outside the stage functions (Prefect, DVC, validation)."""
+    from flows.campaign import xopd_campaign
+    from xopd_core.config import load_params
+
+    params = load_params(args.params)
+    start = time.perf_counter()
+    result = xopd_campaign(params, workdir=str(args.workdir), engine=args.engine)
+    wall = time.perf_counter() - start
+    root = args.workdir
+    print("\n" + result["table"])
+    if not result["ran"]:
+        print("Everything was up to date (dvc status): nothing ran.")
+    else:
+        work = sum(v for k, v in result["seconds"].items() if k != "validate")
+        print(
+            f"Ran {', '.join(result['ran'])} in {wall:.0f} s; the stage functions took "
+            f"{work:.0f} s, so Prefect + DVC + validation cost {wall - work:.0f} s "
+            f"({100 * (wall - work) / max(wall, 1e-9):.1f} % of the wall time)."
+        )
+        print(f"Recorded in dvc.lock: {'yes' if result['recorded'] else 'no'}")
+        if "push" in result:
+            print(f"Remote: {result['push']}")
+    print("\nResults:")
+    for name, path in (
+        ("campaign table", layout.CAMPAIGN_TABLE),
+        ("rounds metrics", layout.ROUNDS_METRICS),
+        ("plots", layout.PLOTS),
+        ("champion pointer", layout.CHAMPION),
+        ("round checkpoints", layout.ROUNDS),
+        ("round reports", layout.ROUND_REPORTS),
+        ("round-0 eval", layout.EVAL),
+        ("teacher", layout.TEACHER),
+        ("student (round 0)", layout.STUDENT),
+        ("validation report", layout.VALIDATE / "validation.html"),
+        ("data", layout.DATA),
+    ):
+        print(f"  {name:<18} {root / path}")
+    print("  plots page         `dvc plots show` (offline), metrics: `dvc metrics show`")
+    return 0
+
+
 def add_flow_commands(sub: Any) -> None:
+    p = sub.add_parser("run", help="the mini-world campaign through Prefect (what make run runs)")
+    add_params(p)
+    p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("serve", help="serve the Prefect deployments (starts a local server)")
     add_params(p)
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")

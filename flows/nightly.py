@@ -3,29 +3,31 @@
 Only one run may write a work folder at a time: the nightly run takes the folder's lock
 (`.xopd.lock`, see xopd_core/lock.py), waits up to `wait_s` for a run in progress, and
 otherwise stops with a message naming the holder — it never writes beside another run.
+
+The nightly round extends the campaign: afterwards it sets `campaign.rounds` in the work
+folder's params.yaml to the rounds on disk (so params.yaml, dvc.lock and the folder agree and
+`dvc repro` keeps the rounds), records them in DVC, commits the lineage of a promoted round
+to `nightly.lineage_branch`, and pushes it to the remote.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
 
-from flows.round import LOCK, xopd_round
-from xopd_core.config import Params
+from flows.publish import publish
+from flows.round import xopd_round
+from tasks.layout import LOCK, completed_rounds
+from tasks.record import advance_rounds, is_dvc_repo, params_in_sync
+from xopd_core.config import CampaignParams, Params
 from xopd_core.lock import exclusive
 
 
 def next_round(workdir: Path) -> int:
     """1 + the newest completed round's number (a round is complete once its checkpoint is)."""
-    done = [
-        int(m.group(1))
-        for p in (workdir / "models").glob("round*/model.safetensors")
-        if (m := re.fullmatch(r"round(\d+)", p.parent.name))
-    ]
-    return max(done, default=0) + 1
+    return max(completed_rounds(workdir), default=0) + 1
 
 
 @flow(name="xopd-nightly")
@@ -38,4 +40,10 @@ def xopd_nightly(
     root = Path(workdir)
     with exclusive(root / LOCK, timeout_s=wait_s, what="xopd run"):
         k = next_round(root)
-        return xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False)
+        result = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False)
+        ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=k)})
+        if is_dvc_repo(root) and params_in_sync(root, params, ignore_rounds=True):
+            advance_rounds(root, k)
+        promoted = bool(result["promoted"])
+        out = publish(ran_with, root, promoted, lineage_round=k if promoted else None)
+    return {**result, **out}

@@ -1,10 +1,10 @@
 """Prefect flow `xopd-round`: one distillation round on a work folder laid out like the repo.
 
 validate → train (rollout, teacher scoring and updates, in one on-policy loop) → eval → gate
-(promote or keep the champion). Orchestration only: each step is a stage function from
-`tasks/`, the same one `dvc repro` and the CLI run. Round k starts from round k−1's student
-(`models/student` for k = 1). With no champion yet, the starting student is evaluated and
-gated first, as round k−1, so the candidate is always compared with something.
+(promote or keep the champion). Orchestration only: each step is a function of
+`tasks/rounds.py`, the same ones the `rounds` stage of `dvc.yaml` runs. Round k starts from
+round k−1's student (`models/student` for k = 1). With no champion yet, the starting student
+is evaluated and gated first, as round k−1, so the candidate is always compared with something.
 """
 
 from __future__ import annotations
@@ -15,73 +15,39 @@ from typing import Any, Literal
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.eval import evaluate
-from tasks.gate import describe, gate
-from tasks.train import train
+from tasks.gate import describe
+from tasks.layout import CHAMPION, DATA, LOCK, round_eval, round_reports
+from tasks.rounds import eval_round, gate_round, train_round
 from tasks.validate import validate
 from xopd_core.config import Params
 from xopd_core.lock import exclusive
 
-DATA = Path("data/mini")
-TEACHER = Path("models/teacher")
-TEACHER_METRICS = Path("reports/teacher/metrics.json")
-CHAMPION = Path("champion.json")
-LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
-
-
-def round_checkpoint(workdir: Path, k: int) -> Path:
-    return workdir / ("models/student" if k == 0 else f"models/round{k}")
-
-
-def round_reports(workdir: Path, k: int) -> Path:
-    return workdir / ("reports" if k == 0 else f"reports/round{k}")
-
 
 @task(name="validate")
-def validate_step(params: Params, data: Path, out: Path) -> str:
-    summary = validate(params, [data], out)
-    return str(summary.report_html)
+def validate_step(params: Params, root: Path, out: Path) -> dict[str, Any]:
+    summary = validate(params, [root / DATA], out)
+    create_markdown_artifact(
+        key="validation-report",
+        markdown=f"Validation passed: {summary.n_rows} rows; report `{summary.report_html}`",
+    )
+    return {"report": str(summary.report_html), "seconds": summary.seconds}
 
 
 # A retry can help here: a round resumes from its state folder (a vLLM engine that died, an
 # OOM-killed step), so the second attempt continues instead of starting over.
 @task(name="train", retries=1, retry_delay_seconds=5)
-def train_step(params: Params, workdir: Path, k: int, engine: str) -> dict[str, Any]:
-    summary = train(
-        params,
-        workdir / DATA,
-        round_checkpoint(workdir, k - 1),
-        workdir / TEACHER,
-        round_checkpoint(workdir, k),
-        round_reports(workdir, k) / "train" / "metrics.json",
-        live_dir=round_reports(workdir, k) / "train" / "live",
-        engine=engine,  # type: ignore[arg-type]
-    )
-    return summary.metrics
+def train_step(params: Params, root: Path, k: int, engine: str) -> dict[str, Any]:
+    return train_round(params, root, k, engine).metrics  # type: ignore[arg-type]
 
 
 @task(name="eval")
-def eval_step(params: Params, workdir: Path, k: int) -> dict[str, Any]:
-    summary = evaluate(
-        params,
-        workdir / DATA,
-        round_checkpoint(workdir, k),
-        workdir / TEACHER_METRICS,
-        round_reports(workdir, k) / "eval",
-    )
-    return summary.metrics
+def eval_step(params: Params, root: Path, k: int) -> dict[str, Any]:
+    return eval_round(params, root, k)
 
 
 @task(name="gate")
-def gate_step(params: Params, workdir: Path, k: int) -> dict[str, Any]:
-    summary = gate(
-        params,
-        round_reports(workdir, k) / "eval" / "metrics.json",
-        round_checkpoint(workdir, k),
-        workdir / CHAMPION,
-        round_reports(workdir, k) / "gate" / "metrics.json",
-        k,
-    )
+def gate_step(params: Params, root: Path, k: int) -> dict[str, Any]:
+    summary = gate_round(params, root, k)
     return {"promoted": summary.decision.promoted, "text": describe(summary)}
 
 
@@ -109,33 +75,45 @@ def xopd_round(
     workdir: str = ".",
     engine: Literal["hf", "vllm"] = "hf",
     lock: bool = True,
+    check_data: bool = True,
 ) -> dict[str, Any]:
-    """Run round `round` in `workdir`; returns the gate's decision and the round's metrics.
-    `lock=False` only for callers that already hold the work folder's lock."""
+    """Run round `round` in `workdir`; returns the gate's decision, the round's metrics and
+    the stage functions' own seconds. `lock=False` only for callers that already hold the
+    work folder's lock; `check_data=False` for callers that have just validated the data."""
     if round < 1:
         raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
     root = Path(workdir)
     if lock:
         with exclusive(root / LOCK, what="xopd run"):
-            return _round(params, round, root, engine)
-    return _round(params, round, root, engine)
+            return _round(params, round, root, engine, check_data)
+    return _round(params, round, root, engine, check_data)
 
 
-def _round(params: Params, round: int, root: Path, engine: str) -> dict[str, Any]:
-    report = validate_step(params, root / DATA, root / "reports/validate")
-    create_markdown_artifact(
-        key="validation-report", markdown=f"Validation passed; report: `{report}`"
-    )
+def _round(params: Params, k: int, root: Path, engine: str, check: bool) -> dict[str, Any]:
+    seconds = {}
+    if check:
+        # Into the round's reports: reports/validate belongs to the `validate` stage.
+        seconds["validate"] = validate_step(params, root, round_reports(root, k) / "validate")[
+            "seconds"
+        ]
     if not (root / CHAMPION).is_file():
-        if not (round_reports(root, round - 1) / "eval" / "metrics.json").is_file():
-            eval_step(params, root, round - 1)
-        gate_step(params, root, round - 1)
-    train_m = train_step(params, root, round, engine)
-    eval_m = eval_step(params, root, round)
-    decision = gate_step(params, root, round)
+        if not (round_eval(root, k - 1) / "metrics.json").is_file():
+            seconds["eval"] = eval_step(params, root, k - 1)["seconds"]
+        gate_step(params, root, k - 1)
+    train_m = train_step(params, root, k, engine)
+    eval_m = eval_step(params, root, k)
+    decision = gate_step(params, root, k)
+    seconds["train"] = train_m["seconds"]
+    seconds["eval"] = seconds.get("eval", 0.0) + eval_m["seconds"]
     create_markdown_artifact(
-        key=f"round-{round}",
-        markdown=_round_table(round, train_m, eval_m, decision["text"]),
-        description=f"xopd round {round}: metrics and gate decision",
+        key=f"round-{k}",
+        markdown=_round_table(k, train_m, eval_m, decision["text"]),
+        description=f"xopd round {k}: metrics and gate decision",
     )
-    return {"round": round, "promoted": decision["promoted"], "eval": eval_m, "train": train_m}
+    return {
+        "round": k,
+        "promoted": decision["promoted"],
+        "eval": eval_m,
+        "train": train_m,
+        "seconds": seconds,
+    }

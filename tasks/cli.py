@@ -9,22 +9,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tasks import layout
 from xopd_core.runtime import apply_offline_env
 
 log = logging.getLogger("xopd")
 
-DEFAULT_DATA = Path("data/mini")
-DEFAULT_VALIDATE_OUT = Path("reports/validate")
-DEFAULT_TEACHER = Path("models/teacher")
-DEFAULT_TEACHER_METRICS = Path("reports/teacher/metrics.json")
-DEFAULT_STUDENT = Path("models/student")
-DEFAULT_STUDENT_METRICS = Path("reports/student/metrics.json")
-DEFAULT_EVAL_OUT = Path("reports/eval")
+DEFAULT_DATA = layout.DATA
+DEFAULT_VALIDATE_OUT = layout.VALIDATE
+DEFAULT_TEACHER = layout.TEACHER
+DEFAULT_TEACHER_METRICS = layout.TEACHER_METRICS
+DEFAULT_STUDENT = layout.STUDENT
+DEFAULT_STUDENT_METRICS = layout.STUDENT_METRICS
+DEFAULT_EVAL_OUT = layout.EVAL
 
 
 def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
@@ -173,71 +173,25 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Every stage that exists so far, in pipeline order, on the embedded mini world."""
-    from tasks.eval import evaluate
-    from tasks.student import student
-    from tasks.synth import synth
-    from tasks.teacher import teacher
-    from tasks.validate import validate
+def cmd_rounds(args: argparse.Namespace) -> int:
+    from tasks.rounds import run_rounds
     from xopd_core.config import load_params
 
-    start = time.perf_counter()
-    params = load_params(args.params)
-    data = args.workdir / DEFAULT_DATA
-    world = synth(params, data, progress=_progress_bar("synth"))
-    print(f"[1/5] synth     {world.describe()}")
-    checked = validate(params, [data], args.workdir / DEFAULT_VALIDATE_OUT)
-    print(f"[2/5] validate  {checked.n_rows} rows passed every rule in {checked.seconds:.1f} s")
-    taught = teacher(
-        params,
-        data,
-        args.workdir / DEFAULT_TEACHER,
-        args.workdir / DEFAULT_TEACHER_METRICS,
-        on_step=_step_bar("teacher", params.teacher.steps),
+    summary = run_rounds(load_params(args.params), args.workdir, engine=args.engine)
+    verdicts = ", ".join(
+        f"round {k}: {'promoted' if p else 'rejected'}" for k, p in enumerate(summary.promoted, 1)
     )
-    m = taught.metrics
-    per_task = ", ".join(
-        f"{k.removeprefix('text_accuracy_')} {v:.2f}"
-        for k, v in m.items()
-        if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
-    )
-    print(
-        f"[3/5] teacher   text accuracy {m['text_accuracy_mean']:.3f} ({per_task}) "
-        f"in {m['total_seconds']:.0f} s"
-    )
-    made = student(
-        params,
-        data,
-        taught.checkpoint,
-        args.workdir / DEFAULT_STUDENT,
-        args.workdir / DEFAULT_STUDENT_METRICS,
-        on_step=_phase_bar(params),
-    )
-    print(f"[4/5] student   bootstrapped in {made.metrics['total_seconds']:.0f} s")
-    scored = evaluate(
-        params, data, made.checkpoint, taught.metrics_path, args.workdir / DEFAULT_EVAL_OUT
-    )
-    e = scored.metrics
-    print(
-        f"[5/5] eval      speech Avg-Drop {e['avg_drop_speech']:.1f} %, text Avg-Drop "
-        f"{e['avg_drop_text']:.1f} %, paralinguistic accuracy "
-        f"{e['paralinguistic_accuracy']:.3f} in {e['seconds']:.0f} s\n"
-    )
-    print(scored.table_path.read_text())
-    print(f"\nDone in {time.perf_counter() - start:.1f} s. Results:")
-    for split, path in world.manifests.items():
-        print(f"  manifest {split:<10} {path}  ({world.rows_per_split[split]} rows)")
-    print(f"  audio               {data / 'audio'}")
-    print(f"  validation report   {checked.report_html}")
-    print(f"  validation result   {checked.report_json}")
-    print(f"  teacher checkpoint  {taught.checkpoint}")
-    print(f"  teacher metrics     {taught.metrics_path}")
-    print(f"  student checkpoint  {made.checkpoint}")
-    print(f"  student metrics     {made.metrics_path}")
-    print(f"  eval metrics        {scored.metrics_path}")
-    print(f"  eval table          {scored.table_path}")
-    print(f"  eval responses      {scored.responses_path}")
+    print(f"rounds: {summary.rounds} in {summary.seconds:.0f} s ({verdicts})")
+    print(f"rounds: metrics → {summary.metrics_path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import report
+
+    summary = report(args.workdir)
+    print(summary.table)
+    print(f"report: → {summary.table_path}, plots {', '.join(map(str, summary.plots))}")
     return 0
 
 
@@ -334,7 +288,9 @@ def build_parser(
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (train split)")
     p.add_argument("--student", type=Path, default=DEFAULT_STUDENT, help="starting checkpoint")
     p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="teacher checkpoint")
-    p.add_argument("--out", type=Path, default=Path("models/round1"), help="trained checkpoint")
+    p.add_argument(
+        "--out", type=Path, default=Path("models/rounds/round1"), help="trained checkpoint"
+    )
     p.add_argument(
         "--metrics", type=Path, default=Path("reports/train/metrics.json"), help="summary JSON"
     )
@@ -359,15 +315,16 @@ def build_parser(
     )
     p.set_defaults(func=cmd_gate)
 
-    p = sub.add_parser("run", help="run the pipeline's stages on the mini world")
+    p = sub.add_parser("rounds", help="X-OPD rounds 1..campaign.rounds, each gated")
     add_params(p)
-    p.add_argument(
-        "--workdir",
-        type=Path,
-        default=Path("."),
-        help="folder under which data/ and reports/ are written",
-    )
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
+    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
+    p.set_defaults(func=cmd_rounds)
+
+    p = sub.add_parser("report", help="the campaign table and plots from the rounds' metrics")
+    p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
+    p.set_defaults(func=cmd_report)
+
     if extra is not None:
         extra(sub)
     return parser
@@ -381,12 +338,16 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         format="%(levelname)s %(name)s: %(message)s",
     )
     from tasks.eval import TeacherScoresError
+    from tasks.record import RecordError
+    from tasks.remote import RemoteError
+    from tasks.report import ReportInputError
     from xopd_core.config import ConfigError
     from xopd_core.data.manifest import ManifestError
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
     from xopd_core.gate import GateInputError
+    from xopd_core.lock import Busy
 
     try:
         return int(args.func(args))
@@ -400,6 +361,10 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         WorldGenerationError,
         TeacherScoresError,
         GateInputError,
+        ReportInputError,
+        RecordError,
+        RemoteError,
+        Busy,
         FileNotFoundError,
     ) as err:
         print(f"xopd {args.command}: error: {err}", file=sys.stderr)

@@ -42,7 +42,11 @@ def gate(
     champion_path: Path,
     out_metrics: Path,
     round_: int,
+    *,
+    label: str | None = None,
 ) -> GateSummary:
+    """`label`: how the pointer names the checkpoint (default its path); flows pass the path
+    relative to the work folder so that the pointer is the same wherever the folder lives."""
     try:
         raw: dict[str, Any] = json.loads(Path(candidate_metrics).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -60,7 +64,7 @@ def gate(
             epsilon=params.gate.max_paralinguistic_drop,
         )
         if decision.promoted:
-            champion = Champion(round_, str(candidate_checkpoint), digest, candidate)
+            champion = Champion(round_, label or str(candidate_checkpoint), digest, candidate)
             write_champion(champion_path, champion)
     write_json_atomic(
         out_metrics,

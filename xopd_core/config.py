@@ -429,6 +429,12 @@ class NightlyParams(_Strict):
         le=86_400,
         description="How long a nightly run waits for a run holding the work folder.",
     )
+    lineage_branch: str = Field(
+        default="xopd/lineage",
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Git branch that gets one commit (params.yaml, dvc.lock, champion.json "
+        "on the code that ran) per promoted nightly round.",
+    )
 
 
 class Params(_Strict):

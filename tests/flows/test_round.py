@@ -14,7 +14,8 @@ from prefect.client.orchestration import get_client
 from flows.campaign import xopd_campaign
 from flows.nightly import next_round, xopd_nightly
 from flows.round import xopd_round
-from xopd_core.config import Params
+from tasks.layout import round_checkpoint, round_gate
+from xopd_core.config import CampaignParams, Params
 from xopd_core.gate import read_champion
 from xopd_core.lock import Busy
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
@@ -26,12 +27,11 @@ def test_round_flow_trains_evaluates_gates_and_publishes_artifacts(
     result = xopd_round(flow_params, round=1, workdir=str(work))
     assert result["round"] == 1 and isinstance(result["promoted"], bool)
     for k in (0, 1):  # the starting student was evaluated and gated first (no champion yet)
-        base = work / ("reports" if k == 0 else f"reports/round{k}")
-        assert json.loads((base / "gate" / "metrics.json").read_text())["round"] == k
+        assert json.loads(round_gate(work, k).read_text())["round"] == k
     champion = read_champion(work / "champion.json")
     assert champion is not None
     assert champion.round == (1 if result["promoted"] else 0)
-    assert (work / "models" / "round1" / "model.safetensors").is_file()
+    assert (work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts()}
     assert {"round-1", "validation-report"} <= keys
@@ -40,13 +40,18 @@ def test_round_flow_trains_evaluates_gates_and_publishes_artifacts(
 def test_campaign_runs_rounds_that_chain_and_reports_them(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
-    result = xopd_campaign(flow_params, rounds=2, workdir=str(work))
-    assert result["bootstrapped"] == [] and len(result["rounds"]) == 2  # all inputs were there
-    # Round 2 started from round 1's weights.
-    r2 = json.loads((work / "models" / "round2" / RESOLVED_CONFIG).read_text())
-    assert r2["from_weights_sha256"] == weights_sha256(work / "models" / "round1")
+    params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=2)})
+    result = xopd_campaign(params, workdir=str(work))
+    # The bootstrap's outputs were all there (no DVC here: presence decides).
+    assert result["ran"] == ["validate", "eval", "rounds", "report"]
+    assert len(result["rounds"]) == 2 and not result["recorded"]  # not a DVC repository
+    # Round 2 started from round 1's weights, with the next seed.
+    r2 = json.loads((round_checkpoint(work, 2) / RESOLVED_CONFIG).read_text())
+    assert r2["from_weights_sha256"] == weights_sha256(round_checkpoint(work, 1))
+    assert r2["params"]["seed"] == params.train.seed + 1
     table = (work / "reports" / "campaign.md").read_text()
     assert all(f"| {k} |" in table for k in (0, 1, 2)) and "Champion: round" in table
+    assert (work / "reports" / "plots" / "rounds.png").read_bytes()[:4] == b"\x89PNG"
 
 
 HOLD = """
@@ -68,7 +73,7 @@ def test_nightly_never_writes_beside_a_run_in_progress(
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(Busy, match="another xopd run holds"):
             xopd_nightly(flow_params, workdir=str(work), wait_s=1.0)
-        assert not (work / "models" / "round1").exists() and not (work / "champion.json").exists()
+        assert not (work / "models" / "rounds").exists() and not (work / "champion.json").exists()
     finally:
         holder.kill()
         holder.wait()

@@ -77,7 +77,7 @@ def test_a_run_triggered_through_the_api_completes_with_artifacts(
             ours = {r.id for r in client.read_flow_runs()} - before  # the run and its subflow
             keys = {a.key for a in client.read_artifacts() if a.flow_run_id in ours}
         assert run.id in ours and {"round-1", "validation-report"} <= keys
-        assert (work / "models" / "round1" / "model.safetensors").is_file()
+        assert (work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
     finally:
         server.terminate()
         server.wait(30)

@@ -1,0 +1,97 @@
+"""The end of every run that changed rounds: report, record in DVC, lineage, push.
+
+- report: `reports/rounds.json` (the rounds' DVC metrics), `reports/campaign.md`, the plots;
+- record: `dvc commit` of the stages the run wrote, only when the run's params are
+  params.yaml's (otherwise dvc.lock would claim outputs for params that did not make them);
+- lineage (nightly): a commit on `nightly.lineage_branch` for each promoted round;
+- push: after a promotion, or while an earlier push is still owed (`.xopd.push-pending`),
+  `dvc push` to the default remote with retries; a push that still fails leaves the marker,
+  fails the run with the remote's error, and the next run pushes what is missing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+
+from tasks.layout import PUSH_PENDING
+from tasks.record import commit_lineage, is_dvc_repo, params_in_sync, record
+from tasks.remote import RemoteError, dvc, push
+from tasks.report import report
+from tasks.rounds import write_rounds_metrics
+from xopd_core.config import Params
+
+PUSH_ATTEMPTS = 4
+PUSH_BACKOFF_S = 2.0  # waits 2, 4, 8 s between the attempts
+STAGES = ["synth", "validate", "teacher", "student", "eval", "rounds", "report"]
+
+
+@task(name="report")
+def report_step(root: Path) -> dict[str, Any]:
+    write_rounds_metrics(root)
+    summary = report(root)
+    create_markdown_artifact(key="campaign", markdown=summary.table, description="xopd rounds")
+    return {"table": summary.table, "plots": [str(p) for p in summary.plots]}
+
+
+@task(name="record")
+def record_step(params: Params, root: Path, *, nightly: bool = False) -> bool:
+    """Write dvc.lock for what is on disk; False (and a warning) when it would not be true."""
+    log = get_run_logger()
+    if not is_dvc_repo(root):
+        log.info("%s is not a DVC repository: nothing recorded", root)
+        return False
+    if not params_in_sync(root, params):
+        log.warning(
+            "the run's params differ from %s/params.yaml: dvc.lock left as it was "
+            "(run `dvc repro` to rebuild under params.yaml)",
+            root,
+        )
+        return False
+    record(root, STAGES)
+    return True
+
+
+@task(name="lineage")
+def lineage_step(root: Path, branch: str, k: int, promoted: bool) -> str:
+    verdict = "promoted" if promoted else "kept the champion"
+    sha = commit_lineage(root, branch, f"xopd nightly: round {k} ({verdict})")
+    get_run_logger().info("lineage of round %d: %s on %s", k, sha[:12], branch)
+    return sha
+
+
+def _has_default_remote(root: Path) -> bool:
+    out = dvc(root, "remote", "default")
+    return out.returncode == 0 and bool(out.stdout.strip())
+
+
+@task(name="push")
+def push_step(root: Path) -> str:
+    marker = root / PUSH_PENDING
+    marker.touch()  # cleared only once a push has gone through
+    try:
+        summary = push(root, attempts=PUSH_ATTEMPTS, backoff_s=PUSH_BACKOFF_S)
+    except RemoteError as err:
+        raise RemoteError(
+            f"{err} (promotion recorded locally; {marker} marks the push owed)"
+        ) from err
+    marker.unlink()
+    return f"pushed to {summary.remote} in {summary.attempts} attempt(s)"
+
+
+def publish(
+    params: Params, root: Path, promoted: bool, *, lineage_round: int | None = None
+) -> dict[str, Any]:
+    """Report, then record; for nightly rounds the lineage; push when owed."""
+    out = report_step(root)
+    recorded = record_step(params, root)
+    out["recorded"] = recorded
+    if lineage_round is not None and recorded:
+        out["lineage"] = lineage_step(root, params.nightly.lineage_branch, lineage_round, promoted)
+    if recorded and (promoted or (root / PUSH_PENDING).exists()) and _has_default_remote(root):
+        out["push"] = push_step(root)
+    return out

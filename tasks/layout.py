@@ -1,0 +1,53 @@
+"""Where every stage reads and writes, relative to a work folder laid out like the repo.
+
+One table for `dvc.yaml`, the flows and the CLI: round 0 is the bootstrapped student
+(`models/student`, evaluated by the `eval` stage into `reports/eval`); round k ≥ 1 lives under
+`models/rounds/round<k>` and `reports/rounds/round<k>/` (DVC tracks the two folders as the
+`rounds` stage's outputs, so their number can come from params.yaml).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data/mini")
+VALIDATE = Path("reports/validate")
+TEACHER = Path("models/teacher")
+TEACHER_METRICS = Path("reports/teacher/metrics.json")
+STUDENT = Path("models/student")
+STUDENT_METRICS = Path("reports/student/metrics.json")
+EVAL = Path("reports/eval")
+ROUNDS = Path("models/rounds")
+ROUND_REPORTS = Path("reports/rounds")
+ROUNDS_METRICS = Path("reports/rounds.json")  # per-round eval + gate, a DVC metrics file
+PLOTS = Path("reports/plots")
+CAMPAIGN_TABLE = Path("reports/campaign.md")
+CHAMPION = Path("champion.json")  # the champion pointer, tracked in git
+LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
+PUSH_PENDING = Path(".xopd.push-pending")  # a promotion whose push has not gone through yet
+
+
+def round_checkpoint(root: Path, k: int) -> Path:
+    return root / (STUDENT if k == 0 else ROUNDS / f"round{k}")
+
+
+def round_reports(root: Path, k: int) -> Path:
+    return root / ROUND_REPORTS / f"round{k}"
+
+
+def round_eval(root: Path, k: int) -> Path:
+    return root / EVAL if k == 0 else round_reports(root, k) / "eval"
+
+
+def round_gate(root: Path, k: int) -> Path:
+    return round_reports(root, k) / "gate" / "metrics.json"
+
+
+def completed_rounds(root: Path) -> list[int]:
+    """Rounds ≥ 1 whose checkpoint is on disk, ascending."""
+    found = []
+    for p in (root / ROUNDS).glob("round*/model.safetensors"):
+        digits = p.parent.name.removeprefix("round")
+        if digits.isdigit():
+            found.append(int(digits))
+    return sorted(found)

@@ -1,0 +1,133 @@
+"""Recording what a Prefect run produced, so that DVC knows it and it can be reproduced.
+
+- `record`: `dvc commit --force` on the stages a run wrote, which stores their outputs in
+  the DVC cache and writes their hashes (with the deps' and params' values) to `dvc.lock`.
+  The flows ran the very functions the stages' commands call, with params.yaml's values
+  (checked first by `params_in_sync`), so a following `dvc repro` is a no-op and
+  `dvc repro --force` rebuilds the same checkpoint hashes.
+- `advance_rounds`: the nightly deployment adds one round to the campaign, so it sets
+  `campaign.rounds` in params.yaml to the rounds on disk (that one line edited). Otherwise
+  params.yaml would describe fewer rounds than the folder holds, and `dvc repro` would
+  delete them.
+- `commit_lineage`: one commit per promoted nightly round on a dedicated branch
+  (`xopd/lineage` by default) holding the code that ran plus that round's params.yaml,
+  dvc.lock and champion.json. It is built with git plumbing on a private index, so neither
+  the work tree, the index nor HEAD move. Reproduce with
+  `git worktree add ../repro <commit> && cd ../repro && dvc repro` (or `dvc pull`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tasks.remote import dvc
+from xopd_core.config import Params, load_params
+
+PARAMS_FILE = "params.yaml"
+LINEAGE_FILES = ("params.yaml", "dvc.lock", "champion.json")
+
+
+class RecordError(RuntimeError):
+    """DVC or git refused to record a run; the message carries their last words."""
+
+
+def is_dvc_repo(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def params_in_sync(root: Path, params: Params, *, ignore_rounds: bool = False) -> bool:
+    """Do the params a flow ran with equal the work folder's params.yaml?"""
+    path = root / PARAMS_FILE
+    if not path.is_file():
+        return False
+    on_disk = load_params(path)
+    if ignore_rounds:
+        on_disk = on_disk.model_copy(update={"campaign": params.campaign})
+    return on_disk == params
+
+
+def advance_rounds(root: Path, rounds: int) -> None:
+    """Set `campaign.rounds` in params.yaml by editing that one line (comments, layout and
+    every other value stay as the user wrote them); the result must load."""
+    from xopd_core.atomic import write_text_atomic
+
+    path = root / PARAMS_FILE
+    text = path.read_text()
+    block = re.search(r"^campaign:[^\n]*\n((?:[ \t]+[^\n]*\n|\n)*)", text, re.MULTILINE)
+    line = block and re.search(r"^([ \t]+rounds:[ \t]*)(\d+)", block.group(1), re.MULTILINE)
+    if not block or not line:
+        raise RecordError(f"{path}: no `campaign.rounds` line to advance")
+    at = block.start(1) + line.start(2)
+    new = text[:at] + str(rounds) + text[block.start(1) + line.end(2) :]
+    _check_loads(new, path)
+    write_text_atomic(path, new)
+
+
+def _check_loads(text: str, path: Path) -> None:
+    """Refuse to write a params file that would not load."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / PARAMS_FILE
+        probe.write_text(text)
+        try:
+            load_params(probe)
+        except Exception as err:  # any load failure; re-raised naming the real file
+            raise RecordError(f"{path}: the updated params would not load ({err})") from err
+
+
+def record(root: Path, stages: list[str]) -> str:
+    """`dvc commit --force <stages>`: cache their outputs and write their hashes to dvc.lock."""
+    out = dvc(root, "commit", "--force", *stages)
+    if out.returncode != 0:
+        raise RecordError(f"dvc commit {' '.join(stages)} failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def _git(root: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, env=env, timeout=120
+    )
+    if out.returncode != 0:
+        raise RecordError(f"git {' '.join(args[:2])} failed: {out.stderr.strip()}")
+    return out.stdout.strip()
+
+
+def commit_lineage(root: Path, branch: str, message: str) -> str:
+    """Commit HEAD's tree + the work folder's params.yaml, dvc.lock and champion.json onto
+    `branch` (created on first use; parents: its previous tip and HEAD). Returns the sha."""
+    head = _git(root, "rev-parse", "HEAD")
+    dirty = _git(
+        root, "status", "--porcelain", "--untracked-files=no", "--", ".",
+        *(f":(exclude){f}" for f in LINEAGE_FILES),
+    )  # fmt: skip
+    if dirty:
+        message += "\n\nThe work tree differed from HEAD in:\n" + dirty
+    ref = f"refs/heads/{branch}"
+    previous = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", ref], cwd=root, capture_output=True, text=True
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            **os.environ,
+            "GIT_INDEX_FILE": str(Path(tmp) / "index"),
+            "GIT_AUTHOR_NAME": os.environ.get("GIT_AUTHOR_NAME", "xopd"),
+            "GIT_AUTHOR_EMAIL": os.environ.get("GIT_AUTHOR_EMAIL", "xopd@localhost"),
+            "GIT_COMMITTER_NAME": os.environ.get("GIT_COMMITTER_NAME", "xopd"),
+            "GIT_COMMITTER_EMAIL": os.environ.get("GIT_COMMITTER_EMAIL", "xopd@localhost"),
+        }
+        _git(root, "read-tree", head, env=env)
+        for name in LINEAGE_FILES:
+            if (root / name).is_file():
+                blob = _git(root, "hash-object", "-w", "--", name)
+                _git(root, "update-index", "--add", "--cacheinfo", f"100644,{blob},{name}", env=env)
+        tree = _git(root, "write-tree", env=env)
+        parents = [p for p in (previous, head) if p]
+        sha = _git(
+            root, "commit-tree", tree, *(a for p in parents for a in ("-p", p)), "-m", message,
+            env=env,
+        )  # fmt: skip
+    _git(root, "update-ref", ref, sha, *([previous] if previous else []))
+    return sha

@@ -1,0 +1,184 @@
+"""Prefect and DVC together on a real DVC repository holding the tiny world: a campaign run
+through Prefect is recorded in dvc.lock, `dvc repro` after it is a no-op, a from-scratch
+`dvc repro` of the rounds rebuilds the same checkpoint hash, the metrics and plots commands
+work offline, and the nightly round extends the campaign with its lineage and a push that
+survives a remote that is down."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+import flows.publish
+from flows.campaign import changed_groups, due, xopd_campaign
+from flows.nightly import xopd_nightly
+from flows.publish import publish
+from tasks.layout import PUSH_PENDING
+from tasks.remote import RemoteError, dvc
+from tasks.validate import validate
+from xopd_core.config import CampaignParams, Params, load_params
+from xopd_core.models.checkpoint import weights_sha256
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(root: Path, *args: str) -> str:
+    out = dvc(root, *args)
+    assert out.returncode == 0, f"dvc {' '.join(args)}: {out.stderr}"
+    return out.stdout
+
+
+def _git(root: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=root, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def _lock_md5(root: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    (entry,) = [o for o in lock["stages"][stage]["outs"] if o["path"] == path]
+    return str(entry["md5"])
+
+
+@pytest.fixture(scope="module")
+def repo(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_world: Path,
+    tiny_teacher,
+    tiny_student,
+    flow_params: Params,
+    prefect_server,
+) -> Iterator[tuple[Path, Params, dict]]:
+    """A git + DVC repository laid out like ours, its bootstrap recorded as built, after one
+    campaign (one round) through Prefect."""
+    root = tmp_path_factory.mktemp("repo")
+    for name in ("tasks", "xopd_core", "flows", "infra"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=1)})
+    (root / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict(), sort_keys=False))
+    (root / ".gitignore").write_text("/.dvc-remote/\n/.xopd.lock\n/.xopd.push-pending\n")
+    shutil.copytree(tiny_world, root / "data" / "mini")
+    shutil.copytree(tiny_teacher.checkpoint, root / "models" / "teacher")
+    shutil.copytree(tiny_student.summary.checkpoint, root / "models" / "student")
+    (root / "reports" / "student").mkdir(parents=True)
+    shutil.copy(tiny_student.summary.metrics_path, root / "reports" / "student" / "metrics.json")
+    # The 40-step tiny teacher answers nothing right; Avg-Drop needs a non-zero reference.
+    (root / "reports" / "teacher").mkdir(parents=True)
+    tasks = ("navigate", "object_counting", "web_of_lies", "boolean_expressions")
+    scores = {f"text_accuracy_{t}": 0.9 for t in tasks}
+    (root / "reports" / "teacher" / "metrics.json").write_text(json.dumps(scores))
+    validate(params, [root / "data" / "mini"], root / "reports" / "validate")
+
+    _git(root, "init", "-q")
+    _git(root, "config", "user.email", "test@localhost")
+    _git(root, "config", "user.name", "test")
+    _run(root, "init", "-q")
+    shutil.copy(REPO / ".dvc" / "config", root / ".dvc" / "config")  # analytics, plots, remote
+    _run(root, "commit", "--force", "synth", "validate", "teacher", "student")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-q", "-m", "tiny world, bootstrap recorded")
+
+    with pytest.MonkeyPatch.context() as mp:  # stage commands find `xopd` in our venv
+        mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+        result = xopd_campaign(params, workdir=str(root))
+        yield root, params, result
+
+
+def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
+    root, _, result = repo
+    assert result["ran"] == ["eval", "rounds", "report"]  # the bootstrap was up to date
+    assert result["recorded"] and len(result["rounds"]) == 1
+    assert json.loads(_run(root, "status", "--json")) == {}
+    weights = root / "models" / "rounds" / "round1" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    out = _run(root, "repro")
+    assert "Data and pipelines are up to date" in out and "Running stage" not in out
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
+    root, _, _ = repo
+    shown = json.loads(_run(root, "metrics", "show", "--json"))
+    rounds = next(iter(shown.values()))["data"]["reports/rounds.json"]["data"]
+    assert set(rounds) == {"round0", "round1"}
+    on_disk = json.loads((root / "reports" / "rounds.json").read_text())
+    for name, r in rounds.items():
+        assert {"avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy", "promoted"} <= set(r)
+        assert isinstance(r["promoted"], bool)
+        # DVC shows numbers and booleans only; the reasons are in the same file.
+        assert on_disk[name]["reasons"] and on_disk[name]["promoted"] == r["promoted"]
+    _run(root, "plots", "show", "-o", "plots_page")
+    page = (root / "plots_page" / "index.html").read_text()
+    assert "<script" not in page and "http" not in page  # nothing loaded from anywhere
+    assert page.count("<img") == 2
+
+
+def test_dvc_repro_from_scratch_rebuilds_the_recorded_checkpoint_hash(repo) -> None:
+    root, _, _ = repo
+    recorded = _lock_md5(root, "rounds", "models/rounds")
+    weights = weights_sha256(root / "models" / "rounds" / "round1")
+    champion = (root / "champion.json").read_bytes()
+    for _ in range(2):  # twice from scratch: DVC deletes the outputs and runs `xopd rounds`
+        out = _run(root, "repro", "--force", "--single-item", "rounds")
+        assert "Running stage 'rounds'" in out
+        assert _lock_md5(root, "rounds", "models/rounds") == recorded
+        assert weights_sha256(root / "models" / "rounds" / "round1") == weights
+        assert (root / "champion.json").read_bytes() == champion
+
+
+def test_nightly_extends_the_campaign_records_lineage_and_pushes_what_is_owed(
+    repo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, params, _ = repo
+    _run(root, "repro")  # the report after the from-scratch rebuild
+    head = _git(root, "rev-parse", "HEAD")
+    result = xopd_nightly(params, workdir=str(root))
+    assert result["round"] == 2 and result["recorded"]
+    # params.yaml now describes the two rounds on disk, so DVC agrees with the folder.
+    assert load_params(root / "params.yaml").campaign.rounds == 2
+    assert json.loads(_run(root, "status", "--json")) == {}
+    assert _git(root, "rev-parse", "HEAD") == head  # the user's branch never moves
+
+    # The end of a run that promoted (publish), with the remote down: retried, then a clear
+    # failure; nothing lost.
+    _run(root, "remote", "add", "-f", "local", "/dev/null/remote")
+    monkeypatch.setattr(flows.publish, "PUSH_BACKOFF_S", 0.1)
+    ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=2)})
+    lock_before = (root / "dvc.lock").read_text()
+    with pytest.raises(RemoteError, match=r"failed 4 times; the local cache is unchanged"):
+        publish(ran_with, root, True, lineage_round=2)
+    assert (root / PUSH_PENDING).exists()
+    assert (root / "dvc.lock").read_text() == lock_before
+    assert json.loads(_run(root, "status", "--json")) == {}
+    # Its lineage: the code that ran + this round's params.yaml, dvc.lock and champion.
+    tip = _git(root, "rev-parse", "xopd/lineage")
+    assert head in _git(root, "log", "--format=%P", "-1", tip).split()
+    lineage_params = yaml.safe_load(_git(root, "show", f"{tip}:params.yaml"))
+    assert lineage_params["campaign"]["rounds"] == 2
+    assert _git(root, "show", f"{tip}:dvc.lock") == lock_before.strip()
+    # The remote is back: the next run pushes what was owed, though it promoted nothing.
+    remote = root.parent / f"{root.name}-remote"
+    _run(root, "remote", "add", "-f", "local", str(remote))
+    publish(ran_with, root, False)
+    assert not (root / PUSH_PENDING).exists()
+    cloud = json.loads(_run(root, "status", "--cloud", "--json"))
+    assert cloud == {}, cloud
+
+
+def test_a_run_with_edited_params_reruns_the_stages_that_read_them(repo) -> None:
+    root = repo[0]
+    params = load_params(root / "params.yaml")
+    assert not due(root, "rounds", [], 1, changed_groups(root, params))  # DVC: up to date
+    edited = params.model_copy(update={"train": params.train.model_copy(update={"steps": 2})})
+    changed = changed_groups(root, edited)
+    assert changed == {"train"}
+    assert due(root, "rounds", [], 1, changed) and not due(root, "teacher", [], 1, changed)
