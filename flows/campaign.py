@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 from prefect import flow, task
 
-from flows.publish import STAGES, publish
+from flows.publish import publish
 from flows.round import eval_step, gate_step, validate_step, xopd_round
 from tasks.layout import (
     CAMPAIGN_TABLE,
@@ -165,7 +165,7 @@ def xopd_campaign(
         promoted: list[bool] = []
         if step("rounds"):
             _clear_rounds(root)
-            gate_step(params, root, 0)
+            promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
                 r = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False,
                                check_data=False)  # fmt: skip
@@ -177,4 +177,5 @@ def xopd_campaign(
             out = publish(params, root, any(promoted))
         else:  # nothing was stale: the recorded results stand
             out = {"table": (root / CAMPAIGN_TABLE).read_text(), "recorded": True}
+    # `rounds`: each gate decision, round 0 (the bootstrapped student) first.
     return {"ran": ran, "rounds": promoted, "seconds": seconds, **out}

@@ -27,6 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """The campaign flow on the work folder, then the table, the paths and the share of the
     wall time spent outside the stage functions (Prefect, DVC, validation)."""
     from flows.campaign import xopd_campaign
+    from xopd_core.atomic import write_json_atomic
     from xopd_core.config import load_params
 
     params = load_params(args.params)
@@ -39,6 +40,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("Everything was up to date (dvc status): nothing ran.")
     else:
         work = sum(v for k, v in result["seconds"].items() if k != "validate")
+        write_json_atomic(
+            root / layout.RUN_SUMMARY,
+            {
+                "ran": result["ran"],
+                "wall_seconds": round(wall, 1),
+                "stage_function_seconds": {k: round(v, 1) for k, v in result["seconds"].items()},
+                "orchestration_share": round((wall - work) / max(wall, 1e-9), 4),
+            },
+        )
         print(
             f"Ran {', '.join(result['ran'])} in {wall:.0f} s; the stage functions took "
             f"{work:.0f} s, so Prefect + DVC + validation cost {wall - work:.0f} s "
@@ -50,6 +60,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\nResults:")
     for name, path in (
         ("campaign table", layout.CAMPAIGN_TABLE),
+        ("run timings", layout.RUN_SUMMARY),
         ("rounds metrics", layout.ROUNDS_METRICS),
         ("plots", layout.PLOTS),
         ("champion pointer", layout.CHAMPION),

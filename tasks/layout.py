@@ -22,6 +22,7 @@ ROUND_REPORTS = Path("reports/rounds")
 ROUNDS_METRICS = Path("reports/rounds.json")  # per-round eval + gate, a DVC metrics file
 PLOTS = Path("reports/plots")
 CAMPAIGN_TABLE = Path("reports/campaign.md")
+RUN_SUMMARY = Path("reports/run.json")  # what the last `xopd run` ran and its timings
 CHAMPION = Path("champion.json")  # the champion pointer, tracked in git
 LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
 PUSH_PENDING = Path(".xopd.push-pending")  # a promotion whose push has not gone through yet

@@ -18,6 +18,8 @@ OFFLINE_ENV: dict[str, str] = {
     "VLLM_NO_USAGE_STATS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "AWS_EC2_METADATA_DISABLED": "true",
+    # Not network: keeps transformers' per-load "Loading weights" bars out of run logs.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 

@@ -96,7 +96,10 @@ def repo(
 def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
     root, _, result = repo
     assert result["ran"] == ["eval", "rounds", "report"]  # the bootstrap was up to date
-    assert result["recorded"] and len(result["rounds"]) == 1
+    assert result["recorded"] and len(result["rounds"]) == 2  # gates of rounds 0 and 1
+    # Round 0 became the first champion, so the run pushed to the default remote.
+    assert result["rounds"][0] and result["push"].startswith("pushed to default")
+    assert json.loads(_run(root, "status", "--cloud", "--json")) == {}
     assert json.loads(_run(root, "status", "--json")) == {}
     weights = root / "models" / "rounds" / "round1" / "model.safetensors"
     before = weights.stat().st_mtime_ns

@@ -44,7 +44,7 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     result = xopd_campaign(params, workdir=str(work))
     # The bootstrap's outputs were all there (no DVC here: presence decides).
     assert result["ran"] == ["validate", "eval", "rounds", "report"]
-    assert len(result["rounds"]) == 2 and not result["recorded"]  # not a DVC repository
+    assert len(result["rounds"]) == 3 and not result["recorded"]  # not a DVC repository
     # Round 2 started from round 1's weights, with the next seed.
     r2 = json.loads((round_checkpoint(work, 2) / RESOLVED_CONFIG).read_text())
     assert r2["from_weights_sha256"] == weights_sha256(round_checkpoint(work, 1))
