@@ -2,8 +2,9 @@
 (with gradients, for the trainer); the teacher scores rollouts after the transcript.
 
 The student's audio goes through the cropped encoder pass (`models.audio`, proved equal to
-the 30 s window), and sampled sequences are generated from input embeddings, so HF needs no
-full-window features. Sampling policy = softmax(logits / temperature), no top-k/top-p.
+the 30 s window), and rollouts are sampled from input embeddings by `engines.sampler`'s
+loop, so HF needs no full-window features. Sampling policy = softmax(logits / temperature),
+no top-k/top-p.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
+from xopd_core.engines.sampler import sample_from_embeds
 from xopd_core.engines.scoring import response_logits, response_tokens, right_padded
 from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
@@ -135,36 +137,31 @@ class HfStudent:
                 mask[i, longest - len(s) :] = 1
             embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
             # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + chunk_no)
-                out = self.model.generate(
-                    inputs_embeds=embeds,
-                    attention_mask=mask,
-                    do_sample=True,
-                    temperature=temperature,
-                    top_k=0,
-                    top_p=1.0,
-                    num_return_sequences=n,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=self.pad_id,
-                    eos_token_id=self.eos_id,
-                    output_logits=True,
-                    return_dict_in_generate=True,
-                )
-            steps = torch.stack(out.logits, dim=1).float()  # [B·n, new, V], raw logits
-            logp = torch.log_softmax(steps / temperature, dim=-1)
-            for row, tokens in enumerate(out.sequences.tolist()):
-                end = tokens.index(self.eos_id) + 1 if self.eos_id in tokens else len(tokens)
-                picked = logp[row, torch.arange(end), torch.tensor(tokens[:end])]
+            generator = torch.Generator(device=embeds.device)
+            generator.manual_seed(seed * 1_000_003 + chunk_no)
+            out = sample_from_embeds(
+                self.model,
+                embeds,
+                mask,
+                n=n,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                eos_id=self.eos_id,
+                pad_id=self.pad_id,
+                generator=generator,
+            )
+            tokens_BG_T, logprobs_BG_T = out.tokens_BG_T.tolist(), out.logprobs_BG_T.tolist()
+            lengths, finished = out.lengths_BG.tolist(), out.finished_BG.tolist()
+            for row, end in enumerate(lengths):
                 rollouts.append(
                     Rollout(
                         prompt_id=chunk[row // n].id,
                         modality=modality,
                         sample_index=row % n,
                         prompt_ids=seqs[row // n],
-                        response_ids=tokens[:end],
-                        logprobs=picked.tolist(),
-                        finished=self.eos_id in tokens,
+                        response_ids=tokens_BG_T[row][:end],
+                        logprobs=logprobs_BG_T[row][:end],
+                        finished=bool(finished[row]),
                     )
                 )
         return rollouts
