@@ -92,7 +92,10 @@ def test_serve_starts_a_local_server_when_none_is_configured(monkeypatch, tmp_pa
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     api = f"http://127.0.0.1:{port}/api"
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # setenv first, so that the URL ensure_server writes is undone after the test (a bare
+    # delenv of an absent variable records nothing, and the dead server's URL would leak).
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # the server's database goes here
     proc = ensure_server(api, timeout_s=120)
     try:

@@ -50,7 +50,7 @@ def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Pat
     (tests/tasks/test_eval.py covers eval's success path, tests/flows the rounds.)"""
     write_tiny_params(tmp_path / "params.yaml")
     proc = xopd("run", "--workdir", str(tmp_path), cwd=tmp_path, entry="flows.cli")
-    assert (tmp_path / "reports" / "validate" / "validation.html").is_file()
+    assert (tmp_path / "reports" / "validate" / "validation.html").is_file(), proc.stderr
     assert (tmp_path / "data" / "mini" / "manifests" / "train.jsonl").is_file()
     assert (tmp_path / "models" / "teacher" / "model.safetensors").is_file()
     teacher = json.loads((tmp_path / "reports" / "teacher" / "metrics.json").read_text())
