@@ -57,9 +57,8 @@ def record_step(params: Params, root: Path, *, nightly: bool = False) -> bool:
 
 
 @task(name="lineage")
-def lineage_step(root: Path, branch: str, k: int, promoted: bool) -> str:
-    verdict = "promoted" if promoted else "kept the champion"
-    sha = commit_lineage(root, branch, f"xopd nightly: round {k} ({verdict})")
+def lineage_step(root: Path, branch: str, k: int) -> str:
+    sha = commit_lineage(root, branch, f"xopd nightly: round {k} (promoted)")
     get_run_logger().info("lineage of round %d: %s on %s", k, sha[:12], branch)
     return sha
 
@@ -91,7 +90,7 @@ def publish(
     recorded = record_step(params, root)
     out["recorded"] = recorded
     if lineage_round is not None and recorded:
-        out["lineage"] = lineage_step(root, params.nightly.lineage_branch, lineage_round, promoted)
+        out["lineage"] = lineage_step(root, params.nightly.lineage_branch, lineage_round)
     if recorded and (promoted or (root / PUSH_PENDING).exists()) and _has_default_remote(root):
         out["push"] = push_step(root)
     return out
