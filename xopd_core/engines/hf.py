@@ -20,6 +20,7 @@ from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, Teacher
 from xopd_core.engines.sampler import sample_from_embeds
 from xopd_core.engines.scoring import response_logits, response_tokens, right_padded
 from xopd_core.losses import log_normalizer, token_logprobs
+from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
@@ -30,10 +31,11 @@ class HfStudent:
     `response_logits`/`response_logprobs` for training on rollouts.
 
     Audio is read once per prompt; while the encoder is frozen its outputs are cached (call
-    `clear_audio_cache` after loading other encoder weights)."""
+    `clear_audio_cache` after loading other encoder weights). The model's attention is
+    switched to `models.attention`'s grouped-query SDPA (same results, no K/V copies)."""
 
     def __init__(self, model: Any, processor: Any, *, batch_size: int = 16) -> None:
-        self.model = model
+        self.model = use_gqa_sdpa(model)
         self.processor = processor
         # A text-only causal LM (with its tokenizer as `processor`) works for text prompts.
         self.hears = hasattr(getattr(model, "model", None), "audio_tower")
@@ -193,12 +195,13 @@ class HfStudent:
 
 
 class HfTeacher:
-    """A causal LM as a `TeacherScorer`: full logits are available, so all three modes."""
+    """A causal LM as a `TeacherScorer`: full logits are available, so all three modes.
+    Its attention is switched to grouped-query SDPA, as the student's."""
 
     def __init__(
         self, model: Any, tokenizer: PreTrainedTokenizerFast, vocab_size: int, batch_size: int = 16
     ) -> None:
-        self.model = model
+        self.model = use_gqa_sdpa(model)
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.batch_size = batch_size
