@@ -27,6 +27,8 @@ from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.student import build_processor, build_student
 from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
 from xopd_core.train.bootstrap import (
+    SpeakerHead,
+    SpeakerTargets,
     align_to_embeddings,
     cache_encoder_states,
     character_targets,
@@ -85,6 +87,8 @@ def student(
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)
     pad = token_id(tokenizer, PAD)
     alphabet, char_ids = character_targets([r["transcript"] for r in rows])
+    speaker_targets = SpeakerTargets.from_rows(rows)
+    speaker = SpeakerHead(p.audio.d_model, speaker_targets, seed=p.seed)
     ctc_losses = pretrain_encoder_ctc(
         model,
         feats,
@@ -93,6 +97,8 @@ def student(
         p.ctc,
         seed=p.seed,
         on_step=reporter("ctc"),
+        speaker=speaker,
+        speaker_weight=p.speaker_loss_weight,
     )
     lap("ctc")
     align_losses = align_to_embeddings(
@@ -102,6 +108,8 @@ def student(
         p.align,
         seed=p.seed,
         on_step=reporter("align"),
+        speaker=speaker,
+        speaker_weight=p.speaker_loss_weight,
     )
     lap("align")
     states = cache_encoder_states(model, feats)

@@ -306,6 +306,11 @@ class InstructPhase(Phase):
         le=1_000_000,
         description="Text-only worked solutions replayed from text_train (keeps text ability).",
     )
+    loss_mean_over: Literal["tokens", "examples"] = Field(
+        default="tokens",
+        description="Average the response NLL over all tokens of a batch, or per example "
+        "first (a short paralinguistic answer then weighs as much as a worked solution).",
+    )
 
 
 class StudentParams(_Strict):
@@ -321,6 +326,14 @@ class StudentParams(_Strict):
     align: Phase = Field(
         default=Phase(steps=900, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
+    )
+    speaker_loss_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description="Phases 1-2: weight of the encoder's speaker-attribute loss (each "
+        "training utterance's voice variant, pitch and speaking rate, read from one linear "
+        "head on its mean encoder state); 0 turns it off.",
     )
     instruct: InstructPhase = Field(
         default=InstructPhase(steps=300, lr=1e-3),

@@ -3,10 +3,13 @@
 Three phases on the speech train split (README, "How the round-0 student is made"):
 
 1. **Encoder pre-training** — the audio encoder alone, with a character CTC head, learns
-   to recognise speech (an ASR encoder, as Whisper is).
+   to recognise speech (an ASR encoder, as Whisper is), and with a small utterance-level
+   head it learns who speaks how: voice, pitch, speaking rate (`SpeakerHead`; audio
+   pre-training corpora carry speaker-attribute tasks too).
 2. **Alignment** — encoder + projector learn to emit, among the audio embeddings, the frozen
    language model's own embedding of each spoken token (CTC against the embedding table):
-   the audio lands where the LM reads text; the LM is not touched.
+   the audio lands where the LM reads text; the LM is not touched. The speaker head keeps
+   training, so alignment does not wash the speaker information out of the encoder.
 3. **Speech instruction tuning** — the encoder is frozen (its outputs are cached once), the
    projector and the LM learn from a speech instruction mix: spoken reasoning questions with
    worked solutions (optionally some answered directly), paralinguistic questions, some
@@ -75,6 +78,80 @@ def _run(
     )
 
 
+@dataclass(frozen=True)
+class SpeakerTargets:
+    """Utterance-level speaker attributes of the training utterances (manifest metadata):
+    the voice variant (`en-us+f2` → `f2`, `whisper` included), pitch and speaking rate,
+    both standardised over the set."""
+
+    variants: tuple[str, ...]
+    variant_N: torch.Tensor
+    pitch_N: torch.Tensor
+    rate_N: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> SpeakerTargets:
+        names = [str(r["voice"]).split("+")[-1] for r in rows]
+        variants = tuple(sorted(set(names)))
+
+        def standardised(key: str) -> torch.Tensor:
+            x = torch.tensor([float(r[key]) for r in rows])
+            return (x - x.mean()) / x.std().clamp_min(1e-6)
+
+        return cls(
+            variants,
+            torch.tensor([variants.index(n) for n in names]),
+            standardised("pitch"),
+            standardised("rate_wpm"),
+        )
+
+
+class SpeakerHead(torch.nn.Module):
+    """A linear readout of an utterance's mean encoder state: voice-variant logits and
+    pitch and rate estimates. Its loss is class-balanced cross-entropy on the variant (the
+    whisper voice is a few percent of the utterances) plus the squared errors."""
+
+    def __init__(self, d_model: int, targets: SpeakerTargets, seed: int) -> None:
+        super().__init__()
+        self.targets = targets
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.linear = torch.nn.Linear(d_model, len(targets.variants) + 2)
+        counts = torch.bincount(targets.variant_N, minlength=len(targets.variants)).float()
+        self.class_weight = counts.sum() / (len(counts) * counts.clamp_min(1))
+
+    def loss(
+        self, states_B_T_D: torch.Tensor, lengths_B: torch.Tensor, idx: list[int]
+    ) -> torch.Tensor:
+        """The head's loss on a batch of encoder states `[B, T, D]` (`lengths_B` valid
+        positions each) of training utterances `idx`."""
+        valid_B_T = torch.arange(states_B_T_D.shape[1])[None, :] < lengths_B[:, None]
+        pooled_B_D = (states_B_T_D * valid_B_T[..., None]).sum(1) / lengths_B[:, None]
+        out_B_C = self.linear(pooled_B_D).float()
+        rows = torch.tensor(idx)
+        t = self.targets
+        k = len(t.variants)
+        variant = torch.nn.functional.cross_entropy(
+            out_B_C[:, :k], t.variant_N[rows], weight=self.class_weight
+        )
+        pitch = torch.nn.functional.mse_loss(out_B_C[:, k], t.pitch_N[rows])
+        rate = torch.nn.functional.mse_loss(out_B_C[:, k + 1], t.rate_N[rows])
+        return variant + pitch + rate
+
+
+def _with_speaker(
+    loss: torch.Tensor,
+    speaker: SpeakerHead | None,
+    weight: float,
+    states: torch.Tensor,
+    lengths: torch.Tensor,
+    idx: list[int],
+) -> torch.Tensor:
+    if speaker is None or weight == 0:
+        return loss
+    return loss + weight * speaker.loss(states, lengths, idx)
+
+
 @contextmanager
 def _training(model: torch.nn.Module, parts: Sequence[torch.nn.Module]) -> Iterator[list[Any]]:
     """Train mode with only `parts` requiring grad (never the fixed sinusoidal positions);
@@ -109,9 +186,12 @@ def pretrain_encoder_ctc(
     phase: Phase,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    speaker: SpeakerHead | None = None,
+    speaker_weight: float = 1.0,
 ) -> list[float]:
     """Phase 1: the encoder, with a throw-away linear CTC head (`num_classes` + a blank),
-    learns to recognise each utterance's `targets`.
+    learns to recognise each utterance's `targets` (plus `speaker_weight` × the speaker
+    head's loss when one is given).
 
     Characters, not the LM's word tokens: on the default world 400 steps of character CTC
     reached a 17 % character error rate on held-out speech, while word-token CTC was still
@@ -128,13 +208,15 @@ def pretrain_encoder_ctc(
         target_lengths = torch.tensor([len(targets[i]) for i in idx])
         # Very fast speech can have more characters than encoder frames: such an utterance
         # has no CTC path and contributes nothing (zero_infinity) instead of NaN.
-        return torch.nn.functional.ctc_loss(
+        ctc = torch.nn.functional.ctc_loss(
             logp_T_B_C, flat, lengths, target_lengths, blank=num_classes, zero_infinity=True
         )
+        return _with_speaker(ctc, speaker, speaker_weight, states, lengths, idx)
 
+    extra = [*head.parameters(), *(speaker.parameters() if speaker is not None else [])]
     with _training(model, [tower]) as params:
         lengths = [f.frames for f in feats]
-        return _run([*params, *head.parameters()], lengths, loss_of, phase, seed, on_step, True)
+        return _run([*params, *extra], lengths, loss_of, phase, seed, on_step, True)
 
 
 def align_to_embeddings(
@@ -144,6 +226,8 @@ def align_to_embeddings(
     phase: Phase,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
+    speaker: SpeakerHead | None = None,
+    speaker_weight: float = 1.0,
 ) -> list[float]:
     """Phase 2: encoder + projector learn to put, among the audio embeddings, the frozen LM's
     own input embedding of each spoken token, in order.
@@ -151,7 +235,8 @@ def align_to_embeddings(
     A CTC loss whose class scores are dot products between each projected audio frame and
     the LM's (frozen) token-embedding matrix, plus one learned blank vector: a frame scores
     high for a token when it lies close to that token's embedding. The LM itself is never
-    run, so its text ability is untouched and the phase costs what the encoder costs."""
+    run, so its text ability is untouched and the phase costs what the encoder costs. The
+    speaker head (if given) keeps training on the encoder states."""
     tower: Any = model.model.audio_tower
     projector: Any = model.model.multi_modal_projector
     table: Any = model.get_input_embeddings().weight
@@ -168,13 +253,14 @@ def align_to_embeddings(
         logp_T_B_C = torch.log_softmax(scores, dim=-1).transpose(0, 1)
         flat = torch.tensor([t for i in idx for t in targets[i]])
         target_lengths = torch.tensor([len(targets[i]) for i in idx])
-        return torch.nn.functional.ctc_loss(
+        ctc = torch.nn.functional.ctc_loss(
             logp_T_B_C, flat, lengths, target_lengths, blank=vocab, zero_infinity=True
         )
+        return _with_speaker(ctc, speaker, speaker_weight, states, lengths, idx)
 
     with _training(model, [tower, projector]) as params:
         lengths = [f.frames for f in feats]
-        extra = [blank, log_scale]
+        extra = [blank, log_scale, *(speaker.parameters() if speaker is not None else [])]
         return _run([*params, *extra], lengths, loss_of, phase, seed, on_step, True)
 
 
@@ -198,12 +284,13 @@ def instruct(
     states: Sequence[torch.Tensor],
     examples: Sequence[SpeechExample],
     pad_id: int,
-    phase: Phase,
+    phase: InstructPhase,
     seed: int,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Phase 3: projector + language model (embeddings and head included) on the
-    instruction mix; the encoder is frozen, its cached outputs `states` stand in for it."""
+    instruction mix; the encoder is frozen, its cached outputs `states` stand in for it.
+    The loss averages over tokens or over examples (`phase.loss_mean_over`)."""
     projector = model.model.multi_modal_projector
 
     def loss_of(idx: list[int]) -> torch.Tensor:
@@ -212,7 +299,7 @@ def instruct(
         audio = [projector(states[e.audio]) for e in batch if e.audio is not None]
         embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
         logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
-        return response_nll(logits, tensors["labels_B_T"])
+        return response_nll(logits, tensors["labels_B_T"], phase.loss_mean_over)
 
     with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
         return _run(params, [e.length for e in examples], loss_of, phase, seed, on_step)

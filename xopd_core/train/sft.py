@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 
@@ -44,15 +44,26 @@ def collate(examples: Sequence[PromptResponse], pad_id: int) -> dict[str, torch.
     return {"input_ids_B_T": ids, "labels_B_T": labels, "attention_mask_B_T": mask}
 
 
-def response_nll(logits_B_T_V: torch.Tensor, labels_B_T: torch.Tensor) -> torch.Tensor:
+def response_nll(
+    logits_B_T_V: torch.Tensor,
+    labels_B_T: torch.Tensor,
+    mean_over: Literal["tokens", "examples"] = "tokens",
+) -> torch.Tensor:
     """Mean next-token NLL over labelled positions, in float32 (bf16 logits lose precision
-    in the log-sum-exp); a batch with no labelled token gives 0, not NaN."""
+    in the log-sum-exp); a batch with no labelled token gives 0, not NaN.
+
+    `mean_over="examples"` averages each example's tokens first, then the examples: a
+    5-token answer then weighs as much as an 80-token worked solution."""
     logits = logits_B_T_V[:, :-1].float()
     targets = labels_B_T[:, 1:]
     mask = targets != IGNORE
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return -(picked * mask).sum() / mask.sum().clamp_min(1)
+    if mean_over == "tokens":
+        return -(picked * mask).sum() / mask.sum().clamp_min(1)
+    per_example_B = -(picked * mask).sum(1) / mask.sum(1).clamp_min(1)
+    labelled_B = mask.any(1)
+    return (per_example_B * labelled_B).sum() / labelled_B.sum().clamp_min(1)
 
 
 def length_bucketed_batches(
