@@ -69,6 +69,7 @@ def teacher(
         warmup=p.warmup_steps,
         seed=p.seed,
         weight_decay=p.weight_decay,
+        precision=p.precision,
         on_step=on_step,
     )
     train_s = time.perf_counter() - start

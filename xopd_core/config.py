@@ -253,6 +253,13 @@ class TeacherParams(_Strict):
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+    precision: Literal["float32", "bf16"] = Field(
+        default="float32",
+        description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
+        "products in bf16; weights, gradients, optimizer state and loss float32). bf16 is "
+        "1.4x faster here (AMX) but ended at a 15x higher training loss and 0.965 vs 0.9925 "
+        "text accuracy (README); without AMX/AVX512-BF16 it is slower.",
+    )
     max_new_tokens: int = Field(
         default=128, ge=1, le=4096, description="Generation budget when evaluating."
     )
@@ -288,6 +295,12 @@ class Phase(_Strict):
     lr: float = Field(gt=0, le=1, description="Peak learning rate.")
     warmup_steps: int = Field(default=20, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
+    precision: Literal["float32", "bf16"] = Field(
+        default="float32",
+        description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
+        "products in bf16; weights, gradients, optimizer state and loss float32). Measured "
+        "on the default world (README): phase 3 1.15x faster, the encoder phases slower.",
+    )
 
 
 class InstructPhase(Phase):

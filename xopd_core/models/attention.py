@@ -15,6 +15,7 @@ plain Qwen2 / Qwen2-Audio for other readers and vLLM.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -43,17 +44,29 @@ def gqa_sdpa_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # As transformers does: the causal flag only for a mask-free prefill.
     causal = bool(causal and attention_mask is None and q_len > 1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query_B_H_Q_D,
-        key_B_K_S_D,
-        value_B_K_S_D,
-        attn_mask=attention_mask,
-        dropout_p=dropout,
-        scale=scaling,
-        is_causal=causal,
-        enable_gqa=key_B_K_S_D.shape[1] != query_B_H_Q_D.shape[1],
-    )
-    return out.transpose(1, 2).contiguous(), None
+    dtype = query_B_H_Q_D.dtype
+    on_cpu = query_B_H_Q_D.device.type == "cpu"
+    if on_cpu and dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU attention kernels are ~4x slower in bf16 than in float32 at these
+        # head sizes; attend in float32 (outside autocast, which would cast back) and
+        # return the input dtype.
+        query_B_H_Q_D, key_B_K_S_D, value_B_K_S_D = (
+            t.float() for t in (query_B_H_Q_D, key_B_K_S_D, value_B_K_S_D)
+        )
+        if attention_mask is not None and attention_mask.is_floating_point():
+            attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False) if on_cpu else contextlib.nullcontext():
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query_B_H_Q_D,
+            key_B_K_S_D,
+            value_B_K_S_D,
+            attn_mask=attention_mask,
+            dropout_p=dropout,
+            scale=scaling,
+            is_causal=causal,
+            enable_gqa=key_B_K_S_D.shape[1] != query_B_H_Q_D.shape[1],
+        )
+    return out.transpose(1, 2).contiguous().to(dtype), None
 
 
 def register() -> str:

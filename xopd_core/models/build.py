@@ -11,6 +11,7 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from xopd_core.config import LMShape
+from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
 
 
@@ -38,4 +39,5 @@ def build_teacher(
     model.generation_config.pad_token_id = token_id(tokenizer, PAD)
     model.generation_config.eos_token_id = token_id(tokenizer, IM_END)
     model.generation_config.do_sample = False
-    return model.eval()
+    # Training and HF rollouts attend through grouped-query SDPA (models/attention.py).
+    return use_gqa_sdpa(model).eval()

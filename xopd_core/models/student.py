@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from xopd_core.config import AudioEncoderShape
+from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.tokenizer import AUDIO, token_id
 
 SAMPLE_RATE = 16_000
@@ -98,4 +99,5 @@ def build_student(
     student.generation_config.pad_token_id = teacher.generation_config.pad_token_id
     student.generation_config.eos_token_id = teacher.generation_config.eos_token_id
     student.generation_config.do_sample = False
-    return student.eval()
+    # Training and HF rollouts attend through grouped-query SDPA (models/attention.py).
+    return use_gqa_sdpa(student).eval()

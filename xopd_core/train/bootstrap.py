@@ -74,6 +74,7 @@ def _run(
         weight_decay=phase.weight_decay,
         # Length buckets only for single-task (transcription) phases: see sft.py.
         pool_batches=50 if bucketed else 1,
+        precision=phase.precision,
         on_step=on_step,
     )
 

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 
 IGNORE = -100
+Precision = Literal["float32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -108,12 +109,16 @@ def train_steps(
     seed: int,
     weight_decay: float = 0.01,
     pool_batches: int = 1,
+    precision: Precision = "float32",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The one optimisation loop: `steps` AdamW steps on `params`, each on the loss
     `loss_of` computes for a batch of example indices (batched by `length_bucketed_batches`
     from the examples' `lengths`). Gradients are clipped to norm 1. Returns the per-step
-    losses."""
+    losses.
+
+    `precision="bf16"` computes the forward pass under CPU autocast (matrix products in
+    bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
     if not lengths:
         raise ValueError("training needs at least one example")
     torch.manual_seed(seed)
@@ -124,7 +129,8 @@ def train_steps(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        loss = loss_of(next(batches))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_of(next(batches))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -146,6 +152,7 @@ def train_sft(
     warmup: int,
     seed: int,
     weight_decay: float = 0.01,
+    precision: Precision = "float32",
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train a causal LM in place on (prompt, response) pairs; returns the per-step losses."""
@@ -169,6 +176,7 @@ def train_sft(
             warmup=warmup,
             seed=seed,
             weight_decay=weight_decay,
+            precision=precision,
             on_step=on_step,
         )
     finally:

@@ -123,3 +123,28 @@ def test_saved_checkpoint_does_not_name_it(pair, parts, tmp_path: Path) -> None:
     )
     reloaded = Qwen2AudioForConditionalGeneration.from_pretrained(str(tmp_path / "speech"))
     assert reloaded.config._attn_implementation != NAME
+
+
+def test_bf16_autocast_attends_in_float32(pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under CPU bf16 autocast (training's `precision: bf16`) SDPA gets float32 inputs
+    (its bf16 CPU kernels are ~4x slower), and the logits stay close to float32's."""
+    reference, ours = pair
+    dtypes: list[torch.dtype] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real(q, k, v, *args, **kwargs)
+        dtypes.extend([q.dtype, k.dtype, v.dtype, out.dtype])
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids, mask = _left_padded_batch()
+    with torch.no_grad():
+        exact = reference(input_ids=ids, attention_mask=mask).logits
+        dtypes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = ours(input_ids=ids, attention_mask=mask).logits
+    assert dtypes and set(dtypes) == {torch.float32}
+    valid = mask.bool()
+    torch.testing.assert_close(mixed[valid].float(), exact[valid], rtol=0, atol=0.1)
+    assert not torch.equal(mixed[valid].float(), exact[valid])  # bf16 really was used

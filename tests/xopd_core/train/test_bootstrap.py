@@ -197,3 +197,33 @@ def test_speaker_head_trains_with_the_encoder(parts, tiny_world: Path) -> None:
     # 30 tiny steps: measured 4.47 → 3.83, where CTC alone leaves the (untrained) head's
     # loss where it started.
     assert after < 0.9 * before and after < 0.9 * off_after
+
+
+def test_phases_train_under_bf16_autocast(parts, tiny_world: Path) -> None:
+    """`precision: bf16` on every phase: each loss still falls, and the weights (and the
+    audio embeddings the LM reads) stay float32."""
+    tok, _, fresh, processor = parts
+    model = copy.deepcopy(fresh)
+    rows, waves = _train_rows(tiny_world)
+    feats = extract_features(processor, waves)
+    bf16 = FAST.model_copy(update={"precision": "bf16"})
+
+    def falls(losses: list[float]) -> bool:
+        return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+
+    alphabet, targets = character_targets([r["transcript"] for r in rows])
+    assert falls(pretrain_encoder_ctc(model, feats, targets, len(alphabet), bf16, seed=0))
+    tokens = [list(tok(r["transcript"])["input_ids"]) for r in rows]
+    assert falls(align_to_embeddings(model, feats, tokens, bf16, seed=0))
+    states = cache_encoder_states(model, feats)
+    phase = InstructPhase(
+        steps=12, batch_size=4, lr=3e-3, warmup_steps=2, asr_items=4, precision="bf16"
+    )
+    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    n_tokens = [f.audio_tokens for f in feats]
+    mix, _ = instruction_mix(
+        tok, rows, n_tokens, text_rows, lambda t: text_prompt_ids(tok, t), phase, seed=0
+    )
+    assert falls(instruct(model, states, mix, token_id(tok, PAD), phase, seed=0))
+    assert {q.dtype for q in model.parameters()} == {torch.float32}
+    assert all(s.dtype == torch.float32 for s in states)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from xopd_core.train.sft import IGNORE, response_nll
+from xopd_core.train.sft import IGNORE, response_nll, train_steps
 
 
 def test_response_nll_means_by_hand() -> None:
@@ -33,3 +33,42 @@ def test_unlabelled_examples_do_not_count() -> None:
     nothing = torch.full((3, 4), IGNORE)
     for mean_over in ("tokens", "examples"):
         assert float(response_nll(logits, nothing, mean_over)) == 0.0  # type: ignore[arg-type]
+
+
+def _fit(precision: str) -> tuple[list[float], torch.Tensor, set[torch.dtype]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8))
+    # Learnable from the current token alone: each sequence counts up modulo 8.
+    starts = torch.randint(0, 8, (32, 1), generator=torch.Generator().manual_seed(1))
+    ids = (starts + torch.arange(6)) % 8
+    seen: set[torch.dtype] = set()
+
+    def loss_of(idx: list[int]) -> torch.Tensor:
+        logits = model(ids[idx])
+        seen.add(logits.dtype)
+        return response_nll(logits, ids[idx])
+
+    losses = train_steps(
+        list(model.parameters()),
+        [6] * 32,
+        loss_of,
+        steps=40,
+        batch_size=8,
+        lr=0.05,
+        warmup=0,
+        seed=0,
+        precision=precision,  # type: ignore[arg-type]
+    )
+    return losses, model[1].weight.detach().clone(), seen
+
+
+def test_bf16_precision_trains_under_autocast_with_float32_weights() -> None:
+    losses, weight, seen = _fit("bf16")
+    assert seen == {torch.bfloat16}
+    assert weight.dtype == torch.float32
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    again, weight_again, _ = _fit("bf16")
+    assert again == losses and torch.equal(weight_again, weight)  # deterministic
+    _, exact_weight, seen_exact = _fit("float32")
+    assert seen_exact == {torch.float32}
+    assert not torch.equal(exact_weight, weight)
