@@ -10,6 +10,10 @@ is repeated 4 times in its (unshuffled) batch of 32. TRL's loss is full-vocabula
 the sampled objective with vLLM engines (student rollouts from the round's starting weights,
 teacher `prompt_logprobs`; engine start-up reported apart, once per round). Steady state: the
 first step of each run is not timed. Runs are back to back in one process.
+
+TRL's models run on transformers' stock `sdpa` attention, as a TRL user's would; ours (and a
+second TRL run, for comparison) on `xopd_sdpa` (models/attention.py), which `build_teacher`
+now sets.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.engines.vllm_engine import VllmEngine
+from xopd_core.models.attention import NAME
 from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
 from xopd_core.models.tokenizer import train_tokenizer
@@ -114,13 +119,17 @@ def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
     }
 
 
-def trl() -> dict[str, Any]:
+def trl(attention: str = "sdpa") -> dict[str, Any]:
+    """TRL's step time with the models on `attention`: transformers' stock `sdpa` (what a TRL
+    user runs: the reference of the target) or our `xopd_sdpa` (shown for comparison)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
     prompts, _ = _world()
     tok, teacher, student = _models()
+    for model in (teacher, student):
+        model.set_attn_implementation(attention)
     rows = []
     for start in range(0, STEPS * PROMPTS, PROMPTS):
         for i in range(start, start + PROMPTS):
@@ -168,6 +177,7 @@ def trl() -> dict[str, Any]:
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
+        "attention": attention,
         "seconds_per_step": round((stamps[-1] - stamps[0]) / (len(stamps) - 1), 3),
         "first_loss": round(losses[0], 4) if losses else None,
     }
@@ -176,6 +186,7 @@ def trl() -> dict[str, Any]:
 def run() -> dict[str, Any]:
     torch.manual_seed(0)
     reference = trl()
+    with_ours = trl(NAME)
     variants = [ours("sampled"), ours("full"), ours("sampled", "vllm")]
     speedups = {
         f"{v['engine']}_{v['loss']}": round(
@@ -188,8 +199,13 @@ def run() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "steps_timed": STEPS - 1,
         "trl_distillation_trainer": reference,
+        "trl_distillation_trainer_on_xopd_sdpa": with_ours,
         "xopd": variants,
         "speedup_vs_trl": speedups,
+        "speedup_vs_trl_on_xopd_sdpa": {
+            k: round(with_ours["seconds_per_step"] / v["seconds_per_step"], 2)
+            for k, v in zip(speedups, variants, strict=True)
+        },
         "targets": [
             {
                 "what": f"X-OPD step ≥ {TARGET}x TRL DistillationTrainer's (best variant)",
