@@ -18,6 +18,11 @@ PARAMS_ENV_VAR = "XOPD_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
 
 
+# Training forward precision, and how a supervised loss averages (train/sft.py).
+Precision = Literal["float32", "bf16"]
+MeanOver = Literal["tokens", "examples"]
+
+
 class ConfigError(ValueError):
     """params.yaml is unreadable or does not validate; the message names file and key."""
 
@@ -253,7 +258,7 @@ class TeacherParams(_Strict):
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
-    precision: Literal["float32", "bf16"] = Field(
+    precision: Precision = Field(
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
         "products in bf16; weights, gradients, optimizer state and loss float32). The "
@@ -295,7 +300,7 @@ class Phase(_Strict):
     lr: float = Field(gt=0, le=1, description="Peak learning rate.")
     warmup_steps: int = Field(default=20, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
-    precision: Literal["float32", "bf16"] = Field(
+    precision: Precision = Field(
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
         "products in bf16; weights, gradients, optimizer state and loss float32). Measured "
@@ -322,7 +327,7 @@ class InstructPhase(Phase):
         le=1_000_000,
         description="Text-only worked solutions replayed from text_train (keeps text ability).",
     )
-    loss_mean_over: Literal["tokens", "examples"] = Field(
+    loss_mean_over: MeanOver = Field(
         default="examples",
         description="Average the response NLL over all tokens of a batch, or per example "
         "first (a short paralinguistic answer then weighs as much as a worked solution).",

@@ -10,12 +10,13 @@ import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 
+from xopd_core.config import MeanOver, Precision
+
 IGNORE = -100
-Precision = Literal["float32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def collate(examples: Sequence[PromptResponse], pad_id: int) -> dict[str, torch.
 def response_nll(
     logits_B_T_V: torch.Tensor,
     labels_B_T: torch.Tensor,
-    mean_over: Literal["tokens", "examples"] = "tokens",
+    mean_over: MeanOver = "tokens",
 ) -> torch.Tensor:
     """Mean next-token NLL over labelled positions, in float32 (bf16 logits lose precision
     in the log-sum-exp); a batch with no labelled token gives 0, not NaN.
