@@ -1,4 +1,9 @@
-"""Greedy decoding with HF `generate`, batched with left padding; deterministic."""
+"""Greedy decoding for evaluation, batched with left padding; deterministic.
+
+Runs `engines.sampler`'s greedy loop (the fused decode step, no `generate` bookkeeping);
+tests/xopd_core/eval/test_generate.py holds it to `generate`'s greedy search, for text
+prompts and for speech prompts served through the processor's full 30 s window.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +12,51 @@ from typing import Any
 
 import torch
 
+from xopd_core.engines.sampler import greedy_from_embeds
+from xopd_core.models.audio import merge_audio
+
 
 @torch.no_grad()
 def greedy_generate(
-    model: Any,  # any HF model with `generate` (its stubs need a PreTrainedModel self-type)
+    model: Any,
     prompts: Sequence[list[int]],
     *,
     pad_id: int,
     eos_id: int,
     max_new_tokens: int,
     batch_size: int = 64,
+    audio: Sequence[torch.Tensor] | None = None,
 ) -> list[list[int]]:
-    """New token ids for each prompt (without the prompt, cut at and excluding `eos_id`)."""
-    outputs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        longest = max(len(p) for p in chunk)
+    """New token ids for each prompt (without the prompt, cut at and excluding `eos_id`).
+
+    `audio[i]`: prompt i's projected audio embeddings `[audio_tokens, hidden]`, placed at
+    its <|AUDIO|> placeholders (speech prompts of a speech LLM). Prompts are batched in
+    order of length, so a batch pads little; results come back in the given order."""
+    if audio is not None and len(audio) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(audio)} audio entries")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    by_index: dict[int, list[int]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        longest = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, longest - len(p) :] = torch.tensor(p)
-            mask[i, longest - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
+        for row, i in enumerate(chunk):
+            ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, longest - len(prompts[i]) :] = 1
+        if audio is not None:
+            embeds = merge_audio(model, ids, [audio[i] for i in chunk], mask)
+        else:
+            embeds = model.get_input_embeddings()(ids)
+        out = greedy_from_embeds(
+            model, embeds, mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id
         )
-        for row in out[:, longest:].tolist():
-            outputs.append(row[: row.index(eos_id)] if eos_id in row else row)
-    return outputs
+        for i, row_ids, n, finished in zip(
+            chunk,
+            out.tokens_BG_T.tolist(),
+            out.lengths_BG.tolist(),
+            out.finished_BG.tolist(),
+            strict=True,
+        ):
+            by_index[i] = row_ids[: n - 1] if finished else row_ids[:n]
+    return [by_index[i] for i in range(len(prompts))]

@@ -10,7 +10,7 @@ import torch
 
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent
-from xopd_core.engines.sampler import sample_from_embeds
+from xopd_core.engines.sampler import draw, sample_from_embeds
 
 
 @pytest.fixture(scope="module")
@@ -80,12 +80,13 @@ def test_rows_stop_at_eos_and_are_padded_after_it(
         s.model.get_input_embeddings()(ids),
         torch.ones_like(ids),
         n=16,
-        temperature=1.0,
+        temperature=0.5,  # sharpens the EOS bias: p(EOS) ≈ 0.8 per token instead of ≈ 0.09
         max_new_tokens=40,
         eos_id=s.eos_id,
         pad_id=s.pad_id,
         generator=torch.Generator().manual_seed(0),
     )
+    assert len(set(out.lengths_BG.tolist())) > 1
     past_end = torch.arange(out.tokens_BG_T.shape[1])[None, :] >= out.lengths_BG[:, None]
     assert (out.tokens_BG_T[past_end] == s.pad_id).all()
     assert (out.logprobs_BG_T[past_end] == 0).all()
@@ -114,47 +115,43 @@ def test_a_seed_fixes_the_samples(student: HfStudent, prompts: list[Prompt]) -> 
         assert torch.equal(torch.rand(1), before)  # the global RNG is neither used nor moved
 
 
-def test_the_loop_draws_what_generate_draws(eos_prone: HfStudent, prompts: list[Prompt]) -> None:
-    """From the same RNG state, HF `generate`'s multinomial sampling and this loop pick the
-    same tokens with the same log-probs, EOS and padding included: a seed gives the rollouts
-    it gave before the loop replaced `generate`."""
+def test_draw_follows_the_probabilities() -> None:
+    """Inverse-CDF draws: frequencies match each row's (unnormalised) probabilities, an index
+    of probability 0 is never drawn, and a generator state fixes the draws."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 2.0], [0.0, 1.0, 0.0, 3.0]])
+    rows = probs.repeat(20_000, 1)
+    picked = draw(rows, torch.Generator().manual_seed(3)).view(20_000, 3)
+    for r in range(3):
+        freq = torch.bincount(picked[:, r], minlength=4).float() / 20_000
+        expected = probs[r] / probs[r].sum()
+        assert torch.allclose(freq, expected, atol=0.01), (r, freq, expected)
+        assert (freq[expected == 0] == 0).all()
+    again = draw(rows, torch.Generator().manual_seed(3)).view(20_000, 3)
+    assert torch.equal(picked, again)
+    assert not torch.equal(picked, draw(rows, torch.Generator().manual_seed(4)).view(20_000, 3))
+
+
+def test_the_loop_samples_from_the_policy(eos_prone: HfStudent) -> None:
+    """The first sampled token, over many rows of one prompt, is distributed as
+    softmax(logits / temperature) of a plain forward."""
     s = eos_prone
-    seqs = [s.prompt_ids(p, "text") for p in prompts[:4]]
-    longest = max(len(q) for q in seqs)
-    ids = torch.full((len(seqs), longest), s.pad_id)
-    mask = torch.zeros_like(ids)
-    for i, q in enumerate(seqs):
-        ids[i, longest - len(q) :], mask[i, longest - len(q) :] = torch.tensor(q), 1
-    embeds = s.model.get_input_embeddings()(ids)
-    ours = sample_from_embeds(
+    ids = torch.tensor([[5, 6, 7, 8]])
+    temperature = 0.3  # a peaked policy, so a few tokens carry the mass being compared
+    out = sample_from_embeds(
         s.model,
-        embeds,
-        mask,
-        n=3,
-        temperature=0.8,
-        max_new_tokens=20,
+        s.model.get_input_embeddings()(ids),
+        torch.ones_like(ids),
+        n=4000,
+        temperature=temperature,
+        max_new_tokens=1,
         eos_id=s.eos_id,
         pad_id=s.pad_id,
-        generator=torch.Generator().manual_seed(7),
+        generator=torch.Generator().manual_seed(5),
     )
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(7)
-        theirs = s.model.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            do_sample=True,
-            temperature=0.8,
-            top_k=0,
-            top_p=1.0,
-            num_return_sequences=3,
-            max_new_tokens=20,
-            pad_token_id=s.pad_id,
-            eos_token_id=s.eos_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-    assert torch.equal(ours.tokens_BG_T, theirs.sequences)
-    logp = torch.log_softmax(torch.stack(theirs.logits, dim=1).float() / 0.8, dim=-1)
-    picked = logp.gather(-1, theirs.sequences[..., None]).squeeze(-1)
-    inside = ours.tokens_BG_T != s.pad_id
-    assert torch.allclose(ours.logprobs_BG_T[inside], picked[inside], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        policy = torch.softmax(s.model(ids).logits[0, -1].float() / temperature, dim=-1)
+    freq = torch.bincount(out.tokens_BG_T[:, 0], minlength=policy.numel()).float() / 4000
+    top = policy.topk(3).indices
+    assert policy[top].sum() > 0.5
+    assert torch.allclose(freq[top], policy[top], atol=0.03), (freq[top], policy[top])
+    assert torch.allclose(out.logprobs_BG_T[:, 0], policy.log()[out.tokens_BG_T[:, 0]], atol=1e-5)
