@@ -276,10 +276,18 @@ def train(
             # 4. step: accumulate micro-batch gradients, clip, update
             opt.zero_grad(set_to_none=True)
             loss_total, ratios = 0.0, []
-            for i in range(0, len(rollouts), cfg.micro_batch_size):
-                mb = rollouts[i : i + cfg.micro_batch_size]
+            # Micro-batches of similar lengths: each is padded to its longest prompt+response,
+            # and the step's mix of short text and long speech prompts padded by ~1.4x in
+            # order. The weights are global, so grouping does not change the objective.
+            order = sorted(
+                range(len(rollouts)),
+                key=lambda j: len(rollouts[j].prompt_ids) + len(rollouts[j].response_ids),
+            )
+            for i in range(0, len(order), cfg.micro_batch_size):
+                picked = order[i : i + cfg.micro_batch_size]
+                mb = [rollouts[j] for j in picked]
                 t = max(len(r.response_ids) for r in mb)
-                rows = slice(i, i + len(mb))
+                rows = torch.tensor(picked)
                 tokens = tokens_all[rows, :t]
                 logits = student.response_logits(mb)[..., :vocab_size]
                 if cfg.temperature != 1.0:
@@ -289,7 +297,8 @@ def train(
                     loss = weighted_sum(token_cross_entropy(logits, tokens), w)
                 elif cfg.method == "gkd" or cfg.loss in ("full", "topk"):
                     assert scores is not None
-                    loss = weighted_sum(_divergence_terms(logits, scores[rows], cfg), w)
+                    mb_scores = [scores[j] for j in picked]
+                    loss = weighted_sum(_divergence_terms(logits, mb_scores, cfg), w)
                 else:  # the policy-gradient objectives: −r·A
                     lp, old_mb = token_logprobs(logits, tokens), old[rows, :t]
                     if cfg.method == "xopd":
