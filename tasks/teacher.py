@@ -70,6 +70,7 @@ def teacher(
         seed=p.seed,
         weight_decay=p.weight_decay,
         precision=p.precision,
+        micro_batch_size=p.micro_batch_size,
         on_step=on_step,
     )
     train_s = time.perf_counter() - start

@@ -34,7 +34,7 @@ from xopd_core.config import InstructPhase, Phase
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
 from xopd_core.models.prompts import speech_prompt_ids
 from xopd_core.models.tokenizer import IM_END, token_id
-from xopd_core.train.sft import collate, response_nll, train_steps
+from xopd_core.train.sft import LossTerms, collate, response_nll_terms, train_steps
 
 TRANSCRIBE = "transcribe the audio."
 
@@ -56,11 +56,12 @@ class SpeechExample:
 def _run(
     params: Sequence[torch.nn.Parameter],
     lengths: Sequence[int],
-    loss_of: Callable[[list[int]], torch.Tensor],
+    loss_of: Callable[[list[int]], LossTerms],
     phase: Phase,
     seed: int,
     on_step: Callable[[int, float], None] | None,
     bucketed: bool = False,
+    micro_batch_size: int | None = None,
 ) -> list[float]:
     return train_steps(
         params,
@@ -75,6 +76,7 @@ def _run(
         # Length buckets only for single-task (transcription) phases: see sft.py.
         pool_batches=50 if bucketed else 1,
         precision=phase.precision,
+        micro_batch_size=micro_batch_size,
         on_step=on_step,
     )
 
@@ -202,7 +204,7 @@ def pretrain_encoder_ctc(
     torch.manual_seed(seed)
     head = torch.nn.Linear(tower.config.d_model, num_classes + 1)
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> LossTerms:
         states, lengths = encoder_states(model, [feats[i] for i in idx])
         logp_T_B_C = torch.log_softmax(head(states).float(), dim=-1).transpose(0, 1)
         flat = torch.tensor([t for i in idx for t in targets[i]])
@@ -212,7 +214,8 @@ def pretrain_encoder_ctc(
         ctc = torch.nn.functional.ctc_loss(
             logp_T_B_C, flat, lengths, target_lengths, blank=num_classes, zero_infinity=True
         )
-        return _with_speaker(ctc, speaker, speaker_weight, states, lengths, idx)
+        # A batch mean (the speaker head's class weights normalise per batch): no parts.
+        return LossTerms(_with_speaker(ctc, speaker, speaker_weight, states, lengths, idx), 1.0)
 
     extra = [*head.parameters(), *(speaker.parameters() if speaker is not None else [])]
     with _training(model, [tower]) as params:
@@ -246,7 +249,7 @@ def align_to_embeddings(
     log_scale = torch.nn.Parameter(torch.zeros(()))
     vocab = int(table.shape[0])
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> LossTerms:
         states, lengths = encoder_states(model, [feats[i] for i in idx])
         frames = projector(states)
         classes = torch.cat([table.detach(), blank])
@@ -257,7 +260,8 @@ def align_to_embeddings(
         ctc = torch.nn.functional.ctc_loss(
             logp_T_B_C, flat, lengths, target_lengths, blank=vocab, zero_infinity=True
         )
-        return _with_speaker(ctc, speaker, speaker_weight, states, lengths, idx)
+        # A batch mean (the speaker head's class weights normalise per batch): no parts.
+        return LossTerms(_with_speaker(ctc, speaker, speaker_weight, states, lengths, idx), 1.0)
 
     with _training(model, [tower, projector]) as params:
         lengths = [f.frames for f in feats]
@@ -294,16 +298,25 @@ def instruct(
     The loss averages over tokens or over examples (`phase.loss_mean_over`)."""
     projector = model.model.multi_modal_projector
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> LossTerms:
         batch = [examples[i] for i in idx]
         tensors = collate(batch, pad_id)
         audio = [projector(states[e.audio]) for e in batch if e.audio is not None]
         embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
         logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
-        return response_nll(logits, tensors["labels_B_T"], phase.loss_mean_over)
+        return response_nll_terms(logits, tensors["labels_B_T"], phase.loss_mean_over)
 
     with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
-        return _run(params, [e.length for e in examples], loss_of, phase, seed, on_step)
+        lengths = [e.length for e in examples]
+        return _run(
+            params,
+            lengths,
+            loss_of,
+            phase,
+            seed,
+            on_step,
+            micro_batch_size=phase.micro_batch_size,
+        )
 
 
 def instruction_mix(

@@ -46,26 +46,46 @@ def collate(examples: Sequence[PromptResponse], pad_id: int) -> dict[str, torch.
     return {"input_ids_B_T": ids, "labels_B_T": labels, "attention_mask_B_T": mask}
 
 
-def response_nll(
+@dataclass(frozen=True)
+class LossTerms:
+    """A batch's loss as a sum of `count` terms (tokens or examples): micro-batches of one
+    batch add both up, and the batch's loss is `total / count`. A loss that is only defined
+    as a batch mean is `LossTerms(mean, 1.0)`; its phase must not use micro-batches."""
+
+    total: torch.Tensor
+    count: float
+
+
+def response_nll_terms(
     logits_B_T_V: torch.Tensor,
     labels_B_T: torch.Tensor,
     mean_over: MeanOver = "tokens",
-) -> torch.Tensor:
-    """Mean next-token NLL over labelled positions, in float32 (bf16 logits lose precision
-    in the log-sum-exp); a batch with no labelled token gives 0, not NaN.
-
-    `mean_over="examples"` averages each example's tokens first, then the examples: a
-    5-token answer then weighs as much as an 80-token worked solution."""
+) -> LossTerms:
+    """Next-token NLL summed over labelled positions, in float32 (bf16 logits lose precision
+    in the log-sum-exp), and the count to divide it by: the labelled tokens, or with
+    `mean_over="examples"` the labelled examples, each example's NLL being its own token
+    mean (a 5-token answer then weighs as much as an 80-token worked solution)."""
     logits = logits_B_T_V[:, :-1].float()
     targets = labels_B_T[:, 1:]
     mask = targets != IGNORE
     logp = torch.log_softmax(logits, dim=-1)
     picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     if mean_over == "tokens":
-        return -(picked * mask).sum() / mask.sum().clamp_min(1)
+        return LossTerms(-(picked * mask).sum(), float(mask.sum()))
     per_example_B = -(picked * mask).sum(1) / mask.sum(1).clamp_min(1)
     labelled_B = mask.any(1)
-    return (per_example_B * labelled_B).sum() / labelled_B.sum().clamp_min(1)
+    return LossTerms((per_example_B * labelled_B).sum(), float(labelled_B.sum()))
+
+
+def response_nll(
+    logits_B_T_V: torch.Tensor,
+    labels_B_T: torch.Tensor,
+    mean_over: MeanOver = "tokens",
+) -> torch.Tensor:
+    """Mean next-token NLL over labelled positions (`response_nll_terms`' total / count); a
+    batch with no labelled token gives 0, not NaN."""
+    terms = response_nll_terms(logits_B_T_V, labels_B_T, mean_over)
+    return terms.total / max(terms.count, 1.0)
 
 
 def length_bucketed_batches(
@@ -98,10 +118,20 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def micro_batches(idx: list[int], lengths: Sequence[int], size: int | None) -> list[list[int]]:
+    """A batch cut into parts of at most `size` examples of similar length (the whole batch
+    when `size` is None): each part is padded only to its own longest example. A shuffled
+    task mix pads ~1.9x on the teacher's corpus at 32 per batch; parts of 8 pad ~1.16x."""
+    if size is None or size >= len(idx):
+        return [idx]
+    ordered = sorted(idx, key=lambda i: lengths[i])
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
 def train_steps(
     params: Sequence[torch.nn.Parameter],
     lengths: Sequence[int],
-    loss_of: Callable[[list[int]], torch.Tensor],
+    loss_of: Callable[[list[int]], LossTerms],
     *,
     steps: int,
     batch_size: int,
@@ -111,12 +141,15 @@ def train_steps(
     weight_decay: float = 0.01,
     pool_batches: int = 1,
     precision: Precision = "float32",
+    micro_batch_size: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """The one optimisation loop: `steps` AdamW steps on `params`, each on the loss
-    `loss_of` computes for a batch of example indices (batched by `length_bucketed_batches`
-    from the examples' `lengths`). Gradients are clipped to norm 1. Returns the per-step
-    losses.
+    """The one optimisation loop: `steps` AdamW steps on `params`, each on the loss of a
+    batch of example indices (batched by `length_bucketed_batches` from the examples'
+    `lengths`). `loss_of(part)` gives a part's `LossTerms`; with `micro_batch_size` the batch
+    is run in length-sorted parts whose gradients add up, divided by the batch's total
+    count: the same objective as one pass over the batch, with less padding. Gradients are
+    clipped to norm 1. Returns the per-step losses.
 
     `precision="bf16"` computes the forward pass under CPU autocast (matrix products in
     bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
@@ -130,13 +163,23 @@ def train_steps(
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr, warmup)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_of(next(batches))
+        parts = micro_batches(next(batches), lengths, micro_batch_size)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total, count = 0.0, 0.0
+        for part in parts:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                terms = loss_of(part)
+            terms.total.backward()
+            total += terms.total.item()
+            count += terms.count
+        # Divide once by the whole batch's count (a batch with nothing to learn: by 1).
+        scale = 1.0 / max(count, 1.0)
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(total * scale)
         if on_step is not None:
             on_step(step, losses[-1])
     return losses
@@ -154,16 +197,18 @@ def train_sft(
     seed: int,
     weight_decay: float = 0.01,
     precision: Precision = "float32",
+    micro_batch_size: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Train a causal LM in place on (prompt, response) pairs; returns the per-step losses."""
+    """Train a causal LM in place on (prompt, response) pairs, the loss averaged over the
+    batch's response tokens; returns the per-step losses."""
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> LossTerms:
         batch = collate([examples[i] for i in idx], pad_id)
         logits = model(
             input_ids=batch["input_ids_B_T"], attention_mask=batch["attention_mask_B_T"]
         ).logits
-        return response_nll(logits, batch["labels_B_T"])
+        return response_nll_terms(logits, batch["labels_B_T"])
 
     model.train()
     try:
@@ -178,6 +223,7 @@ def train_sft(
             seed=seed,
             weight_decay=weight_decay,
             precision=precision,
+            micro_batch_size=micro_batch_size,
             on_step=on_step,
         )
     finally:

@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from xopd_core.train.sft import IGNORE, response_nll, train_steps
+from xopd_core.train.sft import (
+    IGNORE,
+    LossTerms,
+    micro_batches,
+    response_nll,
+    response_nll_terms,
+    train_steps,
+)
 
 
 def test_response_nll_means_by_hand() -> None:
@@ -43,10 +51,10 @@ def _fit(precision: str) -> tuple[list[float], torch.Tensor, set[torch.dtype]]:
     ids = (starts + torch.arange(6)) % 8
     seen: set[torch.dtype] = set()
 
-    def loss_of(idx: list[int]) -> torch.Tensor:
+    def loss_of(idx: list[int]) -> LossTerms:
         logits = model(ids[idx])
         seen.add(logits.dtype)
-        return response_nll(logits, ids[idx])
+        return response_nll_terms(logits, ids[idx])
 
     losses = train_steps(
         list(model.parameters()),
@@ -72,3 +80,53 @@ def test_bf16_precision_trains_under_autocast_with_float32_weights() -> None:
     _, exact_weight, seen_exact = _fit("float32")
     assert seen_exact == {torch.float32}
     assert not torch.equal(exact_weight, weight)
+
+
+def test_micro_batches_cover_the_batch_in_length_order() -> None:
+    lengths = [5, 1, 9, 3, 7, 2, 8]
+    parts = micro_batches([0, 2, 4, 6, 1, 3], lengths, 4)
+    assert parts == [[1, 3, 0, 4], [6, 2]]
+    assert micro_batches([0, 2, 4], lengths, None) == [[0, 2, 4]]
+    assert micro_batches([0, 2, 4], lengths, 8) == [[0, 2, 4]]
+
+
+@pytest.mark.parametrize("mean_over", ["tokens", "examples"])
+def test_micro_batches_take_the_one_pass_step(mean_over: str) -> None:
+    """A batch run in parts of 3 (whose labelled-token counts differ) takes the step one pass
+    over the batch takes, to float rounding; dividing each part by its own count would not."""
+    starts = torch.randint(0, 8, (24, 1), generator=torch.Generator().manual_seed(2))
+    ids = (starts + torch.arange(7)) % 8
+    lengths = [2 + i % 6 for i in range(24)]
+    labels = ids.clone()
+    for i, n in enumerate(lengths):
+        labels[i, n:] = IGNORE
+
+    def fit(size: int | None, per_part_mean: bool = False) -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8))
+
+        def loss_of(idx: list[int]) -> LossTerms:
+            terms = response_nll_terms(model(ids[idx]), labels[idx], mean_over)  # type: ignore[arg-type]
+            if per_part_mean:  # the classic accumulation bug: each part its own mean
+                return LossTerms(terms.total / terms.count, 1.0)
+            return terms
+
+        losses = train_steps(
+            list(model.parameters()),
+            lengths,
+            loss_of,
+            steps=6,
+            batch_size=8,
+            lr=0.05,
+            warmup=0,
+            seed=0,
+            micro_batch_size=size,
+        )
+        return losses, model[1].weight.detach().clone()
+
+    whole, whole_w = fit(None)
+    parts, parts_w = fit(3)
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(whole, parts, strict=True))
+    assert torch.allclose(whole_w, parts_w, atol=1e-5)
+    _, wrong_w = fit(3, per_part_mean=True)
+    assert (wrong_w - whole_w).abs().max() > 1e-3
