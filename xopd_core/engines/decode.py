@@ -89,8 +89,8 @@ class FusedStep:
 
 def fused_step(backbone: Any, layers: Sequence[Any], capacity: int) -> FusedStep | None:
     """A `FusedStep` over `backbone` when it is a Qwen2 model this module reproduces
-    (full attention in every layer, SiLU MLP, position-only rotary embedding, no attention
-    dropout in use), else None."""
+    (float32 weights, full attention in every layer, SiLU MLP, position-only rotary
+    embedding, no attention dropout in use), else None."""
     config = getattr(backbone, "config", None)
     if type(backbone).__name__ != "Qwen2Model" or config is None:
         return None
@@ -103,6 +103,7 @@ def fused_step(backbone: Any, layers: Sequence[Any], capacity: int) -> FusedStep
         or config.hidden_act != "silu"
         or getattr(rotary, "rope_type", None) != "default"
         or len(layers) != len(backbone.layers)
+        or backbone.norm.weight.dtype != torch.float32  # its norms' float32 statistics
     ):
         return None
     return FusedStep(backbone, layers, capacity)

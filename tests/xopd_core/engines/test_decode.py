@@ -105,6 +105,8 @@ def test_declines_what_it_does_not_reproduce(parts) -> None:
         **{**teacher.config.to_dict(), "rope_scaling": {"rope_type": "linear", "factor": 2.0}}
     )
     assert fused_step(Qwen2ForCausalLM(scaled).model, layers, 4) is None
+    half = Qwen2ForCausalLM(teacher.config).to(torch.bfloat16)
+    assert fused_step(half.model, layers, 4) is None
     deeper = [*layers, PreallocatedLayer(4)]
     assert fused_step(teacher.model, deeper, 4) is None  # a cache of another depth
     assert fused_step(teacher, layers, 4) is None  # the causal LM, not its backbone
