@@ -41,6 +41,21 @@ def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
 
 
+def _graded(
+    tokenizer: PreTrainedTokenizerFast,
+    rows: Sequence[dict[str, Any]],
+    outs: Sequence[list[int]],
+) -> list[ItemResult]:
+    """Each row's response decoded and its answer taken by the strict extractor."""
+    results = []
+    for r, ids in zip(rows, outs, strict=True):
+        text = decode(tokenizer, ids)
+        results.append(
+            ItemResult(r["id"], r["task"], r["answer"], extract_answer(text, r["task"]), text)
+        )
+    return results
+
+
 @torch.no_grad()
 def evaluate_text(
     model: Any,
@@ -58,13 +73,7 @@ def evaluate_text(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
     )
-    results = []
-    for r, ids in zip(rows, outs, strict=True):
-        text = decode(tokenizer, ids)
-        results.append(
-            ItemResult(r["id"], r["task"], r["answer"], extract_answer(text, r["task"]), text)
-        )
-    return results
+    return _graded(tokenizer, rows, outs)
 
 
 @torch.no_grad()
@@ -98,10 +107,4 @@ def evaluate_speech(
         batch_size=batch_size,
         audio=[audio[i] for i in range(len(feats))],
     )
-    results = []
-    for r, ids in zip(rows, outs, strict=True):
-        text = decode(tokenizer, ids)
-        results.append(
-            ItemResult(r["id"], r["task"], r["answer"], extract_answer(text, r["task"]), text)
-        )
-    return results
+    return _graded(tokenizer, rows, outs)
