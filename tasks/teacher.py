@@ -8,6 +8,7 @@ plus metrics for DVC.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_tokenizer
-from xopd_core.train.sft import SftExample, train_sft
+from xopd_core.train.sft import SftExample, train_sft, weighted_by_group
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,14 @@ def teacher(
         )
         for r in text_train
     ]
+    if p.task_weights is not None:
+        try:
+            order = weighted_by_group([r["task"] for r in text_train], p.task_weights, p.seed)
+        except ValueError as err:
+            raise ValueError(f"params teacher.task_weights: {err}") from err
+        examples = [examples[i] for i in order]
+        text_train = [text_train[i] for i in order]
+    mix = Counter(r["task"] for r in text_train)
     model = build_teacher(p.model, tokenizer, seed=p.seed)
     losses = train_sft(
         model,
@@ -83,6 +92,7 @@ def teacher(
         "parameters": sum(t.numel() for t in model.parameters()),
         "vocab_size": len(tokenizer),
         "train_examples": len(examples),
+        **{f"train_examples_{t}": n for t, n in sorted(mix.items())},
         "eval_items": len(results),
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.perf_counter() - start, 1),

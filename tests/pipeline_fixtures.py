@@ -26,6 +26,7 @@ TINY_TEACHER = TeacherParams(
     lr=3e-3,
     warmup_steps=5,
     max_new_tokens=24,
+    task_weights=None,  # the tiny world's own mix (tests/tasks/test_teacher.py covers weights)
 )
 
 TINY_STUDENT = StudentParams(

@@ -277,6 +277,17 @@ class TeacherParams(_Strict):
         "0.9775-0.9925; README); without AMX/AVX512-BF16 it is slower.",
     )
     micro_batch_size: MicroBatchSize = 8
+    task_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = Field(
+        default_factory=lambda: {
+            "navigate": 0.25,
+            "object_counting": 0.35,
+            "web_of_lies": 0.15,
+            "boolean_expressions": 0.25,
+        },
+        description="Each reasoning task's share of the training examples, normalised to "
+        "sum to 1; every task of the text corpus needs one, and a task whose share exceeds "
+        "its items is read more than once per pass (README). null: the corpus's own mix.",
+    )
     max_new_tokens: int = Field(
         default=128, ge=1, le=4096, description="Generation budget when evaluating."
     )
@@ -358,7 +369,7 @@ class StudentParams(_Strict):
         description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
     )
     align: Phase = Field(
-        default=Phase(steps=900, batch_size=16, lr=2e-3),
+        default=Phase(steps=450, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
     )
     speaker_loss_weight: float = Field(
@@ -370,7 +381,7 @@ class StudentParams(_Strict):
         "head on its mean encoder state); 0 turns it off.",
     )
     instruct: InstructPhase = Field(
-        default=InstructPhase(steps=300, lr=1e-3),
+        default=InstructPhase(steps=200, lr=1e-3),
         description="Phase 3: LM + projector on speech instruction data (encoder frozen).",
     )
 

@@ -135,8 +135,13 @@ def count_phrase(k: int, singular: str, plural: str) -> str:
     return f"a {singular}" if k == 1 else f"{number_word(k)} {plural}"
 
 
+def _list_separators(n: int) -> list[str]:
+    """What precedes each of `n` listed items: "a, b, and c" (the serial comma, always)."""
+    return ["", *[", "] * max(0, n - 2), *([", and "] if n > 1 else [])]
+
+
 def _join_list(parts: list[str]) -> str:
-    return ", ".join(parts[:-1]) + ", and " + parts[-1] if len(parts) > 1 else parts[0]
+    return "".join(sep + part for sep, part in zip(_list_separators(len(parts)), parts, strict=True))
 
 
 def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
@@ -149,18 +154,23 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     kinds = targets + others
     rng.shuffle(kinds)
     counts = [rng.randint(1, diff.counting_max_per_item) for _ in kinds]
-    prompt = (
-        f"i have {_join_list([count_phrase(k, s, p) for (_, s, p), k in zip(kinds, counts, strict=True)])}."
-        f" how many {category} do i have?"
-    )
-    # Walk every listed item in prompt order (copying is easy in order; jumping to the
-    # members of a category is not), adding only the asked category's counts.
+    phrases = [count_phrase(k, s, p) for (_, s, p), k in zip(kinds, counts, strict=True)]
+    prompt = f"i have {_join_list(phrases)}. how many {category} do i have?"
+    # Walk every listed item in prompt order, adding only the asked category's counts. Each
+    # step first quotes the list from where the last step left off: the previous item's noun
+    # (or "i have") and the separator after it, exactly as the prompt says them. The next
+    # item is then a verbatim continuation of a quote (one look-up: find the quoted words in
+    # the prompt, read on), not "the item after the one named two steps ago" (two look-ups).
+    # With plain "<item>: <category>." steps the default teacher was still at 0.55-0.79 on
+    # counting between steps 1000 and 2000, with every error a wrong item copied.
     total = 0
     steps = []
-    for (cat, s, p), k in zip(kinds, counts, strict=True):
+    anchor = "i have "
+    separators = _list_separators(len(kinds))
+    for i, ((cat, s, p), k) in enumerate(zip(kinds, counts, strict=True)):
         # Name the item's own category first: membership is then one memorised fact
         # (noun → category) and one comparison with the category asked for.
-        phrase = f"{count_phrase(k, s, p)}: {cat}"
+        phrase = f"{anchor}{separators[i]}{phrases[i]}: {cat}"
         if cat == category:
             steps.append(
                 f"{phrase}, {number_word(total)} plus {number_word(k)} is {number_word(total + k)}."
@@ -168,6 +178,7 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
             total += k
         else:
             steps.append(f"{phrase}.")
+        anchor = s if k == 1 else p
     answer = number_word(total)
     solution = " ".join([f"count the {category}.", *steps, _final(answer)])
     return ReasoningItem("object_counting", prompt, answer, solution)

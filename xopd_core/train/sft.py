@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -108,6 +108,34 @@ def length_bucketed_batches(
             batches = [pool[i : i + batch_size] for i in range(0, len(pool), batch_size)]
             rng.shuffle(batches)
             yield from batches
+
+
+def weighted_by_group(groups: Sequence[str], weights: Mapping[str, float], seed: int) -> list[int]:
+    """Indices of examples (`groups[i]`: example i's group, e.g. its task) in which group g
+    makes up `weights[g] / sum(weights)` of a list as long as `groups`. Each group's examples
+    are taken in a seeded shuffle, all of them before any repeats when its share exceeds
+    its size; a smaller share takes a random subset. The order is by group: the batcher
+    shuffles. An example group without a weight, or a weight for no example, is an error."""
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    unweighted = sorted(set(members) - set(weights))
+    if unweighted:
+        raise ValueError(f"no weight for group(s) {unweighted} (weights name {sorted(weights)})")
+    absent = sorted(set(weights) - set(members))
+    if absent:
+        raise ValueError(f"weights name group(s) {absent} that no example has")
+    if any(w <= 0 for w in weights.values()):
+        raise ValueError(f"weights must be positive, got {dict(weights)}")
+    rng = random.Random(seed)
+    total = sum(weights.values())
+    picked: list[int] = []
+    for g in sorted(members):
+        pool = members[g][:]
+        rng.shuffle(pool)
+        want = round(weights[g] / total * len(groups))
+        picked += [pool[k % len(pool)] for k in range(want)]
+    return picked
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.solvers import SOLVERS
 from xopd_core.config import Difficulty, IntRange
-from xopd_core.data.reasoning import NUMBER_WORDS, REASONING_TASKS, number_word
+from xopd_core.data.reasoning import CATEGORY_OF, NUMBER_WORDS, REASONING_TASKS, number_word
 
 HARD = Difficulty(
     navigate_moves=IntRange(min=2, max=6), navigate_max_step=3,
@@ -104,3 +104,20 @@ def test_boolean_solution_first_resolves_every_not() -> None:
         # Same operators in the same places, one truth value per operand.
         assert [w for w in words if w in ("and", "or")] == [w for w in expr if w in ("and", "or")]
         assert len(words) == len([w for w in expr if w != "not"])
+
+
+def test_counting_steps_quote_the_list_from_where_the_last_step_left_off() -> None:
+    rng = random.Random(4)
+    for _ in range(50):
+        item = REASONING_TASKS["object_counting"](rng, Difficulty())
+        listed = item.prompt.split(". how many")[0]  # "i have a plum, two dogs, and a cat"
+        steps = item.solution.split(". ")[1:-1]  # between "count the …" and the answer
+        quotes = [s.split(":")[0] for s in steps]
+        assert len(quotes) == listed.count(",") + 1  # one step per listed item
+        assert listed.startswith(quotes[0]) and quotes[0].startswith("i have ")
+        assert listed.endswith(quotes[-1])
+        for before, quote in zip(quotes, quotes[1:], strict=False):
+            assert quote in listed  # the prompt's own words
+            anchor = quote.split(",")[0]  # the previous item's noun
+            assert anchor in CATEGORY_OF
+            assert before.endswith(" " + anchor)  # picks up where the last quote ended

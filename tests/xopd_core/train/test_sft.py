@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from xopd_core.train.sft import (
     response_nll,
     response_nll_terms,
     train_steps,
+    weighted_by_group,
 )
 
 
@@ -130,3 +132,27 @@ def test_micro_batches_take_the_one_pass_step(mean_over: str) -> None:
     assert torch.allclose(whole_w, parts_w, atol=1e-5)
     _, wrong_w = fit(3, per_part_mean=True)
     assert (wrong_w - whole_w).abs().max() > 1e-3
+
+
+def test_weighted_by_group_gives_each_group_its_share() -> None:
+    groups = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    picked = weighted_by_group(groups, {"a": 1.0, "b": 1.0, "c": 2.0}, seed=0)
+    assert len(picked) == len(groups)
+    got = Counter(groups[i] for i in picked)
+    assert got == {"a": 25, "b": 25, "c": 50}
+    # A share below the group's size is a subset without repeats; above it, every example
+    # comes before any comes twice (c: 10 examples, 50 draws -> each exactly 5 times).
+    a_picks = [i for i in picked if groups[i] == "a"]
+    assert len(set(a_picks)) == 25
+    assert Counter(i for i in picked if groups[i] == "c") == {i: 5 for i in range(90, 100)}
+    assert weighted_by_group(groups, {"a": 1.0, "b": 1.0, "c": 2.0}, seed=0) == picked
+    assert weighted_by_group(groups, {"a": 1.0, "b": 1.0, "c": 2.0}, seed=1) != picked
+
+
+def test_weighted_by_group_names_missing_and_unknown_groups() -> None:
+    with pytest.raises(ValueError, match=r"no weight for group\(s\) \['c'\]"):
+        weighted_by_group(["a", "b", "c"], {"a": 1.0, "b": 1.0}, seed=0)
+    with pytest.raises(ValueError, match=r"\['d'\] that no example has"):
+        weighted_by_group(["a", "b"], {"a": 1.0, "b": 1.0, "d": 1.0}, seed=0)
+    with pytest.raises(ValueError, match="must be positive"):
+        weighted_by_group(["a", "b"], {"a": 1.0, "b": 0.0}, seed=0)
