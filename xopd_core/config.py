@@ -369,7 +369,7 @@ class StudentParams(_Strict):
         description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
     )
     align: Phase = Field(
-        default=Phase(steps=450, batch_size=16, lr=2e-3),
+        default=Phase(steps=900, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
     )
     speaker_loss_weight: float = Field(
@@ -381,7 +381,7 @@ class StudentParams(_Strict):
         "head on its mean encoder state); 0 turns it off.",
     )
     instruct: InstructPhase = Field(
-        default=InstructPhase(steps=200, lr=1e-3),
+        default=InstructPhase(steps=300, lr=1e-3),
         description="Phase 3: LM + projector on speech instruction data (encoder frozen).",
     )
 
