@@ -59,14 +59,15 @@ def teacher(
         )
         for r in text_train
     ]
+    tasks = [r["task"] for r in text_train]
     if p.task_weights is not None:
         try:
-            order = weighted_by_group([r["task"] for r in text_train], p.task_weights, p.seed)
+            order = weighted_by_group(tasks, p.task_weights, p.seed)
         except ValueError as err:
             raise ValueError(f"params teacher.task_weights: {err}") from err
         examples = [examples[i] for i in order]
-        text_train = [text_train[i] for i in order]
-    mix = Counter(r["task"] for r in text_train)
+        tasks = [tasks[i] for i in order]
+    mix = Counter(tasks)
     model = build_teacher(p.model, tokenizer, seed=p.seed)
     losses = train_sft(
         model,

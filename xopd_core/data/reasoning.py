@@ -167,7 +167,7 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     steps = []
     anchor = "i have "
     separators = _list_separators(len(kinds))
-    for i, ((cat, s, p), k) in enumerate(zip(kinds, counts, strict=True)):
+    for i, ((cat, _, _), k) in enumerate(zip(kinds, counts, strict=True)):
         # Name the item's own category first: membership is then one memorised fact
         # (noun → category) and one comparison with the category asked for.
         phrase = f"{anchor}{separators[i]}{phrases[i]}: {cat}"
@@ -178,7 +178,7 @@ def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
             total += k
         else:
             steps.append(f"{phrase}.")
-        anchor = s if k == 1 else p
+        anchor = phrases[i].split(" ", 1)[1]  # the item's noun as listed ("a plum" → "plum")
     answer = number_word(total)
     solution = " ".join([f"count the {category}.", *steps, _final(answer)])
     return ReasoningItem("object_counting", prompt, answer, solution)
