@@ -33,12 +33,45 @@ def half_rotation(head_dim: int, like: torch.Tensor) -> torch.Tensor:
     return r
 
 
+def _joined(linears: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linear maps of the same input: their outputs
+    side by side, in one matrix product instead of one each."""
+    weight = torch.cat([m.weight for m in linears])
+    if all(m.bias is None for m in linears):
+        return weight, None
+    return weight, torch.cat(
+        [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
+    )
+
+
+class _JoinedWeights:
+    """A layer's query/key/value and gate/up projections joined (`_joined`), rebuilt when a
+    source tensor changed since (an optimizer step updates weights in place, which bumps
+    their version counters)."""
+
+    def __init__(self, layer: Any) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        self.gate_up = [mlp.gate_proj, mlp.up_proj]
+        self._stamp: tuple[tuple[int, int], ...] = ()
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        sources = [t for m in self.qkv + self.gate_up for t in (m.weight, m.bias) if t is not None]
+        stamp = tuple((id(t), t._version) for t in sources)
+        if stamp != self._stamp:
+            self._joined = (*_joined(self.qkv), *_joined(self.gate_up))
+            self._stamp = stamp
+        return self._joined
+
+
 class FusedStep:
     """`step(embeds_B_D, positions_B, mask_B_S)`: the backbone's last hidden state for one
     new token per row at `positions_B` (rotary positions), attending to the cached keys
     plus itself where `mask_B_S` is true. Appends the token's keys/values to `layers` (the
-    loop's `PreallocatedLayer`s, filled by the prefill). Weights are read at each call, so
-    a model trained in between is decoded with its current weights."""
+    loop's `PreallocatedLayer`s, filled by the prefill). Each layer's query/key/value and
+    gate/up projections run as one matrix product each; the joined weights are rebuilt
+    whenever the model's change, so a model trained in between is decoded with its current
+    weights."""
 
     def __init__(self, backbone: Any, layers: Sequence[Any], capacity: int) -> None:
         self.backbone = backbone
@@ -50,6 +83,7 @@ class FusedStep:
         cos, sin = backbone.rotary_emb(probe, table)
         self.cos_P_D, self.sin_P_D = cos[0], sin[0]
         self.rotate_D_D = half_rotation(self.cos_P_D.shape[-1], self.cos_P_D)
+        self.joined = [_JoinedWeights(layer) for layer in backbone.layers]
 
     @torch.no_grad()
     def step(
@@ -61,17 +95,21 @@ class FusedStep:
         bias_B_1_1_S = torch.zeros(b, 1, 1, s, dtype=embeds_B_D.dtype, device=embeds_B_D.device)
         bias_B_1_1_S.masked_fill_(~mask_B_S.bool()[:, None, None, :], float("-inf"))
         hidden = embeds_B_D
-        for layer, cache in zip(self.backbone.layers, self.layers, strict=True):
+        for layer, cache, joined in zip(
+            self.backbone.layers, self.layers, self.joined, strict=True
+        ):
             attn = layer.self_attn
             d = attn.head_dim
+            heads, kv_heads = attn.config.num_attention_heads, attn.config.num_key_value_heads
+            w_qkv, b_qkv, w_gate_up, b_gate_up = joined.get()
             x = _rms_norm(layer.input_layernorm, hidden)
+            qkv = F.linear(x, w_qkv, b_qkv).view(b, heads + 2 * kv_heads, d)
             # Queries and keys rotated together: x·cos + rotate_half(x)·sin.
-            qk = torch.cat([attn.q_proj(x).view(b, -1, d), attn.k_proj(x).view(b, -1, d)], 1)
+            qk = qkv[:, : heads + kv_heads]
             qk = torch.addcmul(qk * cos_B_1_D, qk @ self.rotate_D_D, sin_B_1_D)
-            heads = attn.config.num_attention_heads
             q, k = qk[:, :heads], qk[:, heads:]
             keys_B_K_S_D, values_B_K_S_D = cache.update(
-                k[:, :, None], attn.v_proj(x).view(b, -1, d)[:, :, None]
+                k[:, :, None], qkv[:, heads + kv_heads :, None]
             )
             # One query per row: two small matmuls beat SDPA's CPU kernel here (~110 vs
             # ~170 µs per layer at [32, 4, 1, 32] × 110 keys). Query head h reads key/value
@@ -83,7 +121,8 @@ class FusedStep:
             hidden = hidden + attn.o_proj(out.reshape(b, -1))
             mlp = layer.mlp
             x = _rms_norm(layer.post_attention_layernorm, hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            gate, up = F.linear(x, w_gate_up, b_gate_up).chunk(2, dim=-1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         return _rms_norm(self.backbone.norm, hidden)
 
 

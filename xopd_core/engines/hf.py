@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.engines.sampler import sample_from_embeds
-from xopd_core.engines.scoring import response_logits, response_tokens, right_padded
+from xopd_core.engines.scoring import left_padded, prompt_groups, response_logits, response_tokens
 from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
@@ -131,12 +131,7 @@ class HfStudent:
         for chunk_no, start in enumerate(range(0, len(prompts), self.batch_size)):
             chunk = prompts[start : start + self.batch_size]
             seqs = [self.prompt_ids(p, modality) for p in chunk]
-            longest = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):  # left padding: every prompt ends where decoding starts
-                ids[i, longest - len(s) :] = torch.tensor(s)
-                mask[i, longest - len(s) :] = 1
+            ids, mask = left_padded(seqs, self.pad_id)  # every prompt ends where decoding starts
             embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
             # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
             generator = torch.Generator(device=embeds.device)
@@ -171,18 +166,21 @@ class HfStudent:
     # -- teacher-forced ----------------------------------------------------------------
     def response_logits(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
         """`[B, T, V]` logits predicting each rollout's response tokens (zeros past its
-        end), from one forward over prompt + response; gradients flow when enabled."""
-        ids, mask = right_padded([r.prompt_ids + r.response_ids for r in rollouts], self.pad_id)
-        prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts])
-        prompt_part = torch.arange(ids.shape[1])[None, :] < prompt_lens[:, None]
-        speech = [r.prompt_id for r in rollouts if r.modality == "speech"]
-        embeds = self._embed(ids, speech, prompt_part)
+        end); each distinct prompt is read once for all its rollouts
+        (`scoring.response_logits`). Gradients flow when enabled."""
+        first, prompt_of = prompt_groups(
+            [(r.modality, r.prompt_id, tuple(r.prompt_ids)) for r in rollouts]
+        )
+        heads = [rollouts[i] for i in first]
+        ids, mask = left_padded([r.prompt_ids for r in heads], self.pad_id)
+        speech = [r.prompt_id for r in heads if r.modality == "speech"]
         return response_logits(
             self.model,
-            [len(r.prompt_ids) for r in rollouts],
-            [len(r.response_ids) for r in rollouts],
-            inputs_embeds=embeds,
-            attention_mask=mask,
+            mask,
+            prompt_of,
+            [r.response_ids for r in rollouts],
+            pad_id=self.pad_id,
+            prompt_embeds_U_L_D=self._embed(ids, speech, mask),
         )
 
     def response_logprobs(
@@ -213,16 +211,17 @@ class HfTeacher:
     ) -> torch.Tensor:
         """`[B, T, V_shared]` logits predicting each response token after the transcript
         prompt (zeros past a response's end)."""
-        prompts = [text_prompt_ids(self.tokenizer, t) for t in transcripts]
-        ids, mask = right_padded(
-            [p + r.response_ids for p, r in zip(prompts, rollouts, strict=True)], self.pad_id
+        first, prompt_of = prompt_groups(transcripts)
+        ids, mask = left_padded(
+            [text_prompt_ids(self.tokenizer, transcripts[i]) for i in first], self.pad_id
         )
         return response_logits(
             self.model,
-            [len(p) for p in prompts],
-            [len(r.response_ids) for r in rollouts],
-            input_ids=ids,
-            attention_mask=mask,
+            mask,
+            prompt_of,
+            [r.response_ids for r in rollouts],
+            pad_id=self.pad_id,
+            prompt_ids_U_L=ids,
         )[..., : self.vocab_size]
 
     @torch.no_grad()
@@ -244,27 +243,29 @@ class HfTeacher:
             raise ValueError(f"{len(rollouts)} rollouts but {len(transcripts)} transcripts")
         if mode == "topk" and not 0 < top_k <= self.vocab_size:
             raise ValueError(f"top_k must be in 1..{self.vocab_size} for mode 'topk'")
-        scores: list[TeacherScores] = []
-        for start in range(0, len(rollouts), self.batch_size):
-            chunk = rollouts[start : start + self.batch_size]
+        # Rollouts of one transcript (a prompt's text and speech rollouts) share a chunk,
+        # so the teacher reads that transcript once for all of them.
+        order = sorted(range(len(rollouts)), key=lambda j: (transcripts[j], j))
+        scores: dict[int, TeacherScores] = {}
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            chunk = [rollouts[j] for j in rows]
             with torch.no_grad():
-                logits = self.response_logits(chunk, transcripts[start : start + self.batch_size])
+                logits = self.response_logits(chunk, [transcripts[j] for j in rows])
                 # log p = logit − log Σ exp(logits): no float32 [B, T, V] copy unless "full".
                 norm = log_normalizer(logits)
                 full = torch.log_softmax(logits.float(), -1) if mode == "full" else None
-            for i, r in enumerate(chunk):
+            for i, (j, r) in enumerate(zip(rows, chunk, strict=True)):
                 n = len(r.response_ids)
                 ids = torch.tensor(r.response_ids, dtype=torch.long)
                 sampled = logits[i, torch.arange(n), ids].float() - norm[i, :n]
                 top = logits[i, :n].topk(top_k, dim=-1) if mode == "topk" else None
-                scores.append(
-                    TeacherScores(
-                        sampled=sampled.tolist(),
-                        topk_ids=top.indices.tolist() if top is not None else None,
-                        topk_logprobs=(top.values.float() - norm[i, :n, None]).tolist()
-                        if top is not None
-                        else None,
-                        full_T_V=full[i, :n].clone() if full is not None else None,
-                    )
+                scores[j] = TeacherScores(
+                    sampled=sampled.tolist(),
+                    topk_ids=top.indices.tolist() if top is not None else None,
+                    topk_logprobs=(top.values.float() - norm[i, :n, None]).tolist()
+                    if top is not None
+                    else None,
+                    full_T_V=full[i, :n].clone() if full is not None else None,
                 )
-        return scores
+        return [scores[j] for j in range(len(rollouts))]

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 
 def response_positions(prompt_len: int, response_len: int) -> slice:
@@ -42,39 +42,84 @@ def response_tokens(rollouts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor
     return tokens, (tokens >= 0).long()
 
 
-def gather_response_states(
-    states_B_L_E: torch.Tensor, prompt_lens: Sequence[int], response_lens: Sequence[int]
-) -> torch.Tensor:
-    """`[B, T, E]` rows (hidden states or logits) at the positions predicting each row's
-    response tokens (T = longest response; shorter rows padded with zeros), from right-padded
-    prompt+response rows whose prompts have different lengths."""
-    b, _, e = states_B_L_E.shape
-    t = max(response_lens) if response_lens else 0
-    out = states_B_L_E.new_zeros(b, t, e)
-    for i, (p, r) in enumerate(zip(prompt_lens, response_lens, strict=True)):
-        out[i, :r] = states_B_L_E[i, response_positions(p, r)]
-    return out
+def left_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids_B_L` left-padded with `pad_id` (every row ends in the last column) and
+    `attention_mask_B_L`."""
+    longest = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(sequences):
+        ids[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, longest - len(s) :] = 1
+    return ids, mask
+
+
+def prompt_groups(keys: Sequence[Any]) -> tuple[list[int], list[int]]:
+    """Rows sharing a prompt: `(first, prompt_of)` where `first[u]` is the first row with the
+    u-th distinct key and `prompt_of[row]` the index u of the row's key."""
+    index: dict[Any, int] = {}
+    first: list[int] = []
+    prompt_of: list[int] = []
+    for row, key in enumerate(keys):
+        if key not in index:
+            index[key] = len(first)
+            first.append(row)
+        prompt_of.append(index[key])
+    return first, prompt_of
 
 
 def response_logits(
     model: Any,
-    prompt_lens: Sequence[int],
-    response_lens: Sequence[int],
+    prompt_mask_U_L: torch.Tensor,
+    prompt_of: Sequence[int],
+    responses: Sequence[Sequence[int]],
     *,
-    input_ids: torch.Tensor | None = None,
-    inputs_embeds: torch.Tensor | None = None,
-    attention_mask: torch.Tensor,
+    pad_id: int,
+    prompt_ids_U_L: torch.Tensor | None = None,
+    prompt_embeds_U_L_D: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`[B, T, V]` logits predicting the response tokens of a causal LM (or a speech LLM's
-    LM): the backbone's hidden states are gathered at the response positions first and only
-    those go through the output head — the prompt's (hundreds of audio positions for speech)
-    never become [L, V] logits."""
+    """`[B, T, V]` logits predicting each response's tokens (zeros past its end; T = longest
+    response) of a causal LM or a speech LLM's LM, each prompt read once however many
+    responses share it.
+
+    The U distinct prompts come left-padded (`prompt_ids_U_L` or `prompt_embeds_U_L_D`, with
+    `prompt_mask_U_L`); response row b continues prompt `prompt_of[b]`. One pass over the
+    prompts fills a key/value cache, which is gathered to the B rows; a second pass reads
+    the responses (all but their last token) on it. The last prompt position predicts
+    response token 0 (`response_positions`). Gradients reach the prompt pass through the
+    gathered cache, so with m responses per prompt the trainer's forward and backward cover
+    the prompt once, not m times: a round's speech prompts are ~240 audio positions before
+    ~45 response tokens. Only response positions go through the output head."""
     inner = model.model
     backbone = getattr(inner, "language_model", inner)  # Qwen2-Audio wraps a Qwen2Model
-    hidden = backbone(
-        input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+    mask_U_L = prompt_mask_U_L.long()
+    positions_U_L = (mask_U_L.cumsum(-1) - 1).clamp_min(0)
+    rows_B = torch.tensor(list(prompt_of), dtype=torch.long)
+    lengths_B = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    width = int(lengths_B.max()) if len(responses) else 0
+    cache = DynamicCache(config=backbone.config)
+    prompt_states = backbone(
+        input_ids=prompt_ids_U_L,
+        inputs_embeds=prompt_embeds_U_L_D,
+        attention_mask=mask_U_L,
+        position_ids=positions_U_L,
+        past_key_values=cache,
+        use_cache=True,
     ).last_hidden_state
-    return model.lm_head(gather_response_states(hidden, prompt_lens, response_lens))
+    states_B_T_E = prompt_states[rows_B, -1:]  # predicts response token 0
+    if width > 1:
+        cache.batch_select_indices(rows_B)
+        ids_B_R, mask_B_R = right_padded([list(r[:-1]) for r in responses], pad_id)
+        continued = backbone(
+            input_ids=ids_B_R,
+            attention_mask=torch.cat([mask_U_L[rows_B], mask_B_R], dim=1),
+            position_ids=positions_U_L[rows_B, -1:] + 1 + torch.arange(ids_B_R.shape[1]),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        states_B_T_E = torch.cat([states_B_T_E, continued], dim=1)
+    inside_B_T = torch.arange(width)[None, :] < lengths_B[:, None]
+    return model.lm_head(states_B_T_E[:, :width] * inside_B_T[..., None])
 
 
 def shared_vocab_size(

@@ -276,12 +276,18 @@ def train(
             # 4. step: accumulate micro-batch gradients, clip, update
             opt.zero_grad(set_to_none=True)
             loss_total, ratios = 0.0, []
-            # Micro-batches of similar lengths: each is padded to its longest prompt+response,
-            # and the step's mix of short text and long speech prompts padded by ~1.4x in
-            # order. The weights are global, so grouping does not change the objective.
+            # Micro-batches hold a prompt's rollouts together (the forward reads each prompt
+            # once for all of them) and prompts of similar length (a part pads its prompts
+            # to the longest, its responses to the longest). The weights are global, so
+            # grouping does not change the objective.
             order = sorted(
                 range(len(rollouts)),
-                key=lambda j: len(rollouts[j].prompt_ids) + len(rollouts[j].response_ids),
+                key=lambda j: (
+                    len(rollouts[j].prompt_ids),
+                    rollouts[j].modality,
+                    rollouts[j].prompt_id,
+                    j,
+                ),
             )
             for i in range(0, len(order), cfg.micro_batch_size):
                 picked = order[i : i + cfg.micro_batch_size]

@@ -10,6 +10,7 @@ import torch
 from xopd_core.engines.base import Prompt, Rollout
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import response_positions, shared_vocab_size
+from xopd_core.models.audio import merge_audio
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import train_tokenizer
 
@@ -148,3 +149,53 @@ def test_a_text_only_causal_lm_works_as_a_text_student(parts, prompts: list[Prom
         assert torch.allclose(lp[i, : len(r.response_ids)], torch.tensor(r.logprobs), atol=1e-4)
     with pytest.raises(ValueError, match="no audio encoder"):
         text_student.sample(prompts[:1], "speech", n=1, temperature=1.0, max_new_tokens=2, seed=0)
+
+
+def test_shared_prompts_give_the_logits_and_gradients_of_separate_passes(
+    student: HfStudent, prompts: list[Prompt]
+) -> None:
+    """Each distinct prompt is read once and its rollouts continue from its cache: the
+    logits and the gradients equal one unpadded prompt + response pass per rollout, for
+    speech and text rollouts mixed, prompts of different lengths, several rollouts per
+    prompt and a one-token response."""
+    model = student.model
+    chosen = prompts[1:4]
+    rollouts = student.sample(chosen, "speech", n=2, temperature=1.0, max_new_tokens=7, seed=2)
+    rollouts += student.sample(chosen[:2], "text", n=3, temperature=1.0, max_new_tokens=5, seed=4)
+    short = rollouts[0]
+    rollouts.append(
+        Rollout(
+            short.prompt_id, "speech", 9, short.prompt_ids, short.response_ids[:1], [0.0], False
+        )
+    )
+    assert len({len(r.prompt_ids) for r in rollouts}) > 2
+    weights = torch.randn(len(rollouts), max(len(r.response_ids) for r in rollouts), 7)
+    lm = [p for n, p in model.named_parameters() if "audio_tower" not in n]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            g.clone()
+            for g in torch.autograd.grad(loss, lm, allow_unused=True, materialize_grads=True)
+        ]
+
+    shared = student.response_logits(rollouts)
+    got = grads((shared[..., :7] * weights).sum())
+    lone_total = torch.zeros(())
+    for i, r in enumerate(rollouts):
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        slots = torch.arange(ids.shape[1])[None] < len(r.prompt_ids)
+        audio = student.audio_embeddings([r.prompt_id]) if r.modality == "speech" else []
+        embeds = (
+            merge_audio(model, ids, audio, slots)
+            if r.modality == "speech"
+            else model.get_input_embeddings()(ids)
+        )
+        logits = model(inputs_embeds=embeds).logits[0]
+        lone = logits[response_positions(len(r.prompt_ids), len(r.response_ids))]
+        n = len(r.response_ids)
+        assert torch.allclose(shared[i, :n], lone, atol=1e-5), (i, r.modality)
+        assert not shared[i, n:].any()  # zeros past the response's end
+        lone_total = lone_total + (lone[:, :7] * weights[i, :n]).sum()
+    want = grads(lone_total)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
