@@ -6,10 +6,13 @@ over response tokens of the batch. One readable loop; no framework Trainer.
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -17,6 +20,22 @@ import torch
 from xopd_core.config import MeanOver, Precision
 
 IGNORE = -100
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_has_bf16_units(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool | None:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX or AVX512-BF16, read
+    from the kernel's CPU flags); None where the flags cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 @dataclass(frozen=True)
@@ -183,6 +202,11 @@ def train_steps(
     bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
     if not lengths:
         raise ValueError("training needs at least one example")
+    if precision == "bf16" and cpu_has_bf16_units() is False:
+        log.warning(
+            "precision bf16 on a CPU without AMX or AVX512-BF16: bfloat16 products are "
+            "emulated there and training is slower than float32; set precision: float32"
+        )
     torch.manual_seed(seed)
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

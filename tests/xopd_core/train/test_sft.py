@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from xopd_core.train.sft import (
     IGNORE,
     LossTerms,
+    cpu_has_bf16_units,
     micro_batches,
     response_nll,
     response_nll_terms,
@@ -82,6 +84,33 @@ def test_bf16_precision_trains_under_autocast_with_float32_weights() -> None:
     _, exact_weight, seen_exact = _fit("float32")
     assert seen_exact == {torch.float32}
     assert not torch.equal(exact_weight, weight)
+
+
+def test_bf16_units_are_read_from_the_cpu_flags(tmp_path: Path) -> None:
+    def flags(line: str) -> Path:
+        path = tmp_path / f"cpuinfo{len(list(tmp_path.iterdir()))}"
+        path.write_text(f"processor\t: 0\nflags\t\t: {line}\n\nprocessor\t: 1\n")
+        return path
+
+    assert cpu_has_bf16_units(flags("fpu sse avx512f amx_bf16 amx_tile")) is True
+    assert cpu_has_bf16_units(flags("fpu avx512f avx512_bf16")) is True
+    assert cpu_has_bf16_units(flags("fpu sse sse2 avx2 avx512f")) is False
+    assert cpu_has_bf16_units(tmp_path / "absent") is None
+
+
+def test_bf16_on_a_cpu_without_bf16_units_warns(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import xopd_core.train.sft as sft
+
+    monkeypatch.setattr(sft, "cpu_has_bf16_units", lambda: False)
+    with caplog.at_level("WARNING", logger="xopd_core.train.sft"):
+        _fit("bf16")
+    assert "without AMX or AVX512-BF16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="xopd_core.train.sft"):
+        _fit("float32")
+    assert caplog.text == ""
 
 
 def test_micro_batches_cover_the_batch_in_length_order() -> None:
