@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from xopd_core.engines.sampler import greedy_from_embeds
+from xopd_core.engines.scoring import left_padded
 from xopd_core.models.audio import merge_audio
 
 
@@ -38,12 +39,7 @@ def greedy_generate(
     by_index: dict[int, list[int]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        longest = max(len(prompts[i]) for i in chunk)
-        ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, i in enumerate(chunk):
-            ids[row, longest - len(prompts[i]) :] = torch.tensor(prompts[i])
-            mask[row, longest - len(prompts[i]) :] = 1
+        ids, mask = left_padded([prompts[i] for i in chunk], pad_id)
         if audio is not None:
             embeds = merge_audio(model, ids, [audio[i] for i in chunk], mask)
         else:
