@@ -115,13 +115,13 @@ def evaluate(
         return [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
 
     speech = evaluate_speech(
-        model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size
+        model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes
     )
     text = evaluate_text(
-        model, processor.tokenizer, eval_rows, p.max_new_tokens, batch_size=p.batch_size
+        model, processor.tokenizer, eval_rows, p.max_new_tokens, p.batch_size, p.processes
     )
     para = evaluate_speech(
-        model, processor, para_rows, waves(para_rows), p.max_new_tokens, p.batch_size
+        model, processor, para_rows, waves(para_rows), p.max_new_tokens, p.batch_size, p.processes
     )
     speech_acc, text_acc, para_acc = (accuracy_by_task(r) for r in (speech, text, para))
     missing = sorted(set(teacher) - set(speech_acc))

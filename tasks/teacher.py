@@ -81,10 +81,13 @@ def teacher(
         weight_decay=p.weight_decay,
         precision=p.precision,
         micro_batch_size=p.micro_batch_size,
+        processes=p.processes,
         on_step=on_step,
     )
     train_s = time.perf_counter() - start
-    results = evaluate_text(model, tokenizer, eval_rows, max_new_tokens=p.max_new_tokens)
+    results = evaluate_text(
+        model, tokenizer, eval_rows, max_new_tokens=p.max_new_tokens, processes=p.processes
+    )
     acc = accuracy_by_task(results)
     metrics: dict[str, Any] = {
         "text_accuracy_mean": sum(acc.values()) / len(acc),

@@ -32,6 +32,25 @@ MicroBatchSize = Annotated[
         "task mix of 32 pads ~1.9x, parts of 8 ~1.16x; README). null: one pass per batch.",
     ),
 ]
+Processes = Annotated[
+    int,
+    Field(
+        ge=1,
+        le=64,
+        description="Processes that share each batch's micro-batches (this one and forked "
+        "helpers, each with its share of the threads; README), also for the stage's greedy "
+        "evaluation. A tiny model gains more from a second process than from a second "
+        "thread. Results repeat exactly for a fixed count and differ from other counts in "
+        "float rounding only.",
+    ),
+]
+
+
+def _check_processes(processes: int, micro_batch_size: int | None, where: str) -> None:
+    if processes > 1 and micro_batch_size is None:
+        raise ValueError(
+            f"{where}.processes > 1 deals out micro-batches: set {where}.micro_batch_size"
+        )
 
 
 class ConfigError(ValueError):
@@ -278,6 +297,7 @@ class TeacherParams(_Strict):
         "is slower (a warning says so).",
     )
     micro_batch_size: MicroBatchSize = 8
+    processes: Processes = 2
     task_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = Field(
         default_factory=lambda: {
             "navigate": 0.25,
@@ -292,6 +312,11 @@ class TeacherParams(_Strict):
     max_new_tokens: int = Field(
         default=128, ge=1, le=4096, description="Generation budget when evaluating."
     )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> TeacherParams:
+        _check_processes(self.processes, self.micro_batch_size, "teacher")
+        return self
 
 
 class AudioEncoderShape(_Strict):
@@ -352,11 +377,17 @@ class InstructPhase(Phase):
         description="Text-only worked solutions replayed from text_train (keeps text ability).",
     )
     micro_batch_size: MicroBatchSize = 8
+    processes: Processes = 2
     loss_mean_over: MeanOver = Field(
         default="examples",
         description="Average the response NLL over all tokens of a batch, or per example "
         "first (a short paralinguistic answer then weighs as much as a worked solution).",
     )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> InstructPhase:
+        _check_processes(self.processes, self.micro_batch_size, "student.instruct")
+        return self
 
 
 class StudentParams(_Strict):
@@ -392,6 +423,14 @@ class EvalParams(_Strict):
 
     max_new_tokens: int = Field(default=128, ge=1, le=4096, description="Generation budget.")
     batch_size: int = Field(default=64, ge=1, le=4096, description="Prompts per generate call.")
+    processes: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Processes that decode (this one and forked helpers, each taking every "
+        "k-th prompt; README). Greedy decoding of a tiny model is bound by per-token "
+        "overhead, which a second process halves and a second thread does not.",
+    )
 
 
 class TrainParams(_Strict):

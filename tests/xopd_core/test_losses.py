@@ -141,7 +141,11 @@ def test_topk_kl_keeps_the_rest_bucket_and_equals_full_kl_at_k_equal_v() -> None
     s, t = torch.randn(2, 5, 40, generator=g), torch.randn(2, 5, 40, generator=g)
     lt = torch.log_softmax(t, -1)
     top = lt.topk(40, -1)
-    assert torch.allclose(reverse_kl_topk(s, top.indices, top.values), reverse_kl_full(s, t))
+    # At k = V the rest masses 1 − Σp are float32 rounding (~1e-6), and the rest term
+    # p_rest·log(p_rest/q_rest) turns that into up to ~1e-5 (seen on an AMD EPYC; 1e-8 on
+    # the Intel machines before): KLs here are 0.5-1.3, so 1e-4 still pins the formula.
+    full = reverse_kl_full(s, t)
+    assert torch.allclose(reverse_kl_topk(s, top.indices, top.values), full, atol=1e-4)
     # A student that puts its mass on a token outside a peaked teacher's top 3 is penalised
     # (over the top 3 renormalised it would look as good as any).
     lt = torch.log_softmax(t + 8.0 * (t >= t.topk(3, -1).values[..., -1:]), -1)

@@ -63,8 +63,10 @@ def evaluate_text(
     rows: Sequence[dict[str, Any]],
     max_new_tokens: int,
     batch_size: int = 64,
+    processes: int = 1,
 ) -> list[ItemResult]:
-    """Greedy answers of a causal LM to each row's transcript."""
+    """Greedy answers of a causal LM to each row's transcript (`processes`: see
+    `greedy_generate`)."""
     outs = greedy_generate(
         model,
         [text_prompt_ids(tokenizer, r["transcript"]) for r in rows],
@@ -72,6 +74,7 @@ def evaluate_text(
         eos_id=token_id(tokenizer, IM_END),
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        processes=processes,
     )
     return _graded(tokenizer, rows, outs)
 
@@ -84,6 +87,7 @@ def evaluate_speech(
     waveforms: Sequence[Any],
     max_new_tokens: int,
     batch_size: int = 64,
+    processes: int = 1,
 ) -> list[ItemResult]:
     """Greedy answers of a speech LLM to each row's audio alone (the spoken question, no
     text). The audio goes through the cropped encoder pass (`models.audio`: equal to the
@@ -106,5 +110,6 @@ def evaluate_speech(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         audio=[audio[i] for i in range(len(feats))],
+        processes=processes,
     )
     return _graded(tokenizer, rows, outs)

@@ -62,6 +62,7 @@ def _run(
     on_step: Callable[[int, float], None] | None,
     bucketed: bool = False,
     micro_batch_size: int | None = None,
+    processes: int = 1,
 ) -> list[float]:
     return train_steps(
         params,
@@ -77,6 +78,7 @@ def _run(
         pool_batches=50 if bucketed else 1,
         precision=phase.precision,
         micro_batch_size=micro_batch_size,
+        processes=processes,
         on_step=on_step,
     )
 
@@ -316,6 +318,7 @@ def instruct(
             seed,
             on_step,
             micro_batch_size=phase.micro_batch_size,
+            processes=phase.processes,
         )
 
 

@@ -6,6 +6,7 @@ over response tokens of the batch. One readable loop; no framework Trainer.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -18,6 +19,7 @@ from typing import Protocol
 import torch
 
 from xopd_core.config import MeanOver, Precision
+from xopd_core.parallel import GradientHelpers, share_parts
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -189,6 +191,7 @@ def train_steps(
     pool_batches: int = 1,
     precision: Precision = "float32",
     micro_batch_size: int | None = None,
+    processes: int = 1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """The one optimisation loop: `steps` AdamW steps on `params`, each on the loss of a
@@ -199,9 +202,18 @@ def train_steps(
     clipped to norm 1. Returns the per-step losses.
 
     `precision="bf16"` computes the forward pass under CPU autocast (matrix products in
-    bfloat16; weights, gradients, optimizer state and the loss stay float32)."""
+    bfloat16; weights, gradients, optimizer state and the loss stay float32).
+
+    `processes > 1` deals each batch's micro-batches out to this process and forked helpers
+    (`parallel.py`), each with its share of the threads; deterministic for a fixed count,
+    equal to one process up to float rounding."""
     if not lengths:
         raise ValueError("training needs at least one example")
+    if processes > 1 and micro_batch_size is None:
+        raise ValueError(
+            "processes > 1 deals each batch's micro-batches out to the processes: "
+            "set micro_batch_size"
+        )
     if precision == "bf16" and cpu_has_bf16_units() is False:
         log.warning(
             "precision bf16 on a CPU without AMX or AVX512-BF16: bfloat16 products are "
@@ -211,12 +223,8 @@ def train_steps(
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     batches = length_bucketed_batches(lengths, batch_size, random.Random(seed), pool_batches)
-    losses = []
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr, warmup)
-        parts = micro_batches(next(batches), lengths, micro_batch_size)
-        opt.zero_grad(set_to_none=True)
+
+    def run_parts(parts: list[list[int]]) -> tuple[float, float]:
         total, count = 0.0, 0.0
         for part in parts:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -224,16 +232,43 @@ def train_steps(
             terms.total.backward()
             total += terms.total.item()
             count += terms.count
-        # Divide once by the whole batch's count (a batch with nothing to learn: by 1).
-        scale = 1.0 / max(count, 1.0)
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        losses.append(total * scale)
-        if on_step is not None:
-            on_step(step, losses[-1])
+        return total, count
+
+    threads = torch.get_num_threads()
+    per_process = max(1, threads // processes)
+    losses = []
+    with contextlib.ExitStack() as stack:
+        helpers = None
+        if processes > 1:
+            helpers = stack.enter_context(
+                GradientHelpers(processes - 1, params, run_parts, per_process)
+            )
+            torch.set_num_threads(per_process)
+            stack.callback(torch.set_num_threads, threads)
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr, warmup)
+            parts = micro_batches(next(batches), lengths, micro_batch_size)
+            opt.zero_grad(set_to_none=True)
+            if helpers is None:
+                total, count = run_parts(parts)
+            else:
+                own, *theirs = share_parts(parts, lengths, processes)
+                for k, theirs_k in enumerate(theirs):
+                    helpers.start(k, theirs_k)
+                total, count = run_parts(own)
+                helper_total, helper_count = helpers.collect()
+                total, count = total + helper_total, count + helper_count
+            # Divide once by the whole batch's count (a batch with nothing to learn: by 1).
+            scale = 1.0 / max(count, 1.0)
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            losses.append(total * scale)
+            if on_step is not None:
+                on_step(step, losses[-1])
     return losses
 
 
@@ -250,6 +285,7 @@ def train_sft(
     weight_decay: float = 0.01,
     precision: Precision = "float32",
     micro_batch_size: int | None = None,
+    processes: int = 1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train a causal LM in place on (prompt, response) pairs, the loss averaged over the
@@ -276,6 +312,7 @@ def train_sft(
             weight_decay=weight_decay,
             precision=precision,
             micro_batch_size=micro_batch_size,
+            processes=processes,
             on_step=on_step,
         )
     finally:

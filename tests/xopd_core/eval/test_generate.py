@@ -52,6 +52,18 @@ def test_text_answers_equal_generate(parts, tiny_world: Path) -> None:
         theirs.append(_cut(out[0, len(p) :].tolist(), eos_id))
     assert ours == theirs, [len(t) for t in theirs]
     assert len({len(t) for t in theirs}) > 1 and min(len(t) for t in theirs) < 16
+    # Shared with forked helpers (other batches, other thread counts): the same answers.
+    for processes in (2, 3):
+        shared = greedy_generate(
+            model,
+            prompts,
+            pad_id=pad_id,
+            eos_id=eos_id,
+            max_new_tokens=16,
+            batch_size=2,
+            processes=processes,
+        )
+        assert shared == theirs, processes
 
 
 def test_speech_answers_equal_generate_on_the_full_window(parts, tiny_world: Path) -> None:
@@ -61,6 +73,10 @@ def test_speech_answers_equal_generate_on_the_full_window(parts, tiny_world: Pat
     rows = read_manifest(manifest_path(tiny_world, "eval"))[:6]
     waves = [sf.read(str(tiny_world / r["audio_path"]), dtype="float32")[0] for r in rows]
     ours = evaluate_speech(model, processor, rows, waves, max_new_tokens=12, batch_size=4)
+    shared = evaluate_speech(
+        model, processor, rows, waves, max_new_tokens=12, batch_size=4, processes=2
+    )
+    assert shared == ours
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "audio"}]}],
         add_generation_prompt=True,
