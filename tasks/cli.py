@@ -337,7 +337,6 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from tasks.eval import TeacherScoresError
     from tasks.record import RecordError
     from tasks.remote import RemoteError
     from tasks.report import ReportInputError
@@ -346,6 +345,7 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
+    from xopd_core.eval.metrics import TeacherScoresError
     from xopd_core.gate import GateInputError
     from xopd_core.lock import Busy
 

@@ -21,15 +21,11 @@ from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text
-from xopd_core.eval.metrics import avg_drop
+from xopd_core.eval.metrics import TeacherScoresError, avg_drop
 
 METRICS = "metrics.json"
 TABLE = "table.md"
 RESPONSES = "responses.jsonl"
-
-
-class TeacherScoresError(ValueError):
-    """The teacher's metrics file lacks a score the Avg-Drop needs."""
 
 
 @dataclass(frozen=True)

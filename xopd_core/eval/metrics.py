@@ -12,6 +12,12 @@ from collections.abc import Mapping
 from xopd_core.data.reasoning import NUMBER_WORDS
 from xopd_core.data.world import PARA_TASKS
 
+
+class TeacherScoresError(ValueError):
+    """The teacher's metrics file lacks a score the Avg-Drop needs (here, not in the eval
+    stage's module, so that the CLI can name it without importing torch)."""
+
+
 ANSWER_SETS: dict[str, frozenset[str]] = {
     "navigate": frozenset({"yes", "no"}),
     "web_of_lies": frozenset({"yes", "no"}),
