@@ -6,6 +6,10 @@ resident set above what it held once the inputs existed (Linux `VmHWM`, reset th
 /proc/self/clear_refs), with glibc's mmap threshold fixed so freed tensors leave. Inputs are
 built chunk by chunk so building them sets no peak.
 Usage of one variant: python -m benchmarks.bench_kl naive|chunked [T] [V].
+
+`python -m benchmarks.bench_kl --device cuda` measures the same on the first GPU, in one
+process: peak bytes allocated by PyTorch's CUDA allocator above the inputs (exact, so no
+subprocesses), and seconds with the GPU synchronised, best of three.
 """
 
 from __future__ import annotations
@@ -70,6 +74,42 @@ def measure(variant: str, t: int, v: int) -> dict[str, Any]:
     }
 
 
+def measure_cuda(variant: str, t: int, v: int) -> dict[str, Any]:
+    from xopd_core.losses import reverse_kl_full
+
+    student = _logits(t, v, 0).cuda().requires_grad_(True)
+    teacher = _logits(t, v, 1).cuda()
+    best, peak = float("inf"), 0
+    for _ in range(3):
+        student.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        if variant == "naive":
+            kl = naive_reverse_kl(student, teacher)
+        else:
+            kl = reverse_kl_full(student[None], teacher[None])[0]
+        kl.mean().backward()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+        peak = max(peak, torch.cuda.max_memory_allocated() - base)
+    assert student.grad is not None
+    return {
+        "variant": variant,
+        "inputs_mib": round(2 * student.numel() * 2 / 2**20),
+        "peak_above_inputs_mib": round(peak / 2**20),
+        "seconds": round(best, 4),
+        "kl_mean": float(kl.mean()),
+        "grad_abs_sum": float(student.grad.float().abs().sum()),
+    }
+
+
+def run_cuda(t: int = T, v: int = V) -> dict[str, Any]:
+    results = {variant: measure_cuda(variant, t, v) for variant in ("naive", "chunked")}
+    return _summary(results, t, v) | {"device": torch.cuda.get_device_name()}
+
+
 def run(t: int = T, v: int = V) -> dict[str, Any]:
     results = {}
     for variant in ("naive", "chunked"):
@@ -85,6 +125,10 @@ def run(t: int = T, v: int = V) -> dict[str, Any]:
             env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"},
         )
         results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    return _summary(results, t, v)
+
+
+def _summary(results: dict[str, dict[str, Any]], t: int, v: int) -> dict[str, Any]:
     naive, chunked = results["naive"], results["chunked"]
     inputs = naive["inputs_mib"]
     extra_ratio = chunked["peak_above_inputs_mib"] / naive["peak_above_inputs_mib"]
@@ -115,5 +159,7 @@ if __name__ == "__main__":
         v = int(sys.argv[3]) if len(sys.argv) > 3 else V
         torch.set_num_threads(max(1, torch.get_num_threads()))
         print(json.dumps(measure(sys.argv[1], t, v)))
+    elif sys.argv[1:3] == ["--device", "cuda"]:
+        print(json.dumps(run_cuda(*(int(a) for a in sys.argv[3:5])), indent=2))
     else:
         print(json.dumps(run(), indent=2))

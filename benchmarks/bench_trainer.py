@@ -15,6 +15,11 @@ are back to back in one process.
 TRL's models run on transformers' stock `sdpa` attention, as a TRL user's would; ours (and a
 second TRL run, for comparison) on `xopd_sdpa` (models/attention.py), which `build_teacher`
 now sets.
+
+`python -m benchmarks.bench_trainer --device cuda` runs the HF variants and TRL on the first
+GPU (float32 both, TF32 off), at the default shape and at a Qwen2-0.5B-sized one (24 layers,
+hidden 896, MLP 4864, 14/2 heads) whose vocabulary is padded with plain word tokens to
+Qwen2's 151,936 entries, where the loss over the vocabulary starts to count.
 """
 
 from __future__ import annotations
@@ -63,23 +68,48 @@ def _world(n: int = 64) -> tuple[list[Prompt], list[str]]:
     return prompts, [t for it in items for t in (it.prompt, it.solution)]
 
 
-def _models() -> tuple[Any, Any, Any]:
+QWEN2_05B = LMShape(
+    hidden_size=896,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    intermediate_size=4864,
+    max_positions=4096,
+)
+QWEN2_VOCAB = 151_936
+
+
+def _models(
+    shape: LMShape | None = None, vocab: int = 0, device: str = "cpu"
+) -> tuple[Any, Any, Any]:
+    """Tokenizer, teacher, student (= teacher + noise). `vocab` > the mini world's pads the
+    tokenizer with word tokens `zq<i>` (real entries: sampled ones decode)."""
     _, texts = _world()
     tok = train_tokenizer(texts)
-    teacher = build_teacher(LMShape(), tok, seed=0).eval()
+    if vocab > len(tok):
+        tok.add_tokens([f"zq{i}" for i in range(vocab - len(tok))])
+    with torch.device(device):  # built where it runs: a 0.5B init is slow on the CPU
+        teacher = build_teacher(shape or LMShape(), tok, seed=0).eval()
     student = copy.deepcopy(teacher)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator(device).manual_seed(1)
     with torch.no_grad():
         for p in student.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=g))
+            p.add_(0.02 * torch.randn(p.shape, generator=g, device=device))
     return tok, teacher, student
 
 
-def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
+def ours(
+    loss: str,
+    engine: str = "hf",
+    *,
+    device: str = "cpu",
+    shape: LMShape | None = None,
+    vocab: int = 0,
+) -> dict[str, Any]:
     prompts, _ = _world()
-    tok, teacher, student = _models()
+    tok, teacher, student = _models(shape, vocab, device)
     stamps: list[float] = []
-    vocab = shared_vocab_size(tok, tok)
+    shared = shared_vocab_size(tok, tok)
     cfg = TrainParams(
         lmbda=1.0,  # in-modal only: a text student, as TRL's
         steps=STEPS,
@@ -93,7 +123,7 @@ def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
     s = HfStudent(student, tok, batch_size=PROMPTS)
     with tempfile.TemporaryDirectory() as tmp:
         rollout: Any = s
-        scorer: Any = HfTeacher(teacher, tok, vocab, batch_size=PROMPTS * GENERATIONS)
+        scorer: Any = HfTeacher(teacher, tok, shared, batch_size=PROMPTS * GENERATIONS)
         start = time.perf_counter()
         if engine == "vllm":
             # The round's rollouts come from the weights it started with (reloaded between
@@ -110,7 +140,7 @@ def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
                 scorer,
                 prompts,
                 cfg,
-                vocab_size=vocab,
+                vocab_size=shared,
                 on_step=lambda step, m: stamps.append(time.perf_counter()),
             )
         finally:
@@ -128,15 +158,23 @@ def ours(loss: str, engine: str = "hf") -> dict[str, Any]:
     }
 
 
-def trl(attention: str = "sdpa") -> dict[str, Any]:
+def trl(
+    attention: str = "sdpa",
+    *,
+    device: str = "cpu",
+    shape: LMShape | None = None,
+    vocab: int = 0,
+) -> dict[str, Any]:
     """TRL's step time with the models on `attention`: transformers' stock `sdpa` (what a TRL
     user runs: the reference of the target) or our `xopd_sdpa` (shown for comparison)."""
+    import pyarrow
     from datasets import Dataset
+    from datasets.table import InMemoryTable
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
     prompts, _ = _world()
-    tok, teacher, student = _models()
+    tok, teacher, student = _models(shape, vocab, device)
     for model in (teacher, student):
         model.set_attn_implementation(attention)
     rows = []
@@ -167,7 +205,7 @@ def trl(attention: str = "sdpa") -> dict[str, Any]:
             shuffle_dataset=False,
             bf16=False,
             gradient_checkpointing=False,
-            use_cpu=True,
+            use_cpu=device == "cpu",
             save_strategy="no",
             report_to="none",
             logging_steps=1,
@@ -179,7 +217,11 @@ def trl(attention: str = "sdpa") -> dict[str, Any]:
             model=student,
             teacher_model=teacher,
             args=args,
-            train_dataset=Dataset.from_dict({"prompt": rows}),
+            # An explicit fingerprint: `datasets` would otherwise hash the table by pickling
+            # it, which failed on the GPU machine's Python 3.12 + pyarrow 26 (MonthDayNano).
+            train_dataset=Dataset(
+                InMemoryTable(pyarrow.table({"prompt": rows})), fingerprint="xopd-bench"
+            ),
             processing_class=tok,
             callbacks=[Stamp()],
         )
@@ -222,7 +264,36 @@ def run() -> dict[str, Any]:
     }
 
 
+def run_cuda() -> dict[str, Any]:
+    """The HF variants against TRL on the first GPU, at the default shape and at
+    `QWEN2_05B` with Qwen2's vocabulary size."""
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU, for both
+    torch.backends.cudnn.allow_tf32 = False
+    out: dict[str, Any] = {"device": torch.cuda.get_device_name(), "steps_timed": STEPS - 1}
+    for name, shape, vocab in (("default", None, 0), ("qwen2_0.5b", QWEN2_05B, QWEN2_VOCAB)):
+        torch.manual_seed(0)
+        peer = trl(device="cuda", shape=shape, vocab=vocab)
+        variants = [
+            ours(loss, device="cuda", shape=shape, vocab=vocab) for loss in ("sampled", "full")
+        ]
+        out[name] = {
+            "vocab": vocab or "mini world",
+            "trl_distillation_trainer": peer,
+            "xopd": variants,
+            "speedup_vs_trl": {
+                f"hf_{v['loss']}": round(peer["seconds_per_step"] / v["seconds_per_step"], 2)
+                for v in variants
+            },
+        }
+        torch.cuda.empty_cache()
+    return out
+
+
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(run(), indent=2))
+    if sys.argv[1:] == ["--device", "cuda"]:
+        print(json.dumps(run_cuda(), indent=2))
+    else:
+        print(json.dumps(run(), indent=2))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM
 
 from xopd_core.atomic import write_json_atomic
@@ -67,6 +68,16 @@ class _DvcLiveLog:
         self.live.end()
 
 
+def training_device(name: str) -> torch.device:
+    """`train.device` as a torch device, refused when no such device is visible."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            "params train.device is 'cuda' but torch sees no CUDA device "
+            f"(torch {torch.__version__}); set train.device: cpu or install a CUDA build"
+        )
+    return torch.device(name)
+
+
 def train(
     params: Params,
     data_root: Path,
@@ -81,8 +92,10 @@ def train(
 ) -> TrainSummary:
     p = params.train
     clock = time.perf_counter()
+    device = training_device(p.device)
     prompts = distillation_prompts(data_root)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    model.to(device)
     processor = AutoProcessor.from_pretrained(str(student_dir))
     teacher_tok = load_tokenizer(teacher_dir)
     vocab = shared_vocab_size(processor.tokenizer, teacher_tok)
@@ -94,8 +107,8 @@ def train(
         scorer: TeacherScorer | None = None
         spent = 0
 
-        def hf_teacher_model() -> Any:  # loaded only when an HF teacher is used
-            return Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
+        def hf_teacher_model(on: torch.device) -> Any:  # loaded only when an HF teacher is used
+            return Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval().to(on)
 
         if engine == "vllm" and p.method in ("xopd", "grpo"):
             from xopd_core.engines.vllm_engine import VllmEngine
@@ -108,15 +121,15 @@ def train(
                 closers.append(vllm_teacher)
                 scorer = vllm_teacher
         if scorer is None and p.method in ("xopd", "gkd"):
-            scorer = HfTeacher(hf_teacher_model(), teacher_tok, vocab)
+            scorer = HfTeacher(hf_teacher_model(device), teacher_tok, vocab)
         if p.method == "sft":
             rows = read_manifest(manifest_path(data_root, "train"))
             rollout = FixedResponses(
                 student, reference_responses(teacher_tok, {r["id"]: r["solution"] for r in rows})
             )
         elif p.method == "offline_kd":
-            written = teacher_written_responses(
-                hf_teacher_model(), teacher_tok, prompts, p.max_new_tokens
+            written = teacher_written_responses(  # greedy, once, on the CPU
+                hf_teacher_model(torch.device("cpu")), teacher_tok, prompts, p.max_new_tokens
             )
             spent = sum(len(v) for v in written.values())
             rollout = FixedResponses(student, written)

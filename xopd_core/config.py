@@ -486,6 +486,11 @@ class TrainParams(_Strict):
     checkpoint_every: int = Field(
         default=20, ge=1, le=1_000_000, description="Steps between resumable checkpoints."
     )
+    device: Literal["cpu", "cuda"] = Field(
+        default="cpu",
+        description="Where the HF student and teacher train and score (cuda: the first GPU). "
+        "vLLM engines choose their own device; evaluation stays on the CPU.",
+    )
 
 
 class GateParams(_Strict):

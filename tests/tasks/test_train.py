@@ -11,7 +11,7 @@ import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.cli import main
-from tasks.train import distillation_prompts, train
+from tasks.train import distillation_prompts, train, training_device
 from xopd_core.config import Params, TrainParams
 from xopd_core.models.checkpoint import weights_sha256
 
@@ -108,3 +108,14 @@ def test_cli_train_runs_a_round(
     )
     assert rc == 0 and (tmp_path / "r1" / "model.safetensors").is_file()
     assert "train: xopd 1 steps" in capsys.readouterr().out
+
+
+def test_train_device_cuda_is_refused_clearly_without_a_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert training_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"train\.device is 'cuda' but torch sees no CUDA"):
+        training_device("cuda")
+    with pytest.raises(ValueError, match="device"):
+        TrainParams.model_validate({"device": "tpu"})

@@ -64,6 +64,11 @@ class HfStudent:
         for p, f in zip(new, extract_features(self.processor, waves), strict=True):
             self._features[p.id] = f
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are: inputs are built on the CPU and moved there."""
+        return self.model.get_input_embeddings().weight.device
+
     def clear_audio_cache(self) -> None:
         self._states.clear()
 
@@ -132,6 +137,7 @@ class HfStudent:
             chunk = prompts[start : start + self.batch_size]
             seqs = [self.prompt_ids(p, modality) for p in chunk]
             ids, mask = left_padded(seqs, self.pad_id)  # every prompt ends where decoding starts
+            ids, mask = ids.to(self.device), mask.to(self.device)
             embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
             # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
             generator = torch.Generator(device=embeds.device)
@@ -173,6 +179,7 @@ class HfStudent:
         )
         heads = [rollouts[i] for i in first]
         ids, mask = left_padded([r.prompt_ids for r in heads], self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         speech = [r.prompt_id for r in heads if r.modality == "speech"]
         return response_logits(
             self.model,
@@ -189,7 +196,9 @@ class HfStudent:
         """log π_θ of each response token under softmax(logits / temperature), `[B, T]`
         float32, and the response mask `[B, T]`."""
         tokens, mask = response_tokens(rollouts)
-        return token_logprobs(self.response_logits(rollouts), tokens, temperature), mask
+        logits = self.response_logits(rollouts)
+        tokens, mask = tokens.to(logits.device), mask.to(logits.device)
+        return token_logprobs(logits, tokens, temperature), mask
 
 
 class HfTeacher:
@@ -257,8 +266,9 @@ class HfTeacher:
                 full = torch.log_softmax(logits.float(), -1) if mode == "full" else None
             for i, (j, r) in enumerate(zip(rows, chunk, strict=True)):
                 n = len(r.response_ids)
-                ids = torch.tensor(r.response_ids, dtype=torch.long)
-                sampled = logits[i, torch.arange(n), ids].float() - norm[i, :n]
+                ids = torch.tensor(r.response_ids, dtype=torch.long, device=logits.device)
+                at = torch.arange(n, device=logits.device)
+                sampled = logits[i, at, ids].float() - norm[i, :n]
                 top = logits[i, :n].topk(top_k, dim=-1) if mode == "topk" else None
                 scores[j] = TeacherScores(
                     sampled=sampled.tolist(),

@@ -89,17 +89,19 @@ def response_logits(
     response token 0 (`response_positions`). Gradients reach the prompt pass through the
     gathered cache, so with m responses per prompt the trainer's forward and backward cover
     the prompt once, not m times: a round's speech prompts are ~240 audio positions before
-    ~45 response tokens. Only response positions go through the output head."""
+    ~45 response tokens. Only response positions go through the output head. Index
+    tensors may be on the CPU; the work and the result are on the model's device."""
     inner = model.model
     backbone = getattr(inner, "language_model", inner)  # Qwen2-Audio wraps a Qwen2Model
-    mask_U_L = prompt_mask_U_L.long()
+    device = backbone.norm.weight.device
+    mask_U_L = prompt_mask_U_L.to(device=device, dtype=torch.long)
     positions_U_L = (mask_U_L.cumsum(-1) - 1).clamp_min(0)
-    rows_B = torch.tensor(list(prompt_of), dtype=torch.long)
-    lengths_B = torch.tensor([len(r) for r in responses], dtype=torch.long)
+    rows_B = torch.tensor(list(prompt_of), dtype=torch.long, device=device)
+    lengths_B = torch.tensor([len(r) for r in responses], dtype=torch.long, device=device)
     width = int(lengths_B.max()) if len(responses) else 0
     cache = DynamicCache(config=backbone.config)
     prompt_states = backbone(
-        input_ids=prompt_ids_U_L,
+        input_ids=None if prompt_ids_U_L is None else prompt_ids_U_L.to(device),
         inputs_embeds=prompt_embeds_U_L_D,
         attention_mask=mask_U_L,
         position_ids=positions_U_L,
@@ -110,15 +112,18 @@ def response_logits(
     if width > 1:
         cache.batch_select_indices(rows_B)
         ids_B_R, mask_B_R = right_padded([list(r[:-1]) for r in responses], pad_id)
+        ids_B_R, mask_B_R = ids_B_R.to(device), mask_B_R.to(device)
         continued = backbone(
             input_ids=ids_B_R,
             attention_mask=torch.cat([mask_U_L[rows_B], mask_B_R], dim=1),
-            position_ids=positions_U_L[rows_B, -1:] + 1 + torch.arange(ids_B_R.shape[1]),
+            position_ids=positions_U_L[rows_B, -1:]
+            + 1
+            + torch.arange(ids_B_R.shape[1], device=device),
             past_key_values=cache,
             use_cache=True,
         ).last_hidden_state
         states_B_T_E = torch.cat([states_B_T_E, continued], dim=1)
-    inside_B_T = torch.arange(width)[None, :] < lengths_B[:, None]
+    inside_B_T = torch.arange(width, device=device)[None, :] < lengths_B[:, None]
     return model.lm_head(states_B_T_E[:, :width] * inside_B_T[..., None])
 
 

@@ -95,17 +95,17 @@ def encoder_states(
     for i, f in enumerate(feats):
         n = min(width, f.mel_F_M.shape[-1])
         mel[i, :, :n] = f.mel_F_M[:, :n]
-    mel = mel.to(tower.conv1.weight.dtype)
+    mel = mel.to(device=tower.conv1.weight.device, dtype=tower.conv1.weight.dtype)
     hidden = torch.nn.functional.gelu(tower.conv1(mel))
     hidden = torch.nn.functional.gelu(tower.conv2(hidden)).permute(0, 2, 1)
     positions = hidden.shape[1]
     hidden = hidden + tower.embed_positions.weight[:positions]
     hidden = torch.nn.functional.dropout(hidden, p=config.dropout, training=tower.training)
-    lengths = torch.tensor([(f.frames - 1) // 2 + 1 for f in feats])
-    valid_2d = (torch.arange(positions)[None, :] < lengths[:, None]).long()
+    lengths = torch.tensor([(f.frames - 1) // 2 + 1 for f in feats], device=hidden.device)
+    valid_2d = (torch.arange(positions, device=hidden.device)[None, :] < lengths[:, None]).long()
     mask = create_bidirectional_mask(
         config=config,
-        inputs_embeds=torch.zeros(len(feats), positions, 1, dtype=hidden.dtype),
+        inputs_embeds=hidden.new_zeros(len(feats), positions, 1),
         attention_mask=valid_2d,
     )
     for layer in tower.layers:

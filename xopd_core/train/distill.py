@@ -294,11 +294,12 @@ def train(
                 mb = [rollouts[j] for j in picked]
                 t = max(len(r.response_ids) for r in mb)
                 rows = torch.tensor(picked)
-                tokens = tokens_all[rows, :t]
                 logits = student.response_logits(mb)[..., :vocab_size]
                 if cfg.temperature != 1.0:
                     logits = logits / cfg.temperature
-                w = weights[rows, :t]
+                # The step's bookkeeping lives on the CPU; a part's slice goes to the model.
+                dev = logits.device
+                tokens, w = tokens_all[rows, :t].to(dev), weights[rows, :t].to(dev)
                 if cfg.method in ("sft", "offline_kd"):
                     loss = weighted_sum(token_cross_entropy(logits, tokens), w)
                 elif cfg.method == "gkd" or cfg.loss in ("full", "topk"):
@@ -306,15 +307,15 @@ def train(
                     mb_scores = [scores[j] for j in picked]
                     loss = weighted_sum(_divergence_terms(logits, mb_scores, cfg), w)
                 else:  # the policy-gradient objectives: −r·A
-                    lp, old_mb = token_logprobs(logits, tokens), old[rows, :t]
+                    lp, old_mb = token_logprobs(logits, tokens), old[rows, :t].to(dev)
                     if cfg.method == "xopd":
                         assert teacher_lp is not None
                         loss = xopd_loss(
                             lp,
                             old_mb,
-                            teacher_lp[rows, :t],
-                            mask[rows, :t],
-                            group_B[rows] == SPEECH,
+                            teacher_lp[rows, :t].to(dev),
+                            mask[rows, :t].to(dev),
+                            (group_B[rows] == SPEECH).to(dev),
                             cfg.lmbda,
                             cfg.clip_eps,
                             weights_B_T=w,
@@ -322,10 +323,10 @@ def train(
                     else:
                         assert advantages is not None
                         terms = policy_gradient_terms(
-                            lp, old_mb, advantages[rows, :t], cfg.clip_eps
+                            lp, old_mb, advantages[rows, :t].to(dev), cfg.clip_eps
                         )
                         loss = weighted_sum(terms, w)
-                    ratios.append(torch.exp(lp - old_mb).detach()[w != 0])
+                    ratios.append(torch.exp(lp - old_mb).detach()[w != 0].cpu())
                 loss.backward()
                 loss_total += loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -391,8 +392,9 @@ def _divergence_terms(
     """Per-token divergence of the student's distribution from the teacher's stored one:
     GKD's generalised JSD, or X-OPD's full-vocabulary / top-k reverse KL."""
     b, t, v = logits.shape
+    dev = logits.device
     if cfg.method == "gkd" or cfg.loss == "full":
-        teacher = torch.full((b, t, v), -math.log(v))
+        teacher = torch.full((b, t, v), -math.log(v), device=dev)
         for i, s in enumerate(scores):
             teacher[i, : s.full_T_V.shape[0]] = s.full_T_V
         if cfg.method == "gkd":
@@ -405,4 +407,4 @@ def _divergence_terms(
         n = len(s.topk_ids)
         ids[i, :n] = torch.tensor(s.topk_ids, dtype=torch.long)
         lps[i, :n] = torch.tensor(s.topk_logprobs)
-    return reverse_kl_topk(logits, ids, lps)
+    return reverse_kl_topk(logits, ids.to(dev), lps.to(dev))
