@@ -1,5 +1,6 @@
-"""Run every benchmark (or those named: `python -m benchmarks trainer kl`) and write
-benchmarks/results/<name>.json."""
+"""Run every CPU benchmark (or those named: `python -m benchmarks trainer kl`) and write
+benchmarks/results/<name>.json. `kl_cuda` and `trainer_cuda` run on the first GPU, when
+named."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ def main() -> int:
         "kl": bench_kl.run,
         "trainer": bench_trainer.run,
     }
+    on_gpu = {"kl_cuda": bench_kl.run_cuda, "trainer_cuda": bench_trainer.run_cuda}
     chosen = sys.argv[1:] or list(benches)
+    benches |= on_gpu
     unknown = sorted(set(chosen) - set(benches))
     if unknown:
         print(f"unknown benchmark(s) {unknown}; choose from {sorted(benches)}", file=sys.stderr)

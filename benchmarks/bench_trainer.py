@@ -24,9 +24,11 @@ Qwen2's 151,936 entries, where the loss over the vocabulary starts to count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -225,7 +227,8 @@ def trl(
             processing_class=tok,
             callbacks=[Stamp()],
         )
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # its log lines; stdout is the JSON
+            trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "attention": attention,
@@ -291,7 +294,6 @@ def run_cuda() -> dict[str, Any]:
 
 if __name__ == "__main__":
     import json
-    import sys
 
     if sys.argv[1:] == ["--device", "cuda"]:
         print(json.dumps(run_cuda(), indent=2))

@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
-from xopd_core.engines.decode import FusedStep, fused_step
+from xopd_core.engines.decode import FusedStep, GraphedStep, fused_step
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,9 @@ def _decode(
     ).last_hidden_state[:, -1]
     cache.batch_repeat_interleave(n)
     hidden = hidden.repeat_interleave(n, dim=0)
+    step = fused.step if fused is not None else None
+    if fused is not None and device.type == "cuda" and max_new_tokens > 1:
+        step = GraphedStep(fused, rows, prompt_len).step  # launch-bound on a GPU
 
     tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
@@ -206,8 +209,8 @@ def _decode(
         steps = t + 1
         if steps == max_new_tokens or bool(done.all()):
             break
-        if fused is not None:
-            hidden = fused.step(
+        if step is not None:
+            hidden = step(
                 embed(picked), next_position_BG[:, 0] + t, mask_BG_L[:, : prompt_len + steps]
             )
             continue

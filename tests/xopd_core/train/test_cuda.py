@@ -169,3 +169,42 @@ def test_chunked_reverse_kl_on_cuda_equals_cpu() -> None:
     gpu = reverse_kl_full(s.cuda(), t.cuda())
     assert gpu.dtype == torch.float32
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+def test_graphed_decode_step_equals_the_backbone() -> None:
+    """Three tokens after a left-padded prefill: the CUDA-graph step's hidden states and the
+    cache slots it wrote equal transformers' own steps on a twin cache."""
+    from tests.xopd_core.engines.test_decode import _prefilled
+    from xopd_core.engines.decode import GraphedStep, fused_step
+
+    rng = random.Random(1)
+    tok = train_tokenizer(make_navigate(rng, Difficulty()).solution for _ in range(4))
+    shape = LMShape(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+    backbone = build_teacher(shape, tok, seed=3).eval().cuda().model
+    ids = torch.randint(5, len(tok), (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[1, :1] = 0
+    capacity = 9 + 3
+    theirs, _, position = _prefilled(backbone, ids, mask, capacity)
+    _, ours_layers, _ = _prefilled(backbone, ids, mask, capacity)
+    fused = fused_step(backbone, ours_layers, capacity)
+    assert fused is not None
+    graphed = GraphedStep(fused, rows=3, filled=9)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :3])], dim=1)
+    for t, token in enumerate([11, 12, 13]):
+        tokens = torch.full((3,), token, device="cuda")
+        seen = full_mask[:, : 9 + t + 1]
+        with torch.no_grad():
+            expected = backbone(
+                input_ids=tokens[:, None],
+                attention_mask=seen,
+                position_ids=(position + t)[:, None],
+                past_key_values=theirs,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+        got = graphed.step(backbone.embed_tokens(tokens), position + t, seen)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for a, b in zip(theirs.layers, ours_layers, strict=True):
+        torch.testing.assert_close(b._key_buffer[:, :, :12], a.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b._value_buffer[:, :, :12], a.values, atol=1e-5, rtol=0)
