@@ -1,8 +1,9 @@
 """On-policy distillation train-step throughput: our loop (`train.distill`) against TRL's
 `DistillationTrainer` (a dev-only peer) on the same tiny text model, prompts and budget.
 
-Both: the teacher's architecture at the default shape (random init, built here), a student
-= the teacher + small noise (so the loss is not 0), float32 on CPU, 8 prompts × 4 sampled
+Both: a Qwen2 text model at `BENCH_SHAPE` (the teacher's shape until 2026-11-30: 4 layers,
+128 wide, MLP 512; random init, built here), a student = the teacher + small noise (so the
+loss is not 0), float32 on CPU, 8 prompts × 4 sampled
 completions per step, at most 64 new tokens, temperature 1, lr 1e-4, fully on-policy, one
 optimizer step per batch. TRL has no "completions per prompt" for this trainer: each prompt
 is repeated 4 times in its (unshuffled) batch of 32. TRL's loss is full-vocabulary reverse KL
@@ -17,7 +18,7 @@ second TRL run, for comparison) on `xopd_sdpa` (models/attention.py), which `bui
 now sets.
 
 `python -m benchmarks.bench_trainer --device cuda` runs the HF variants and TRL on the first
-GPU (float32 both, TF32 off), at the default shape and at a Qwen2-0.5B-sized one (24 layers,
+GPU (float32 both, TF32 off), at `BENCH_SHAPE` and at a Qwen2-0.5B-sized one (24 layers,
 hidden 896, MLP 4864, 14/2 heads) whose vocabulary is padded with plain word tokens to
 Qwen2's 151,936 entries, where the loss over the vocabulary starts to count.
 """
@@ -70,6 +71,9 @@ def _world(n: int = 64) -> tuple[list[Prompt], list[str]]:
     return prompts, [t for it in items for t in (it.prompt, it.solution)]
 
 
+# The shape every recorded ratio was measured at: the teacher's until its MLP went from 512 to
+# 256 wide (2026-11-30), kept so results compare across sessions.
+BENCH_SHAPE = LMShape(intermediate_size=512)
 QWEN2_05B = LMShape(
     hidden_size=896,
     num_layers=24,
@@ -91,7 +95,7 @@ def _models(
     if vocab > len(tok):
         tok.add_tokens([f"zq{i}" for i in range(vocab - len(tok))])
     with torch.device(device):  # built where it runs: a 0.5B init is slow on the CPU
-        teacher = build_teacher(shape or LMShape(), tok, seed=0).eval()
+        teacher = build_teacher(shape or BENCH_SHAPE, tok, seed=0).eval()
     student = copy.deepcopy(teacher)
     g = torch.Generator(device).manual_seed(1)
     with torch.no_grad():
@@ -268,7 +272,7 @@ def run() -> dict[str, Any]:
 
 
 def run_cuda() -> dict[str, Any]:
-    """The HF variants against TRL on the first GPU, at the default shape and at
+    """The HF variants against TRL on the first GPU, at `BENCH_SHAPE` and at
     `QWEN2_05B` with Qwen2's vocabulary size."""
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 as on the CPU, for both
     torch.backends.cudnn.allow_tf32 = False

@@ -260,7 +260,9 @@ class LMShape(_Strict):
     num_layers: int = Field(default=4, ge=1, le=64, description="Transformer blocks.")
     num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads.")
     num_kv_heads: int = Field(default=2, ge=1, le=64, description="Key/value heads (GQA).")
-    intermediate_size: int = Field(default=512, ge=32, le=32768, description="MLP width.")
+    intermediate_size: int = Field(
+        default=256, ge=32, le=32768, description="MLP width (2x hidden: README, the teacher)."
+    )
     max_positions: int = Field(default=1024, ge=64, le=32768, description="Longest sequence.")
 
     @model_validator(mode="after")
