@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from xopd_core.losses import reverse_kl_full
+
 T, V = 2048, 152_064
 TARGET = 0.25
 
@@ -49,34 +51,41 @@ def naive_reverse_kl(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def measure(variant: str, t: int, v: int) -> dict[str, Any]:
-    from xopd_core.losses import reverse_kl_full
-
     student = _logits(t, v, 0).requires_grad_(True)
     teacher = _logits(t, v, 1)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     base = _status_kib("VmRSS")
     start = time.perf_counter()
+    kl = _forward_backward(variant, student, teacher)
+    seconds = time.perf_counter() - start
+    peak = _status_kib("VmHWM")
+    return _result(variant, student, kl, (peak - base) * 1024, round(seconds, 2))
+
+
+def _forward_backward(variant: str, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     if variant == "naive":
         kl = naive_reverse_kl(student, teacher)
     else:
         kl = reverse_kl_full(student[None], teacher[None])[0]
     kl.mean().backward()
-    seconds = time.perf_counter() - start
-    peak = _status_kib("VmHWM")
+    return kl
+
+
+def _result(
+    variant: str, student: torch.Tensor, kl: torch.Tensor, peak_bytes: int, seconds: float
+) -> dict[str, Any]:
     assert student.grad is not None
     return {
         "variant": variant,
         "inputs_mib": round(2 * student.numel() * 2 / 2**20),
-        "peak_above_inputs_mib": round((peak - base) / 1024),
-        "seconds": round(seconds, 2),
-        "kl_mean": float(kl.mean()),
+        "peak_above_inputs_mib": round(peak_bytes / 2**20),
+        "seconds": seconds,
+        "kl_mean": float(kl.detach().mean()),
         "grad_abs_sum": float(student.grad.float().abs().sum()),
     }
 
 
 def measure_cuda(variant: str, t: int, v: int) -> dict[str, Any]:
-    from xopd_core.losses import reverse_kl_full
-
     student = _logits(t, v, 0).cuda().requires_grad_(True)
     teacher = _logits(t, v, 1).cuda()
     best, peak = float("inf"), 0
@@ -86,23 +95,11 @@ def measure_cuda(variant: str, t: int, v: int) -> dict[str, Any]:
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        if variant == "naive":
-            kl = naive_reverse_kl(student, teacher)
-        else:
-            kl = reverse_kl_full(student[None], teacher[None])[0]
-        kl.mean().backward()
+        kl = _forward_backward(variant, student, teacher)
         torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
         peak = max(peak, torch.cuda.max_memory_allocated() - base)
-    assert student.grad is not None
-    return {
-        "variant": variant,
-        "inputs_mib": round(2 * student.numel() * 2 / 2**20),
-        "peak_above_inputs_mib": round(peak / 2**20),
-        "seconds": round(best, 4),
-        "kl_mean": float(kl.mean()),
-        "grad_abs_sum": float(student.grad.float().abs().sum()),
-    }
+    return _result(variant, student, kl, peak, round(best, 4))
 
 
 def run_cuda(t: int = T, v: int = V) -> dict[str, Any]:

@@ -31,6 +31,20 @@ def _prefilled(backbone: Any, ids_B_L: torch.Tensor, mask_B_L: torch.Tensor, cap
     return cache, layers, positions[:, -1] + 1
 
 
+def backbone_step(
+    backbone: Any, cache: Any, tokens_B: torch.Tensor, seen_B_S: torch.Tensor, positions_B
+) -> torch.Tensor:
+    """transformers' own step for one token per row: the reference for the fused ones."""
+    with torch.no_grad():
+        return backbone(
+            input_ids=tokens_B[:, None],
+            attention_mask=seen_B_S,
+            position_ids=positions_B[:, None],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1]
+
+
 @pytest.mark.parametrize("which", ["teacher", "student", "two_groups"])
 def test_steps_equal_the_backbone_on_left_padded_rows(parts, which: str) -> None:
     """Three tokens decoded after a left-padded prefill: the fused step's hidden states and
@@ -57,14 +71,7 @@ def test_steps_equal_the_backbone_on_left_padded_rows(parts, which: str) -> None
     for t, token in enumerate([11, 12, 13]):
         tokens = torch.full((3,), token)
         seen = full_mask[:, : 9 + t + 1]
-        with torch.no_grad():
-            expected = backbone(
-                input_ids=tokens[:, None],
-                attention_mask=seen,
-                position_ids=(position + t)[:, None],
-                past_key_values=theirs,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+        expected = backbone_step(backbone, theirs, tokens, seen, position + t)
         got = step.step(backbone.embed_tokens(tokens), position + t, seen)
         assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
     for a, b in zip(theirs.layers, ours_layers, strict=True):

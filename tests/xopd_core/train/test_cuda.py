@@ -174,7 +174,7 @@ def test_chunked_reverse_kl_on_cuda_equals_cpu() -> None:
 def test_graphed_decode_step_equals_the_backbone() -> None:
     """Three tokens after a left-padded prefill: the CUDA-graph step's hidden states and the
     cache slots it wrote equal transformers' own steps on a twin cache."""
-    from tests.xopd_core.engines.test_decode import _prefilled
+    from tests.xopd_core.engines.test_decode import _prefilled, backbone_step
     from xopd_core.engines.decode import GraphedStep, fused_step
 
     rng = random.Random(1)
@@ -195,14 +195,7 @@ def test_graphed_decode_step_equals_the_backbone() -> None:
     for t, token in enumerate([11, 12, 13]):
         tokens = torch.full((3,), token, device="cuda")
         seen = full_mask[:, : 9 + t + 1]
-        with torch.no_grad():
-            expected = backbone(
-                input_ids=tokens[:, None],
-                attention_mask=seen,
-                position_ids=(position + t)[:, None],
-                past_key_values=theirs,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+        expected = backbone_step(backbone, theirs, tokens, seen, position + t)
         got = graphed.step(backbone.embed_tokens(tokens), position + t, seen)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     for a, b in zip(theirs.layers, ours_layers, strict=True):
