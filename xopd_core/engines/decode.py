@@ -181,11 +181,11 @@ class GraphedStep:
         self.weights = [joined.get() for joined in fused.joined]  # kept alive for the graph
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.no_grad(), torch.cuda.stream(side):
             self._record()  # a warm-up run off the graph: kernels chosen, workspaces made
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.no_grad(), torch.cuda.graph(self.graph):  # no autograd record in the graph
             self.hidden_B_D = self._record()
 
     def _record(self) -> torch.Tensor:
