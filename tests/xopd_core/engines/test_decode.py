@@ -4,6 +4,7 @@ on the same cache, and declines configurations it does not reproduce."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -58,25 +59,36 @@ def test_steps_equal_the_backbone_on_left_padded_rows(parts, which: str) -> None
         model = (teacher if which == "teacher" else student).eval()
     inner = model.model
     backbone = getattr(inner, "language_model", inner)
-    ids = torch.randint(5, 60, (3, 9), generator=torch.Generator().manual_seed(0))
+    assert_steps_equal_the_backbone(backbone, 60, lambda fused: fused.step)
+
+
+def assert_steps_equal_the_backbone(
+    backbone: Any, vocab: int, make_step: Callable[[Any], Callable[..., torch.Tensor]]
+) -> None:
+    """Three tokens decoded after a left-padded prefill, on the backbone's device, by
+    `make_step(fused_step)` and by the backbone on a twin cache: equal hidden states and
+    cache contents."""
+    device = backbone.norm.weight.device
+    ids = torch.randint(5, vocab, (3, 9), generator=torch.Generator().manual_seed(0)).to(device)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[1, :1] = 0
     capacity = 9 + 3
     theirs, _, position = _prefilled(backbone, ids, mask, capacity)
     _, ours_layers, _ = _prefilled(backbone, ids, mask, capacity)
-    step = fused_step(backbone, ours_layers, capacity)
-    assert step is not None
-    full_mask = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], dim=1)
+    fused = fused_step(backbone, ours_layers, capacity)
+    assert fused is not None
+    step = make_step(fused)
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :3])], dim=1)
     for t, token in enumerate([11, 12, 13]):
-        tokens = torch.full((3,), token)
+        tokens = torch.full((3,), token, device=device)
         seen = full_mask[:, : 9 + t + 1]
         expected = backbone_step(backbone, theirs, tokens, seen, position + t)
-        got = step.step(backbone.embed_tokens(tokens), position + t, seen)
-        assert torch.allclose(got, expected, atol=1e-5, rtol=0), (got - expected).abs().max()
-    for a, b in zip(theirs.layers, ours_layers, strict=True):
-        assert torch.allclose(a.keys, b.keys, atol=1e-5, rtol=0)
-        assert torch.allclose(a.values, b.values, atol=1e-5, rtol=0)
+        got = step(backbone.embed_tokens(tokens), position + t, seen)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for a, b in zip(theirs.layers, ours_layers, strict=True):  # every slot written: 9 + 3
+        torch.testing.assert_close(b._key_buffer[:, :, :capacity], a.keys, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b._value_buffer[:, :, :capacity], a.values, atol=1e-5, rtol=0)
 
 
 def test_reads_the_weights_at_each_step(parts) -> None:

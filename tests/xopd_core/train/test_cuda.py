@@ -174,33 +174,16 @@ def test_chunked_reverse_kl_on_cuda_equals_cpu() -> None:
 def test_graphed_decode_step_equals_the_backbone() -> None:
     """Three tokens after a left-padded prefill: the CUDA-graph step's hidden states and the
     cache slots it wrote equal transformers' own steps on a twin cache."""
-    from tests.xopd_core.engines.test_decode import _prefilled, backbone_step
-    from xopd_core.engines.decode import GraphedStep, fused_step
+    from tests.xopd_core.engines.test_decode import assert_steps_equal_the_backbone
+    from xopd_core.engines.decode import GraphedStep
 
     rng = random.Random(1)
     tok = train_tokenizer(make_navigate(rng, Difficulty()).solution for _ in range(4))
     shape = LMShape(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
     backbone = build_teacher(shape, tok, seed=3).eval().cuda().model
-    ids = torch.randint(5, len(tok), (3, 9), generator=torch.Generator().manual_seed(0)).cuda()
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-    mask[1, :1] = 0
-    capacity = 9 + 3
-    theirs, _, position = _prefilled(backbone, ids, mask, capacity)
-    _, ours_layers, _ = _prefilled(backbone, ids, mask, capacity)
-    fused = fused_step(backbone, ours_layers, capacity)
-    assert fused is not None
-    graphed = GraphedStep(fused, rows=3, filled=9)
-    full_mask = torch.cat([mask, torch.ones_like(mask[:, :3])], dim=1)
-    for t, token in enumerate([11, 12, 13]):
-        tokens = torch.full((3,), token, device="cuda")
-        seen = full_mask[:, : 9 + t + 1]
-        expected = backbone_step(backbone, theirs, tokens, seen, position + t)
-        got = graphed.step(backbone.embed_tokens(tokens), position + t, seen)
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
-    for a, b in zip(theirs.layers, ours_layers, strict=True):
-        torch.testing.assert_close(b._key_buffer[:, :, :12], a.keys, atol=1e-5, rtol=0)
-        torch.testing.assert_close(b._value_buffer[:, :, :12], a.values, atol=1e-5, rtol=0)
+    assert_steps_equal_the_backbone(
+        backbone, len(tok), lambda fused: GraphedStep(fused, rows=3, filled=9).step
+    )
 
 
 class _Stop(Exception):
