@@ -10,7 +10,7 @@ calls the backbone. tests/xopd_core/engines/test_decode.py compares the two.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,13 @@ def half_rotation(head_dim: int, like: torch.Tensor) -> torch.Tensor:
     r[torch.arange(half) + half, torch.arange(half)] = -1.0
     r[torch.arange(half), torch.arange(half) + half] = 1.0
     return r
+
+
+# A layer's joined query/key/value weight and bias, then its joined gate/up weight and bias.
+LayerWeights = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
+# Puts a decoded token's keys and values `[B, K, 1, D]` into a layer's cache; returns the
+# keys and values `[B, K, S, D]` the token attends to.
+Store = Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _joined(linears: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -55,7 +62,7 @@ class _JoinedWeights:
         self.gate_up = [mlp.gate_proj, mlp.up_proj]
         self._stamp: tuple[tuple[int, int], ...] = ()
 
-    def get(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def get(self) -> LayerWeights:
         sources = [t for m in self.qkv + self.gate_up for t in (m.weight, m.bias) if t is not None]
         stamp = tuple((id(t), t._version) for t in sources)
         if stamp != self._stamp:
@@ -92,31 +99,21 @@ class FusedStep:
         b, s = mask_B_S.shape
         bias_B_1_1_S = torch.zeros(b, 1, 1, s, dtype=embeds_B_D.dtype, device=embeds_B_D.device)
         bias_B_1_1_S.masked_fill_(~mask_B_S.bool()[:, None, None, :], float("-inf"))
-
-        def append(
-            cache: Any, k: torch.Tensor, v: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            keys: torch.Tensor
-            values: torch.Tensor
-            keys, values = cache.update(k, v)
-            return keys, values
-
         weights = [joined.get() for joined in self.joined]
-        return self.forward(embeds_B_D, positions_B, bias_B_1_1_S, weights, append)
+        return self.forward(
+            embeds_B_D, positions_B, bias_B_1_1_S, weights, lambda c, k, v: c.update(k, v)
+        )
 
     def forward(
         self,
         embeds_B_D: torch.Tensor,
         positions_B: torch.Tensor,
         bias_B_1_1_S: torch.Tensor,
-        weights: Sequence[
-            tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]
-        ],
-        store: Any,
+        weights: Sequence[LayerWeights],
+        store: Store,
     ) -> torch.Tensor:
-        """The step's arithmetic: `store(cache, k_B_K_1_D, v_B_K_1_D)` puts the token's keys
-        and values into a layer's cache and returns the keys/values `[B, K, S, D]` to attend
-        to, `bias_B_1_1_S` (0 or −inf) says which."""
+        """The step's arithmetic; `store` fills each layer's cache, and `bias_B_1_1_S`
+        (0 or −inf) says which of the keys it returns the token attends to."""
         cos_B_1_D = self.cos_P_D[positions_B][:, None]
         sin_B_1_D = self.sin_P_D[positions_B][:, None]
         b = embeds_B_D.shape[0]
@@ -188,18 +185,16 @@ class GraphedStep:
         with torch.no_grad(), torch.cuda.graph(self.graph):  # no autograd record in the graph
             self.hidden_B_D = self._record()
 
+    def _write(
+        self, cache: Any, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache._key_buffer.index_copy_(2, self.slot, k)
+        cache._value_buffer.index_copy_(2, self.slot, v)
+        return cache._key_buffer, cache._value_buffer
+
     def _record(self) -> torch.Tensor:
-        slot = self.slot
-
-        def write(
-            cache: Any, k: torch.Tensor, v: torch.Tensor
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            cache._key_buffer.index_copy_(2, slot, k)
-            cache._value_buffer.index_copy_(2, slot, v)
-            return cache._key_buffer, cache._value_buffer
-
         return self.fused.forward(
-            self.embeds_B_D, self.positions_B, self.bias_B_1_1_C, self.weights, write
+            self.embeds_B_D, self.positions_B, self.bias_B_1_1_C, self.weights, self._write
         )
 
     @torch.no_grad()

@@ -69,6 +69,10 @@ class HfStudent:
         """Where the model's weights are: inputs are built on the CPU and moved there."""
         return self.model.get_input_embeddings().weight.device
 
+    def _left_padded(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = left_padded(seqs, self.pad_id)
+        return ids.to(self.device), mask.to(self.device)
+
     def clear_audio_cache(self) -> None:
         self._states.clear()
 
@@ -136,8 +140,7 @@ class HfStudent:
         for chunk_no, start in enumerate(range(0, len(prompts), self.batch_size)):
             chunk = prompts[start : start + self.batch_size]
             seqs = [self.prompt_ids(p, modality) for p in chunk]
-            ids, mask = left_padded(seqs, self.pad_id)  # every prompt ends where decoding starts
-            ids, mask = ids.to(self.device), mask.to(self.device)
+            ids, mask = self._left_padded(seqs)  # every prompt ends where decoding starts
             embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
             # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
             generator = torch.Generator(device=embeds.device)
@@ -178,8 +181,7 @@ class HfStudent:
             [(r.modality, r.prompt_id, tuple(r.prompt_ids)) for r in rollouts]
         )
         heads = [rollouts[i] for i in first]
-        ids, mask = left_padded([r.prompt_ids for r in heads], self.pad_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._left_padded([r.prompt_ids for r in heads])
         speech = [r.prompt_id for r in heads if r.modality == "speech"]
         return response_logits(
             self.model,
