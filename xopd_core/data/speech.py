@@ -7,6 +7,7 @@ CPU machines they need torchcodec, which the set-up removes (DESIGN.md §5).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import subprocess
@@ -30,7 +31,34 @@ class Speaker:
 
     @property
     def voice(self) -> str:
+        """The voice as the manifests name it, e.g. "en-gb+whisper"."""
         return f"{self.language}+{self.variant}"
+
+    @property
+    def espeak_voice(self) -> str:
+        """The `-v` argument that really applies the variant: the language's voice file plus
+        the variant ("gmw/en+whisper"). espeak-ng 1.51 ignores the variant of
+        "en-gb+whisper" — every en-gb variant gave the same audio as plain en-gb — while
+        "gmw/en+whisper" whispers (tests/xopd_core/data/test_speech.py)."""
+        return f"{voice_file(self.language)}+{self.variant}"
+
+
+@functools.cache
+def voice_file(language: str) -> str:
+    """espeak-ng's voice file for a language name (`en-gb` → `gmw/en`): of the voices
+    `espeak-ng --voices=<language>` lists for exactly that language, the one of highest
+    priority (lowest number)."""
+    listing = subprocess.run(
+        [ESPEAK, f"--voices={language}"], capture_output=True, check=False, text=True
+    )
+    rows = [line.split() for line in listing.stdout.splitlines()[1:]]
+    found = sorted((int(r[0]), r[4]) for r in rows if len(r) >= 5 and r[1] == language)
+    if listing.returncode != 0 or not found:
+        raise SpeechToolError(
+            f"espeak-ng has no voice for language {language!r} "
+            f"(`espeak-ng --voices={language}` lists none for exactly that name)"
+        )
+    return found[0][1]
 
 
 def require_speech_tools() -> None:
@@ -45,8 +73,17 @@ def require_speech_tools() -> None:
 def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
     """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
     tts = subprocess.run(
-        [ESPEAK, "-v", speaker.voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch),
-         "--stdout", text],
+        [
+            ESPEAK,
+            "-v",
+            speaker.espeak_voice,
+            "-s",
+            str(speaker.rate_wpm),
+            "-p",
+            str(speaker.pitch),
+            "--stdout",
+            text,
+        ],
         capture_output=True,
         check=False,
     )
@@ -56,8 +93,24 @@ def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int
             f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
         )
     conv = subprocess.run(
-        [SOX, "-t", "wav", "-", "-D", "-r", str(sample_rate), "-c", "1", "-b", "16",
-         "-e", "signed-integer", "-t", "wav", str(out_path)],
+        [
+            SOX,
+            "-t",
+            "wav",
+            "-",
+            "-D",
+            "-r",
+            str(sample_rate),
+            "-c",
+            "1",
+            "-b",
+            "16",
+            "-e",
+            "signed-integer",
+            "-t",
+            "wav",
+            str(out_path),
+        ],
         input=tts.stdout,
         capture_output=True,
         check=False,
