@@ -73,17 +73,8 @@ def require_speech_tools() -> None:
 def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
     """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
     tts = subprocess.run(
-        [
-            ESPEAK,
-            "-v",
-            speaker.espeak_voice,
-            "-s",
-            str(speaker.rate_wpm),
-            "-p",
-            str(speaker.pitch),
-            "--stdout",
-            text,
-        ],
+        [ESPEAK, "-v", speaker.espeak_voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch),
+         "--stdout", text],
         capture_output=True,
         check=False,
     )
@@ -93,24 +84,8 @@ def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int
             f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
         )
     conv = subprocess.run(
-        [
-            SOX,
-            "-t",
-            "wav",
-            "-",
-            "-D",
-            "-r",
-            str(sample_rate),
-            "-c",
-            "1",
-            "-b",
-            "16",
-            "-e",
-            "signed-integer",
-            "-t",
-            "wav",
-            str(out_path),
-        ],
+        [SOX, "-t", "wav", "-", "-D", "-r", str(sample_rate), "-c", "1", "-b", "16",
+         "-e", "signed-integer", "-t", "wav", str(out_path)],
         input=tts.stdout,
         capture_output=True,
         check=False,
