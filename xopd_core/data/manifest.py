@@ -23,7 +23,12 @@ AUDIO_FIELDS: tuple[str, ...] = (
     "sample_rate",
     "sha256",
 )
-MANIFEST_FIELDS: tuple[str, ...] = (*TEXT_FIELDS[:4], "audio_path", *TEXT_FIELDS[4:], *AUDIO_FIELDS[1:])
+MANIFEST_FIELDS: tuple[str, ...] = (
+    *TEXT_FIELDS[:4],
+    "audio_path",
+    *TEXT_FIELDS[4:],
+    *AUDIO_FIELDS[1:],
+)
 # Speech splits pair every prompt with audio; text-only splits hold the text LLM's corpus
 # (text is cheap to have in abundance, speech is not: the same holds for real corpora).
 SPEECH_SPLITS = ("train", "eval", "para_eval")
@@ -67,7 +72,9 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict):
-            raise ManifestError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            raise ManifestError(
+                f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}"
+            )
         row["_line"] = lineno
         rows.append(row)
     if not rows:

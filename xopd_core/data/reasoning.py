@@ -8,16 +8,18 @@ learn it; numbers are spelled as words because that is what espeak-ng says.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from xopd_core.config import Difficulty
 
-NUMBER_WORDS = (
+_NUMBERS_SPOKEN = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen twenty"
-).split()
+)
+NUMBER_WORDS = _NUMBERS_SPOKEN.split()
 
 
 def number_word(n: int) -> str:
@@ -56,7 +58,10 @@ def _closing_moves(dx: int, dy: int, max_step: int) -> list[tuple[str, int]] | N
     if dx != 0 and dy != 0:
         if abs(dx) > max_step or abs(dy) > max_step:
             return None
-        return [("left" if dx > 0 else "right", abs(dx)), ("backward" if dy > 0 else "forward", abs(dy))]
+        return [
+            ("left" if dx > 0 else "right", abs(dx)),
+            ("backward" if dy > 0 else "forward", abs(dy)),
+        ]
     d, (neg, pos) = (dx, ("left", "right")) if dx != 0 else (dy, ("backward", "forward"))
     if d == 0:
         return None
@@ -73,7 +78,10 @@ def make_navigate(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     directions = list(_DIRECTIONS)
     while True:
         if want_return:
-            head = [(rng.choice(directions), rng.randint(1, diff.navigate_max_step)) for _ in range(n - 2)]
+            head = [
+                (rng.choice(directions), rng.randint(1, diff.navigate_max_step))
+                for _ in range(n - 2)
+            ]
             dx = sum(_DIRECTIONS[d][0] * k for d, k in head)
             dy = sum(_DIRECTIONS[d][1] * k for d, k in head)
             if dx == 0 and dy == 0:
@@ -87,7 +95,9 @@ def make_navigate(rng: random.Random, diff: Difficulty) -> ReasoningItem:
             moves = head + tail
             rng.shuffle(moves)
         else:
-            moves = [(rng.choice(directions), rng.randint(1, diff.navigate_max_step)) for _ in range(n)]
+            moves = [
+                (rng.choice(directions), rng.randint(1, diff.navigate_max_step)) for _ in range(n)
+            ]
         x = y = 0
         steps = []
         for d, k in moves:
@@ -119,14 +129,38 @@ def make_navigate(rng: random.Random, diff: Difficulty) -> ReasoningItem:
 
 # Consonant-initial nouns only, so "a" never needs to become "an".
 OBJECTS: dict[str, list[tuple[str, str]]] = {
-    "fruits": [("banana", "bananas"), ("peach", "peaches"), ("plum", "plums"),
-               ("grape", "grapes"), ("cherry", "cherries"), ("lemon", "lemons")],
-    "animals": [("dog", "dogs"), ("cat", "cats"), ("goat", "goats"),
-                ("pig", "pigs"), ("cow", "cows"), ("rabbit", "rabbits")],
-    "instruments": [("drum", "drums"), ("flute", "flutes"), ("piano", "pianos"),
-                    ("violin", "violins"), ("trumpet", "trumpets"), ("guitar", "guitars")],
-    "vegetables": [("carrot", "carrots"), ("potato", "potatoes"), ("cabbage", "cabbages"),
-                   ("lettuce head", "lettuce heads"), ("turnip", "turnips"), ("yam", "yams")],
+    "fruits": [
+        ("banana", "bananas"),
+        ("peach", "peaches"),
+        ("plum", "plums"),
+        ("grape", "grapes"),
+        ("cherry", "cherries"),
+        ("lemon", "lemons"),
+    ],
+    "animals": [
+        ("dog", "dogs"),
+        ("cat", "cats"),
+        ("goat", "goats"),
+        ("pig", "pigs"),
+        ("cow", "cows"),
+        ("rabbit", "rabbits"),
+    ],
+    "instruments": [
+        ("drum", "drums"),
+        ("flute", "flutes"),
+        ("piano", "pianos"),
+        ("violin", "violins"),
+        ("trumpet", "trumpets"),
+        ("guitar", "guitars"),
+    ],
+    "vegetables": [
+        ("carrot", "carrots"),
+        ("potato", "potatoes"),
+        ("cabbage", "cabbages"),
+        ("lettuce head", "lettuce heads"),
+        ("turnip", "turnips"),
+        ("yam", "yams"),
+    ],
 }
 CATEGORY_OF = {noun: cat for cat, nouns in OBJECTS.items() for pair in nouns for noun in pair}
 
@@ -141,7 +175,9 @@ def _list_separators(n: int) -> list[str]:
 
 
 def _join_list(parts: list[str]) -> str:
-    return "".join(sep + part for sep, part in zip(_list_separators(len(parts)), parts, strict=True))
+    return "".join(
+        sep + part for sep, part in zip(_list_separators(len(parts)), parts, strict=True)
+    )
 
 
 def make_counting(rng: random.Random, diff: Difficulty) -> ReasoningItem:
@@ -199,7 +235,7 @@ def make_web_of_lies(rng: random.Random, diff: Difficulty) -> ReasoningItem:
     truthful = rng.random() < 0.5
     sentences = [f"{people[0]} {truth_word(truthful)}."]
     steps = [f"{people[0]} {truth_word(truthful)}."]
-    for prev, cur in zip(people, people[1:], strict=False):
+    for prev, cur in itertools.pairwise(people):
         claims_truth = rng.random() < 0.5
         sentences.append(f"{cur} says {prev} {truth_word(claims_truth)}.")
         truthful = claims_truth == truthful

@@ -72,20 +72,27 @@ def require_speech_tools() -> None:
 
 def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
     """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
-    tts = subprocess.run(
-        [ESPEAK, "-v", speaker.espeak_voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch),
-         "--stdout", text],
-        capture_output=True,
-        check=False,
-    )
+    voice = ["-v", speaker.espeak_voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch)]
+    tts = subprocess.run([ESPEAK, *voice, "--stdout", text], capture_output=True, check=False)
     if tts.returncode != 0 or not tts.stdout:
         raise SpeechToolError(
             f"espeak-ng failed for {out_path.name} (voice {speaker.voice}): "
             f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
         )
+    out_format = [
+        "-r",
+        str(sample_rate),
+        "-c",
+        "1",
+        "-b",
+        "16",
+        "-e",
+        "signed-integer",
+        "-t",
+        "wav",
+    ]
     conv = subprocess.run(
-        [SOX, "-t", "wav", "-", "-D", "-r", str(sample_rate), "-c", "1", "-b", "16",
-         "-e", "signed-integer", "-t", "wav", str(out_path)],
+        [SOX, "-t", "wav", "-", "-D", *out_format, str(out_path)],
         input=tts.stdout,
         capture_output=True,
         check=False,

@@ -33,7 +33,6 @@ from xopd_core.data.manifest import (
 )
 from xopd_core.data.speech import sha256_file
 
-
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
 MAX_ROWS_IN_REPORT = 200  # per rule; the counts are always complete
@@ -128,9 +127,14 @@ def _inside(root: Path, candidate: Path) -> bool:
 def probe_audio(audio_path: Any, data_root: Path) -> dict[str, Any]:
     """Facts about one row's audio; None where a fact cannot be known (e.g. file missing)."""
     out: dict[str, Any] = {
-        "audio_inside_root": None, "audio_exists": None, "audio_decodable": None,
-        "audio_sample_rate": None, "audio_channels": None, "audio_duration_s": None,
-        "audio_sha256": None, "audio_decode_error": None,
+        "audio_inside_root": None,
+        "audio_exists": None,
+        "audio_decodable": None,
+        "audio_sample_rate": None,
+        "audio_channels": None,
+        "audio_duration_s": None,
+        "audio_sha256": None,
+        "audio_decode_error": None,
     }
     if not isinstance(audio_path, str) or not audio_path.strip():
         return out
@@ -218,56 +222,122 @@ def _cross_split_overlap(df: pd.DataFrame) -> list[str]:
 
 def build_rules(p: ValidateParams) -> list[Rule]:
     rules = [
-        Rule(f"field_present:{f}", f"every row has a '{f}' value",
-             "ExpectColumnValuesToNotBeNull", {"column": f})
+        Rule(
+            f"field_present:{f}",
+            f"every row has a '{f}' value",
+            "ExpectColumnValuesToNotBeNull",
+            {"column": f},
+        )
         for f in TEXT_FIELDS
     ]
     rules.append(
-        Rule("audio_fields_present", f"rows of speech splits have {list(AUDIO_FIELDS)}",
-             "ExpectColumnValuesToBeInSet", {"column": "missing_audio_fields", "value_set": [""]})
+        Rule(
+            "audio_fields_present",
+            f"rows of speech splits have {list(AUDIO_FIELDS)}",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "missing_audio_fields", "value_set": [""]},
+        )
     )
     rules += [
-        Rule("id_unique", "ids are unique across the dataset",
-             "ExpectColumnValuesToBeUnique", {"column": "id"}),
-        Rule("split_known", f"split is one of {list(SPLITS)}",
-             "ExpectColumnValuesToBeInSet", {"column": "split", "value_set": list(SPLITS)}),
-        Rule("transcript_not_blank", "transcript has visible text",
-             "ExpectColumnValuesToMatchRegex", {"column": "transcript", "regex": r"\S"}),
-        Rule("answer_not_blank", "answer has visible text",
-             "ExpectColumnValuesToMatchRegex", {"column": "answer", "regex": r"\S"}),
-        Rule("no_train_eval_overlap", "no prompt appears in both a training and an eval split",
-             "ExpectColumnValuesToBeInSet", {"column": "prompt_also_in", "value_set": [""]}),
-        Rule("audio_inside_root", "audio_path stays inside the data root",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_inside_root", "value_set": [True]},
-            show="audio_path"),
-        Rule("audio_exists", "the audio file exists",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_exists", "value_set": [True]},
-            show="audio_path"),
-        Rule("audio_decodable", "the audio decodes completely",
-             "ExpectColumnValuesToBeInSet", {"column": "audio_decodable", "value_set": [True]},
-            show="audio_decode_error"),
-        Rule("audio_sha256_matches", "the audio's sha256 equals the manifest's",
-             "ExpectColumnPairValuesToBeEqual",
-             {"column_A": "sha256", "column_B": "audio_sha256",
-              "ignore_row_if": "either_value_is_missing"}),
-        Rule("audio_sample_rate", f"the audio is {p.sample_rate} Hz",
-             "ExpectColumnValuesToBeInSet",
-             {"column": "audio_sample_rate", "value_set": [p.sample_rate]}),
-        Rule("manifest_sample_rate", f"the manifest declares {p.sample_rate} Hz",
-             "ExpectColumnValuesToBeInSet",
-             {"column": "sample_rate", "value_set": [p.sample_rate]}),
-        Rule("audio_channels", f"the audio has {p.channels} channel(s)",
-             "ExpectColumnValuesToBeInSet",
-             {"column": "audio_channels", "value_set": [p.channels]}),
-        Rule("audio_duration", f"duration within {p.min_duration_s}–{p.max_duration_s} s",
-             "ExpectColumnValuesToBeBetween",
-             {"column": "audio_duration_s", "min_value": p.min_duration_s,
-              "max_value": p.max_duration_s}),
-        Rule("manifest_duration_matches", f"declared duration within "
-             f"{p.duration_tolerance_s} s of the audio's",
-             "ExpectColumnValuesToBeBetween",
-             {"column": "duration_mismatch_s", "min_value": 0.0,
-              "max_value": p.duration_tolerance_s}),
+        Rule(
+            "id_unique",
+            "ids are unique across the dataset",
+            "ExpectColumnValuesToBeUnique",
+            {"column": "id"},
+        ),
+        Rule(
+            "split_known",
+            f"split is one of {list(SPLITS)}",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "split", "value_set": list(SPLITS)},
+        ),
+        Rule(
+            "transcript_not_blank",
+            "transcript has visible text",
+            "ExpectColumnValuesToMatchRegex",
+            {"column": "transcript", "regex": r"\S"},
+        ),
+        Rule(
+            "answer_not_blank",
+            "answer has visible text",
+            "ExpectColumnValuesToMatchRegex",
+            {"column": "answer", "regex": r"\S"},
+        ),
+        Rule(
+            "no_train_eval_overlap",
+            "no prompt appears in both a training and an eval split",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "prompt_also_in", "value_set": [""]},
+        ),
+        Rule(
+            "audio_inside_root",
+            "audio_path stays inside the data root",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "audio_inside_root", "value_set": [True]},
+            show="audio_path",
+        ),
+        Rule(
+            "audio_exists",
+            "the audio file exists",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "audio_exists", "value_set": [True]},
+            show="audio_path",
+        ),
+        Rule(
+            "audio_decodable",
+            "the audio decodes completely",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "audio_decodable", "value_set": [True]},
+            show="audio_decode_error",
+        ),
+        Rule(
+            "audio_sha256_matches",
+            "the audio's sha256 equals the manifest's",
+            "ExpectColumnPairValuesToBeEqual",
+            {
+                "column_A": "sha256",
+                "column_B": "audio_sha256",
+                "ignore_row_if": "either_value_is_missing",
+            },
+        ),
+        Rule(
+            "audio_sample_rate",
+            f"the audio is {p.sample_rate} Hz",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "audio_sample_rate", "value_set": [p.sample_rate]},
+        ),
+        Rule(
+            "manifest_sample_rate",
+            f"the manifest declares {p.sample_rate} Hz",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "sample_rate", "value_set": [p.sample_rate]},
+        ),
+        Rule(
+            "audio_channels",
+            f"the audio has {p.channels} channel(s)",
+            "ExpectColumnValuesToBeInSet",
+            {"column": "audio_channels", "value_set": [p.channels]},
+        ),
+        Rule(
+            "audio_duration",
+            f"duration within {p.min_duration_s}–{p.max_duration_s} s",
+            "ExpectColumnValuesToBeBetween",
+            {
+                "column": "audio_duration_s",
+                "min_value": p.min_duration_s,
+                "max_value": p.max_duration_s,
+            },
+        ),
+        Rule(
+            "manifest_duration_matches",
+            f"declared duration within {p.duration_tolerance_s} s of the audio's",
+            "ExpectColumnValuesToBeBetween",
+            {
+                "column": "duration_mismatch_s",
+                "min_value": 0.0,
+                "max_value": p.duration_tolerance_s,
+            },
+        ),
     ]
     return rules
 
@@ -281,7 +351,6 @@ def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, A
     logging.getLogger("great_expectations").setLevel(logging.ERROR)
     import great_expectations as gx
     import great_expectations.expectations as gxe
-
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
@@ -334,14 +403,18 @@ def _outcome(rule: Rule, res: Any, df: pd.DataFrame) -> RuleOutcome:
         manifest, _, line = ref.rpartition(":")
         hit = df.loc[df["row_ref"] == ref]
         value = hit.iloc[0][col] if len(hit) else None
-        failures.append({
-            "manifest": manifest, "line": int(line) if line.isdigit() else None,
-            "id": idx.get("id") if isinstance(idx, dict) else None,
-            "value": _jsonable(value),
-        })
+        failures.append(
+            {
+                "manifest": manifest,
+                "line": int(line) if line.isdigit() else None,
+                "id": idx.get("id") if isinstance(idx, dict) else None,
+                "value": _jsonable(value),
+            }
+        )
     count = int(r.get("unexpected_count") or len(failures))
-    return RuleOutcome(rule.name, rule.description, rule.expectation, bool(res.success),
-                       count, failures, error)
+    return RuleOutcome(
+        rule.name, rule.description, rule.expectation, bool(res.success), count, failures, error
+    )
 
 
 def _jsonable(v: Any) -> Any:
@@ -390,10 +463,13 @@ code{background:#f3f3f3;padding:0 .2rem}
 def render_html(report: ValidationReport) -> str:
     """A self-contained page (inline CSS, no scripts): opens offline, unlike GX Data Docs."""
     e = html.escape
-    status = '<span class="ok">PASSED</span>' if report.success else '<span class="bad">FAILED</span>'
+    status = (
+        '<span class="ok">PASSED</span>' if report.success else '<span class="bad">FAILED</span>'
+    )
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        "<title>xopd validation</title>", f"<style>{_CSS}</style></head><body>",
+        "<title>xopd validation</title>",
+        f"<style>{_CSS}</style></head><body>",
         f"<h1>Dataset validation: {status}</h1>",
         f"<p>Data root <code>{e(report.data_root)}</code>; {report.n_rows} rows from "
         f"{len(report.manifests)} manifest(s); {len(report.rules)} rules; "
@@ -403,8 +479,10 @@ def render_html(report: ValidationReport) -> str:
     ]
     for r in report.rules:
         mark = '<span class="ok">pass</span>' if r.success else '<span class="bad">FAIL</span>'
-        parts.append(f"<tr><td>{e(r.rule)}</td><td>{e(r.description)}</td>"
-                     f"<td>{e(r.expectation)}</td><td>{mark}</td><td>{r.unexpected_count}</td></tr>")
+        parts.append(
+            f"<tr><td>{e(r.rule)}</td><td>{e(r.description)}</td>"
+            f"<td>{e(r.expectation)}</td><td>{mark}</td><td>{r.unexpected_count}</td></tr>"
+        )
     parts.append("</table>")
     for r in report.failed_rules:
         parts.append(f"<h2>{e(r.rule)}: {e(r.description)}</h2>")
@@ -412,11 +490,14 @@ def render_html(report: ValidationReport) -> str:
             parts.append(f"<p class='bad'>{e(r.error)}</p>")
         parts.append("<table><tr><th>manifest</th><th>line</th><th>id</th><th>found</th></tr>")
         for f in r.failures:
-            parts.append(f"<tr><td>{e(str(f['manifest']))}</td><td>{f['line']}</td>"
-                         f"<td>{e(str(f['id']))}</td><td>{e(repr(f['value']))}</td></tr>")
+            parts.append(
+                f"<tr><td>{e(str(f['manifest']))}</td><td>{f['line']}</td>"
+                f"<td>{e(str(f['id']))}</td><td>{e(repr(f['value']))}</td></tr>"
+            )
         parts.append("</table>")
         if r.unexpected_count > len(r.failures):
-            parts.append(f"<p>… {r.unexpected_count - len(r.failures)} more rows "
-                         "(see the JSON result).</p>")
+            parts.append(
+                f"<p>… {r.unexpected_count - len(r.failures)} more rows (see the JSON result).</p>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -27,7 +27,6 @@ from xopd_core.data.reasoning import (
     count_phrase,
     steps_phrase,
     truth_word,
-    number_word,
 )
 from xopd_core.data.speech import Speaker, require_speech_tools, sha256_file, synthesize_wav
 
@@ -79,8 +78,12 @@ def _pick(rng: random.Random, r: IntRange) -> int:
 
 def _ordinary_speaker(rng: random.Random, p: SynthParams) -> Speaker:
     v = p.voices
-    return Speaker(rng.choice(v.languages), rng.choice(v.variants), _pick(rng, v.normal_rate_wpm),
-                   _pick(rng, v.normal_pitch))
+    return Speaker(
+        rng.choice(v.languages),
+        rng.choice(v.variants),
+        _pick(rng, v.normal_rate_wpm),
+        _pick(rng, v.normal_pitch),
+    )
 
 
 def _carrier_sentence(rng: random.Random, p: SynthParams) -> str:
@@ -178,7 +181,13 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
     train = _plan_split(p, "train", rtasks, p.train_per_task, reasoning, "reasoning", seen)
     train += _plan_split(p, "train", ptasks, p.para_train_per_task, para, "paralinguistic", seen)
     text = _plan_split(
-        p, "text_train", rtasks, p.text_train_per_task, reasoning, "reasoning", held_out,
+        p,
+        "text_train",
+        rtasks,
+        p.text_train_per_task,
+        reasoning,
+        "reasoning",
+        held_out,
         distinct=False,
     )
     return eval_items + para_eval + train + text
@@ -186,8 +195,13 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
 
 def _text_row(item: PlannedItem) -> dict[str, Any]:
     return {
-        "id": item.id, "split": item.split, "task": item.task, "kind": item.kind,
-        "transcript": item.transcript, "answer": item.answer, "solution": item.solution,
+        "id": item.id,
+        "split": item.split,
+        "task": item.task,
+        "kind": item.kind,
+        "transcript": item.transcript,
+        "answer": item.answer,
+        "solution": item.solution,
     }
 
 
@@ -257,8 +271,10 @@ def synthesize_world(
             seconds=0.0,
             manifests={s: str(manifest_path(Path(out_dir), s)) for s in sorted(by_split)},
         )
-        write_json_atomic(staging / "world.json", {"params": p.model_dump(mode="json", exclude={"workers"}),
-                                                   **_counts_only(summary)})
+        write_json_atomic(
+            staging / "world.json",
+            {"params": p.model_dump(mode="json", exclude={"workers"}), **_counts_only(summary)},
+        )
     summary.seconds = round(time.perf_counter() - start, 2)
     return summary
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -10,15 +11,20 @@ from xopd_core.config import Difficulty, IntRange
 from xopd_core.data.reasoning import CATEGORY_OF, NUMBER_WORDS, REASONING_TASKS, number_word
 
 HARD = Difficulty(
-    navigate_moves=IntRange(min=2, max=6), navigate_max_step=3,
-    counting_items=IntRange(min=2, max=6), counting_max_per_item=3,
-    lies_people=IntRange(min=2, max=8), boolean_operands=IntRange(min=2, max=6),
+    navigate_moves=IntRange(min=2, max=6),
+    navigate_max_step=3,
+    counting_items=IntRange(min=2, max=6),
+    counting_max_per_item=3,
+    lies_people=IntRange(min=2, max=8),
+    boolean_operands=IntRange(min=2, max=6),
 )
 
 
 @pytest.mark.parametrize("task", sorted(REASONING_TASKS))
 @pytest.mark.parametrize("difficulty", [Difficulty(), HARD], ids=["default", "hard"])
-def test_independent_solver_agrees_with_every_stored_answer(task: str, difficulty: Difficulty) -> None:
+def test_independent_solver_agrees_with_every_stored_answer(
+    task: str, difficulty: Difficulty
+) -> None:
     rng = random.Random(f"solver-check:{task}")
     for _ in range(400):
         item = REASONING_TASKS[task](rng, difficulty)
@@ -31,8 +37,11 @@ def test_independent_solver_agrees_with_every_stored_answer(task: str, difficult
 
 @pytest.mark.parametrize(
     ("task", "answers"),
-    [("navigate", {"yes", "no"}), ("web_of_lies", {"yes", "no"}),
-     ("boolean_expressions", {"true", "false"})],
+    [
+        ("navigate", {"yes", "no"}),
+        ("web_of_lies", {"yes", "no"}),
+        ("boolean_expressions", {"true", "false"}),
+    ],
 )
 def test_binary_tasks_are_roughly_balanced(task: str, answers: set[str]) -> None:
     rng = random.Random(f"balance:{task}")
@@ -44,8 +53,12 @@ def test_binary_tasks_are_roughly_balanced(task: str, answers: set[str]) -> None
 
 def test_difficulty_controls_the_number_of_reasoning_steps() -> None:
     rng = random.Random(0)
-    d = Difficulty(navigate_moves=IntRange(min=4, max=4), lies_people=IntRange(min=6, max=6),
-                   boolean_operands=IntRange(min=5, max=5), counting_items=IntRange(min=6, max=6))
+    d = Difficulty(
+        navigate_moves=IntRange(min=4, max=4),
+        lies_people=IntRange(min=6, max=6),
+        boolean_operands=IntRange(min=5, max=5),
+        counting_items=IntRange(min=6, max=6),
+    )
     nav = REASONING_TASKS["navigate"](rng, d)
     assert len(re.findall(r"take \w+ steps? ", nav.prompt)) == 4
     lies = REASONING_TASKS["web_of_lies"](rng, d)
@@ -116,7 +129,7 @@ def test_counting_steps_quote_the_list_from_where_the_last_step_left_off() -> No
         assert len(quotes) == listed.count(",") + 1  # one step per listed item
         assert listed.startswith(quotes[0]) and quotes[0].startswith("i have ")
         assert listed.endswith(quotes[-1])
-        for before, quote in zip(quotes, quotes[1:], strict=False):
+        for before, quote in itertools.pairwise(quotes):
             assert quote in listed  # the prompt's own words
             anchor = quote.split(",")[0]  # the previous item's noun
             assert anchor in CATEGORY_OF

@@ -19,13 +19,17 @@ def edit_rows(root: Path, split: str, edit: Callable[[list[dict]], None]) -> Non
     path = manifest_path(root, split)
     rows = read_manifest(path)
     edit(rows)
-    path.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n"
-                            for r in rows))
+    path.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "_line"}) + "\n" for r in rows)
+    )
 
 
 def sox(src: Path, dst: Path, *effects: str, rate: int = 16000, channels: int = 1) -> None:
-    subprocess.run(["sox", str(src), "-D", "-r", str(rate), "-c", str(channels), str(dst),
-                    *effects], check=True, capture_output=True)
+    subprocess.run(
+        ["sox", str(src), "-D", "-r", str(rate), "-c", str(channels), str(dst), *effects],
+        check=True,
+        capture_output=True,
+    )
 
 
 def refresh_facts(root: Path, row: dict) -> None:
@@ -59,7 +63,8 @@ def assert_names_row(report: ValidationReport, rule: str, split: str, line: int)
 def test_good_data_passes_and_reports_are_written(tiny_world: Path, tmp_path: Path) -> None:
     summary = validate(Params(), [tiny_world], tmp_path / "report")
     assert summary.success and summary.n_rows == len(
-        [r for m in find_manifests([tiny_world]) for r in read_manifest(m)])
+        [r for m in find_manifests([tiny_world]) for r in read_manifest(m)]
+    )
     result = json.loads(summary.report_json.read_text())
     assert result["success"] is True
     assert len(result["rules"]) >= 20 and all(r["success"] for r in result["rules"])
@@ -127,10 +132,12 @@ def test_stereo_audio_is_rejected(world_copy: Path, tmp_path: Path) -> None:
     assert {r.rule for r in report.failed_rules} == {"audio_channels"}
 
 
-@pytest.mark.parametrize("effects", [["trim", "0", "0.1"], ["pad", "0", "31"]],
-                         ids=["too-short", "too-long"])
-def test_duration_out_of_range_is_rejected(world_copy: Path, tmp_path: Path,
-                                           effects: list[str]) -> None:
+@pytest.mark.parametrize(
+    "effects", [["trim", "0", "0.1"], ["pad", "0", "31"]], ids=["too-short", "too-long"]
+)
+def test_duration_out_of_range_is_rejected(
+    world_copy: Path, tmp_path: Path, effects: list[str]
+) -> None:
     def plant(rows: list[dict]) -> None:
         path = world_copy / rows[1]["audio_path"]
         tmp = path.with_suffix(".tmp.wav")
@@ -145,8 +152,9 @@ def test_duration_out_of_range_is_rejected(world_copy: Path, tmp_path: Path,
 
 
 @pytest.mark.parametrize("blank", ["", "   \t "])
-def test_empty_or_whitespace_transcript_is_rejected(world_copy: Path, tmp_path: Path,
-                                                    blank: str) -> None:
+def test_empty_or_whitespace_transcript_is_rejected(
+    world_copy: Path, tmp_path: Path, blank: str
+) -> None:
     edit_rows(world_copy, "train", lambda rows: rows[4].update(transcript=blank))
     assert_names_row(run(world_copy, tmp_path), "transcript_not_blank", "train", 5)
 
@@ -175,16 +183,20 @@ def test_duplicate_ids_are_rejected(world_copy: Path, tmp_path: Path) -> None:
 def test_same_prompt_in_train_and_eval_is_rejected(world_copy: Path, tmp_path: Path) -> None:
     leaked = read_manifest(manifest_path(world_copy, "eval"))[1]["transcript"]
     # Case and spacing differences do not hide a leak.
-    edit_rows(world_copy, "train",
-              lambda rows: rows[5].update(transcript="  " + leaked.upper().replace(" ", "  ")))
+    edit_rows(
+        world_copy,
+        "train",
+        lambda rows: rows[5].update(transcript="  " + leaked.upper().replace(" ", "  ")),
+    )
     report = run(world_copy, tmp_path)
     assert_names_row(report, "no_train_eval_overlap", "train", 6)
     assert_names_row(report, "no_train_eval_overlap", "eval", 2)
 
 
 @pytest.mark.parametrize("escape", ["../outside.wav", "audio/../../outside.wav", "ABSOLUTE"])
-def test_audio_path_escaping_the_data_root_is_rejected(world_copy: Path, tmp_path: Path,
-                                                       escape: str) -> None:
+def test_audio_path_escaping_the_data_root_is_rejected(
+    world_copy: Path, tmp_path: Path, escape: str
+) -> None:
     outside = world_copy.parent / "outside.wav"
     first = read_manifest(manifest_path(world_copy, "train"))[0]
     shutil.copy(world_copy / first["audio_path"], outside)

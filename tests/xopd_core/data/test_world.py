@@ -18,15 +18,20 @@ from xopd_core.data.world import PARA_TASKS, WorldGenerationError, plan_world, s
 def tree_digest(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
 def all_rows(root: Path) -> list[dict]:
-    return [r for s in ("train", "eval", "para_eval") for r in read_manifest(manifest_path(root, s))]
+    return [
+        r for s in ("train", "eval", "para_eval") for r in read_manifest(manifest_path(root, s))
+    ]
 
 
-def test_same_seed_gives_byte_identical_manifests_and_audio(tiny_world: Path, tmp_path: Path) -> None:
+def test_same_seed_gives_byte_identical_manifests_and_audio(
+    tiny_world: Path, tmp_path: Path
+) -> None:
     again = tmp_path / "again"
     # Different worker count: scheduling must not leak into the output.
     synthesize_world(tiny_synth_params(workers=1), again)
