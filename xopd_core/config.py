@@ -257,7 +257,7 @@ class LMShape(_Strict):
     """Size of a tiny Qwen2 language model (teacher, and the student's LM that copies it)."""
 
     hidden_size: int = Field(default=128, ge=32, le=8192, description="Hidden width.")
-    num_layers: int = Field(default=4, ge=1, le=64, description="Transformer blocks.")
+    num_layers: int = Field(default=2, ge=1, le=64, description="Transformer blocks (README).")
     num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads.")
     num_kv_heads: int = Field(default=2, ge=1, le=64, description="Key/value heads (GQA).")
     intermediate_size: int = Field(
@@ -403,7 +403,7 @@ class StudentParams(_Strict):
         description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
     )
     align: Phase = Field(
-        default=Phase(steps=600, batch_size=16, lr=2e-3),
+        default=Phase(steps=450, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
     )
     speaker_loss_weight: float = Field(
