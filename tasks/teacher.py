@@ -20,7 +20,7 @@ from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text
 from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
-from xopd_core.models.prompts import text_prompt_ids
+from xopd_core.models.prompts import text_prompts_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id, train_tokenizer
 from xopd_core.train.sft import SftExample, train_sft, weighted_by_group
 
@@ -52,12 +52,11 @@ def teacher(
     )
     eos = token_id(tokenizer, IM_END)
     # The teacher is a text LLM: it learns from the text corpus only.
+    prompts = text_prompts_ids(tokenizer, [r["transcript"] for r in text_train])
+    solutions = tokenizer([r["solution"] for r in text_train])["input_ids"]
     examples = [
-        SftExample(
-            text_prompt_ids(tokenizer, r["transcript"]),
-            tokenizer(r["solution"])["input_ids"] + [eos],
-        )
-        for r in text_train
+        SftExample(prompt, [*solution, eos])
+        for prompt, solution in zip(prompts, solutions, strict=True)
     ]
     tasks = [r["task"] for r in text_train]
     if p.task_weights is not None:

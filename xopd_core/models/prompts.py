@@ -6,6 +6,7 @@ only the offset at which it starts differs (remapped in `xopd_core.engines.scori
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +24,22 @@ def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list
         return_dict=False,
     )
     return list(ids)
+
+
+def text_prompts_ids(
+    tokenizer: PreTrainedTokenizerFast, transcripts: Sequence[str]
+) -> list[list[int]]:
+    """`text_prompt_ids` of many transcripts: the chat template rendered for all, then one
+    batched encode (the same ids; the teacher's 40,000 prompts in about half the time)."""
+    if not transcripts:
+        return []
+    rendered = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": t}] for t in transcripts],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    encoded = tokenizer(list(rendered), add_special_tokens=False)["input_ids"]
+    return [list(ids) for ids in encoded]
 
 
 def speech_prompt_ids(

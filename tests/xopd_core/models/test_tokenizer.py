@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.models.prompts import text_prompt_ids, text_prompts_ids
 from xopd_core.models.tokenizer import (
     AUDIO,
     AUDIO_BOS,
@@ -97,3 +98,13 @@ def test_every_held_out_word_is_one_token(world_tokenizer, tiny_world: Path) -> 
 def test_missing_token_is_an_error_not_the_unknown_id(world_tokenizer) -> None:
     with pytest.raises(KeyError, match="zebra"):
         token_id(world_tokenizer, "zebra")
+
+
+def test_batched_text_prompts_equal_one_at_a_time(world_tokenizer, tiny_world: Path) -> None:
+    rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    transcripts = [r["transcript"] for r in rows]
+    transcripts += ["  leading and trailing spaces  ", "two\nlines", "is that true or false?"]
+    batched = text_prompts_ids(world_tokenizer, transcripts)
+    assert batched == [text_prompt_ids(world_tokenizer, t) for t in transcripts]
+    assert len({len(ids) for ids in batched}) > 1  # real, differing prompts were compared
+    assert text_prompts_ids(world_tokenizer, []) == []
