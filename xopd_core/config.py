@@ -403,7 +403,7 @@ class StudentParams(_Strict):
         description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
     )
     align: Phase = Field(
-        default=Phase(steps=300, batch_size=16, lr=2e-3),
+        default=Phase(steps=450, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
     )
     speaker_loss_weight: float = Field(
