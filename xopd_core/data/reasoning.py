@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 from xopd_core.config import Difficulty
 
-_NUMBERS_SPOKEN = (
+NUMBER_WORDS = (  # noqa: SIM905 (a line of words reads better than 21 quoted ones)
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen twenty"
-)
-NUMBER_WORDS = _NUMBERS_SPOKEN.split()
+).split()
 
 
 def number_word(n: int) -> str:

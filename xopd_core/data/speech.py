@@ -79,18 +79,7 @@ def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int
             f"espeak-ng failed for {out_path.name} (voice {speaker.voice}): "
             f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
         )
-    out_format = [
-        "-r",
-        str(sample_rate),
-        "-c",
-        "1",
-        "-b",
-        "16",
-        "-e",
-        "signed-integer",
-        "-t",
-        "wav",
-    ]
+    out_format = f"-r {sample_rate} -c 1 -b 16 -e signed-integer -t wav".split()
     conv = subprocess.run(
         [SOX, "-t", "wav", "-", "-D", *out_format, str(out_path)],
         input=tts.stdout,

@@ -17,20 +17,14 @@ from xopd_core.models.tokenizer import AUDIO, token_id
 def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list[int]:
     """The transcript as a user turn, then the assistant header (the teacher's prompt, and
     the student's in-modal prompt)."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": transcript}],
-        tokenize=True,
-        add_generation_prompt=True,
-        return_dict=False,
-    )
-    return list(ids)
+    return text_prompts_ids(tokenizer, [transcript])[0]
 
 
 def text_prompts_ids(
     tokenizer: PreTrainedTokenizerFast, transcripts: Sequence[str]
 ) -> list[list[int]]:
     """`text_prompt_ids` of many transcripts: the chat template rendered for all, then one
-    batched encode (the same ids; the teacher's 40,000 prompts in about half the time)."""
+    batched encode (the teacher's 40,000 prompts in about half the time of one by one)."""
     if not transcripts:
         return []
     rendered = tokenizer.apply_chat_template(

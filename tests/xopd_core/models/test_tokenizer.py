@@ -105,6 +105,18 @@ def test_batched_text_prompts_equal_one_at_a_time(world_tokenizer, tiny_world: P
     transcripts = [r["transcript"] for r in rows]
     transcripts += ["  leading and trailing spaces  ", "two\nlines", "is that true or false?"]
     batched = text_prompts_ids(world_tokenizer, transcripts)
-    assert batched == [text_prompt_ids(world_tokenizer, t) for t in transcripts]
+    one_at_a_time = [
+        list(
+            world_tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}],
+                tokenize=True,
+                add_generation_prompt=True,
+                return_dict=False,
+            )
+        )
+        for t in transcripts
+    ]
+    assert batched == one_at_a_time
+    assert [text_prompt_ids(world_tokenizer, t) for t in transcripts] == one_at_a_time
     assert len({len(ids) for ids in batched}) > 1  # real, differing prompts were compared
     assert text_prompts_ids(world_tokenizer, []) == []
