@@ -50,28 +50,36 @@ def extract_features(
 
     The extractor normalises each utterance by its own maximum, and zero padding only adds
     frames at the floor, so padding each waveform with a few frames' worth of zeros instead
-    of up to 30 s changes no kept value (tested) and is ~10x cheaper.
+    of up to 30 s changes no kept value (tested) and is ~10x cheaper. The arithmetic is the
+    extractor's (`WhisperFeatureExtractor`, torch path: STFT, power, mel filters, log10,
+    floor at the maximum − 8, rescale) on one zero-padded batch tensor, with the power as
+    re² + im² rather than |z|²; equal to it within 1e-5 (tested), at ~0.4x its time (the
+    extractor pads lists in numpy and takes a complex absolute value first).
     """
     extractor: Any = processor.feature_extractor
-    hop = extractor.hop_length
+    if extractor.dither != 0.0:
+        raise ValueError(f"feature extractor dither is {extractor.dither}; expected 0 (none)")
+    hop, n_fft = extractor.hop_length, extractor.n_fft
     window = extractor.n_samples
     # Zeros after the utterance: the margin frames, plus the STFT's half window either side.
-    tail = (CROP_MARGIN + 2) * hop + extractor.n_fft
+    tail = (CROP_MARGIN + 2) * hop + n_fft
+    hann = torch.hann_window(n_fft)
+    filters_M_F = torch.from_numpy(np.asarray(extractor.mel_filters, dtype=np.float32)).T
     by_index: dict[int, AudioFeatures] = {}
     order = sorted(range(len(waveforms)), key=lambda i: len(waveforms[i]))
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         longest = min(window, max(len(waveforms[i]) for i in chunk) + tail)
-        batch = extractor(
-            [waveforms[i] for i in chunk],
-            sampling_rate=extractor.sampling_rate,
-            return_attention_mask=True,
-            padding="max_length",
-            max_length=longest,
-            truncation=True,
-            return_tensors="pt",
-        )
-        for i, mel in zip(chunk, batch["input_features"], strict=True):
+        batch_B_N = torch.zeros(len(chunk), longest)
+        for row, i in enumerate(chunk):
+            wave = torch.from_numpy(np.asarray(waveforms[i][:longest], dtype=np.float32))
+            batch_B_N[row, : len(wave)] = wave
+        spectrum = torch.stft(batch_B_N, n_fft, hop, window=hann, return_complex=True)[..., :-1]
+        power_B_F_T = spectrum.real.square() + spectrum.imag.square()
+        log_B_M_T = (filters_M_F @ power_B_F_T).clamp_min(1e-10).log10()
+        floor_B_1_1 = log_B_M_T.amax(dim=(1, 2), keepdim=True) - 8.0
+        mel_B_M_T = (torch.maximum(log_B_M_T, floor_B_1_1) + 4.0) / 4.0
+        for i, mel in zip(chunk, mel_B_M_T, strict=True):
             frames = min(window // hop, math.ceil(len(waveforms[i]) / hop))
             keep = min(window // hop, frames + CROP_MARGIN)
             by_index[i] = AudioFeatures(mel[:, :keep].clone(), frames)

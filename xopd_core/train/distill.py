@@ -207,8 +207,7 @@ def train(
             for step, metrics in enumerate(history):
                 log(step, metrics)
     student.clear_audio_cache()
-    if "speech" in _modalities(cfg):
-        student.load_audio(prompts)  # rollouts may come from another engine (vLLM)
+    hears = "speech" in _modalities(cfg)
     by_id = {p.id: p for p in prompts}
     model.train()
     bar = tqdm(
@@ -224,6 +223,8 @@ def train(
                 prompts[i]
                 for i in prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
             ]
+            if hears:  # the step's audio, for the student's forward (rollouts may be vLLM's)
+                student.load_audio(batch)
 
             # 1. rollout: m responses per prompt, from the text prompt T and/or the speech prompt S
             model.eval()
