@@ -285,7 +285,7 @@ class TeacherParams(_Strict):
 
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     model: LMShape = Field(default=LMShape(), description="Architecture.")
-    steps: int = Field(default=2000, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(default=1600, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per step.")
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
@@ -303,9 +303,9 @@ class TeacherParams(_Strict):
     task_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = Field(
         default_factory=lambda: {
             "navigate": 0.25,
-            "object_counting": 0.35,
+            "object_counting": 0.30,
             "web_of_lies": 0.15,
-            "boolean_expressions": 0.25,
+            "boolean_expressions": 0.30,
         },
         description="Each reasoning task's share of the training examples, normalised to "
         "sum to 1; every task of the text corpus needs one, and a task whose share exceeds "
@@ -446,7 +446,7 @@ class TrainParams(_Strict):
         "gkd (generalised JSD on student samples, forward KL by default); grpo (outcome reward).",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Prompt order and sampling seed.")
-    steps: int = Field(default=60, ge=0, le=1_000_000, description="Optimizer steps per round.")
+    steps: int = Field(default=40, ge=0, le=1_000_000, description="Optimizer steps per round.")
     prompts_per_step: int = Field(
         default=8, ge=1, le=4096, description="Prompt pairs (S, T) per step (paper: 256)."
     )
