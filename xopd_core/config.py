@@ -516,7 +516,7 @@ class CampaignParams(_Strict):
     """The campaign: how many X-OPD rounds follow the bootstrap."""
 
     rounds: int = Field(
-        default=2, ge=0, le=1000, description="Rounds per campaign; round k starts from k−1."
+        default=1, ge=0, le=1000, description="Rounds per campaign; round k starts from k−1."
     )
 
 
