@@ -233,15 +233,16 @@ def _decode(
     for t in range(max_new_tokens):
         picked_A, logp_A = pick(model.lm_head(hidden_A_D), rows_A)
         live_A = ~done[rows_A]  # an ended row still in the batch: its picks are dropped
-        tokens[rows_A[live_A], t] = picked_A[live_A]
-        logprobs[rows_A[live_A], t] = logp_A[live_A]
+        live_rows = rows_A[live_A]
+        tokens[live_rows, t] = picked_A[live_A]
+        logprobs[live_rows, t] = logp_A[live_A]
         ended_rows = rows_A[live_A & (picked_A == eos_id)]
         lengths[ended_rows] = t + 1
         done[ended_rows] = True
         steps = t + 1
         if steps == max_new_tokens or bool(done.all()):
             break
-        live_A = ~done[rows_A]
+        live_A &= picked_A != eos_id
         if shrinks and int(live_A.sum()) <= (1 - LEAVE_SHARE) * len(rows_A):
             keep_A = live_A.nonzero().squeeze(1)
             for layer in ours:

@@ -53,7 +53,7 @@ def extract_features(
     of up to 30 s changes no kept value (tested) and is ~10x cheaper. The arithmetic is the
     extractor's (`WhisperFeatureExtractor`, torch path: STFT, power, mel filters, log10,
     floor at the maximum − 8, rescale) on one zero-padded batch tensor, with the power as
-    re² + im² rather than |z|²; equal to it within 1e-5 (tested), at ~0.4x its time (the
+    re² + im² rather than |z|²; equal to it within 1e-5 (tested), at ~0.5–0.6x its time (the
     extractor pads lists in numpy and takes a complex absolute value first).
     """
     extractor: Any = processor.feature_extractor

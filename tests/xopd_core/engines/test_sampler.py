@@ -143,6 +143,32 @@ def test_draw_follows_the_probabilities() -> None:
     assert not torch.equal(picked, draw(rows, uniforms(4)).view(20_000, 3))
 
 
+def test_the_loop_samples_from_the_policy(eos_prone: HfStudent) -> None:
+    """The first sampled token, over many rows of one prompt, is distributed as
+    softmax(logits / temperature) of a plain forward."""
+    s = eos_prone
+    ids = torch.tensor([[5, 6, 7, 8]])
+    temperature = 0.3  # a peaked policy, so a few tokens carry the mass being compared
+    out = sample_from_embeds(
+        s.model,
+        s.model.get_input_embeddings()(ids),
+        torch.ones_like(ids),
+        n=4000,
+        temperature=temperature,
+        max_new_tokens=1,
+        eos_id=s.eos_id,
+        pad_id=s.pad_id,
+        generator=torch.Generator().manual_seed(5),
+    )
+    with torch.no_grad():
+        policy = torch.softmax(s.model(ids).logits[0, -1].float() / temperature, dim=-1)
+    freq = torch.bincount(out.tokens_BG_T[:, 0], minlength=policy.numel()).float() / 4000
+    top = policy.topk(3).indices
+    assert policy[top].sum() > 0.5
+    assert torch.allclose(freq[top], policy[top], atol=0.03), (freq[top], policy[top])
+    assert torch.allclose(out.logprobs_BG_T[:, 0], policy.log()[out.tokens_BG_T[:, 0]], atol=1e-5)
+
+
 @pytest.mark.parametrize("greedy", [False, True])
 def test_rows_leaving_the_batch_change_no_sample(
     parts, monkeypatch: pytest.MonkeyPatch, greedy: bool
