@@ -9,7 +9,6 @@ runs when its output is missing or an earlier step rebuilt something.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -37,8 +36,7 @@ from tasks.layout import (
     round_eval,
     round_gate,
 )
-from tasks.record import RecordError, is_dvc_repo
-from tasks.remote import dvc
+from tasks.record import is_dvc_repo, stage_changes
 from tasks.student import student
 from tasks.synth import synth
 from tasks.teacher import teacher
@@ -117,10 +115,7 @@ def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) 
     if changed & set(STAGE_PARAMS.get(stage, [])):
         return True
     if is_dvc_repo(root):
-        out = dvc(root, "status", "--json", stage)
-        if out.returncode != 0:
-            raise RecordError(f"dvc status {stage} failed: {out.stderr.strip()}")
-        return bool(json.loads(out.stdout or "{}"))
+        return bool(stage_changes(root, stage))
     return any(s != "validate" for s in ran) or not _present(root, stage, rounds)
 
 
@@ -175,6 +170,7 @@ def xopd_campaign(
         if ran:
             ran.append("report")
             out = publish(params, root, any(promoted))
+            seconds["report"] = out.pop("report_seconds")
         else:  # nothing was stale: the recorded results stand
             out = {"table": (root / CAMPAIGN_TABLE).read_text(), "recorded": True}
     # `rounds`: each gate decision, round 0 (the bootstrapped student) first.

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from tasks.layout import PUSH_PENDING
-from tasks.record import commit_lineage, is_dvc_repo, params_in_sync, record
-from tasks.remote import RemoteError, dvc, push
+from tasks.record import commit_lineage, default_remote, is_dvc_repo, params_in_sync, record
+from tasks.remote import RemoteError, push
 from tasks.report import report
 from tasks.rounds import write_rounds_metrics
 from xopd_core.config import Params
@@ -33,9 +34,12 @@ STAGES = ["synth", "validate", "teacher", "student", "eval", "rounds", "report"]
 @task(name="report")
 def report_step(root: Path) -> dict[str, Any]:
     write_rounds_metrics(root)
-    summary = report(root)
+    start = time.perf_counter()
+    summary = report(root)  # the `report` stage's function
+    seconds = time.perf_counter() - start
     create_markdown_artifact(key="campaign", markdown=summary.table, description="xopd rounds")
-    return {"table": summary.table, "plots": [str(p) for p in summary.plots]}
+    plots = [str(p) for p in summary.plots]
+    return {"table": summary.table, "plots": plots, "report_seconds": seconds}
 
 
 @task(name="record")
@@ -63,11 +67,6 @@ def lineage_step(root: Path, branch: str, k: int) -> str:
     return sha
 
 
-def _has_default_remote(root: Path) -> bool:
-    out = dvc(root, "remote", "default")
-    return out.returncode == 0 and bool(out.stdout.strip())
-
-
 @task(name="push")
 def push_step(root: Path) -> str:
     marker = root / PUSH_PENDING
@@ -91,6 +90,6 @@ def publish(
     out["recorded"] = recorded
     if lineage_round is not None and recorded:
         out["lineage"] = lineage_step(root, params.nightly.lineage_branch, lineage_round)
-    if recorded and (promoted or (root / PUSH_PENDING).exists()) and _has_default_remote(root):
+    if recorded and (promoted or (root / PUSH_PENDING).exists()) and default_remote(root):
         out["push"] = push_step(root)
     return out

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from prefect import serve as prefect_serve
 from flows.campaign import xopd_campaign
 from flows.nightly import xopd_nightly
 from flows.round import xopd_round
+from flows.server import healthy
 from xopd_core.config import Params
 
 LOCAL_API = "http://127.0.0.1:4200/api"
@@ -44,25 +45,17 @@ def deployments(params: Params, workdir: str) -> list[Any]:
     ]
 
 
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as r:  # loopback only
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 def ensure_server(api: str = LOCAL_API, timeout_s: float = 60.0) -> subprocess.Popen[bytes] | None:
     """Start `prefect server start` on loopback unless PREFECT_API_URL is set or a server
     already answers at `api`; returns the process it started (or None)."""
-    if os.environ.get("PREFECT_API_URL") or _healthy(api):
+    if os.environ.get("PREFECT_API_URL") or healthy(api):
         os.environ.setdefault("PREFECT_API_URL", api)
         return None
     port = str(urllib.parse.urlsplit(api).port or 4200)
     command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", port]
     proc = subprocess.Popen([sys.executable, "-m", *command])
     deadline = time.monotonic() + timeout_s
-    while not _healthy(api):
+    while not healthy(api):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"the local Prefect server did not come up at {api}")

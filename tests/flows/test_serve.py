@@ -86,7 +86,8 @@ def test_a_run_triggered_through_the_api_completes_with_artifacts(
 def test_serve_starts_a_local_server_when_none_is_configured(monkeypatch, tmp_path: Path) -> None:
     import socket
 
-    from flows.serve import _healthy, ensure_server
+    from flows.serve import ensure_server
+    from flows.server import healthy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -99,7 +100,7 @@ def test_serve_starts_a_local_server_when_none_is_configured(monkeypatch, tmp_pa
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # the server's database goes here
     proc = ensure_server(api, timeout_s=120)
     try:
-        assert proc is not None and _healthy(api)
+        assert proc is not None and healthy(api)
         assert os.environ["PREFECT_API_URL"] == api
         assert ensure_server(api) is None  # already configured: nothing more is started
     finally:

@@ -1,0 +1,141 @@
+"""The temporary Prefect server of `xopd run`, started as the process starts.
+
+With no API configured, Prefect starts a temporary server when a flow first needs one and
+waits for it: ~10 s on 2 cores (half of it the server importing itself) in which the run does
+nothing else. `xopd run` starts the same server (Prefect's own command and environment) before
+it imports torch, transformers and the stages, so both proceed at once on the two cores; the
+campaign then runs against it, and it stops when the run ends. Where an API is configured
+(PREFECT_API_URL, a profile, prefect.toml) or temporary servers are turned off, it is stopped
+unused and Prefect does what it is configured to do.
+
+Nothing here imports prefect at module level: that import is part of what the start overlaps.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+# What Prefect's own temporary server runs with (prefect.server.api.server.SubprocessASGIServer).
+SERVER_ENV = {
+    "PREFECT_UI_ENABLED": "0",
+    "PREFECT__SERVER_EPHEMERAL": "1",
+    "PREFECT__SERVER_FINAL": "1",
+}
+PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
+
+
+def healthy(api: str, timeout_s: float = 2.0) -> bool:
+    """Does a Prefect API answer its health check at `api` (loopback)?"""
+    try:
+        with urllib.request.urlopen(f"{api}/health", timeout=timeout_s) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EarlyServer:
+    """A Prefect API server on a free loopback port, started unless PREFECT_API_URL is set."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api = ""
+        if not os.environ.get("PREFECT_API_URL"):
+            self._launch()
+            atexit.register(self.stop)
+
+    def _launch(self) -> None:
+        spec = importlib.util.find_spec("prefect")  # finds the package without importing it
+        if spec is None or spec.origin is None:
+            raise RuntimeError("prefect is not installed")
+        port = _free_port()
+        self.api = f"http://127.0.0.1:{port}/api"
+        command = [
+            sys.executable, "-m", "uvicorn",
+            "--app-dir", str(Path(spec.origin).parent.parent),
+            "--factory", "prefect.server.api.server:create_app",
+            "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(command, env={**os.environ, **SERVER_ENV})
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the server answers; a port taken meanwhile means a fresh start on another."""
+        deadline = time.monotonic() + timeout_s
+        while not healthy(self.api, timeout_s=1.0):
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code == PORT_IN_USE:
+                self._launch()
+            elif code is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the temporary Prefect server did not come up at {self.api} "
+                    f"({'exit status ' + str(code) if code is not None else 'timed out'}); "
+                    "set PREFECT_API_URL to use a running server"
+                )
+            time.sleep(0.1)
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[str | None]:
+        """Prefect pointed at this server inside the block (yields its API URL), or at what
+        Prefect is configured to use (yields None); the server stops on leaving."""
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            temporary_settings,
+        )
+
+        try:
+            configured = PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value()
+            if self.proc is None or configured:
+                self.stop()
+                yield None
+                return
+            # Prefect's own start-up timeout, or a minute: this machine can be slow.
+            self.wait(max(60.0, float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())))
+            with temporary_settings(updates={PREFECT_API_URL: self.api}):
+                try:
+                    yield self.api
+                finally:
+                    _drain_to_server()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """Stop the server (idempotent)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+def _drain_to_server(timeout_s: float = 30.0) -> None:
+    """Send the run's queued logs and events before the server goes (as Prefect's test
+    harness does): stopped first, Prefect retried them against a closed port for ~70 s at
+    exit and then dropped them ("Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
