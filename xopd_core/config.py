@@ -285,7 +285,7 @@ class TeacherParams(_Strict):
 
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     model: LMShape = Field(default=LMShape(), description="Architecture.")
-    steps: int = Field(default=1600, ge=1, le=1_000_000, description="Optimizer steps.")
+    steps: int = Field(default=1500, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per step.")
     lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
@@ -403,7 +403,7 @@ class StudentParams(_Strict):
         description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
     )
     align: Phase = Field(
-        default=Phase(steps=450, batch_size=16, lr=2e-3),
+        default=Phase(steps=400, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
     )
     speaker_loss_weight: float = Field(
