@@ -9,12 +9,15 @@ import importlib
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks import layout
 from tasks.cli import add_params
 from tasks.cli import main as tasks_main
 from xopd_core.runtime import apply_offline_env
+
+if TYPE_CHECKING:
+    from flows.server import EarlyServer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -103,7 +106,7 @@ def add_flow_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-_early_server: Any = None  # `xopd run`'s Prefect server, started with the process
+_early_server: EarlyServer | None = None  # `xopd run`'s Prefect server, started with the process
 
 
 def main(argv: list[str] | None = None) -> int:

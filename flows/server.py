@@ -132,8 +132,8 @@ class EarlyServer:
 
 def _drain_to_server(timeout_s: float = 30.0) -> None:
     """Send the run's queued logs and events before the server goes (as Prefect's test
-    harness does): stopped first, Prefect retried them against a closed port for ~70 s at
-    exit and then dropped them ("Error logging to API")."""
+    harness does): stopped first, Prefect retried them against the closed port at exit (over
+    a minute in one profiled tiny run) and then dropped them ("Error logging to API")."""
     from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogWorker
 
