@@ -279,7 +279,7 @@ def build_parser(
         "--out",
         type=Path,
         default=DEFAULT_EVAL_OUT,
-        help="folder for metrics.json, table.md, responses.jsonl",
+        help="folder for metrics.json, table.md, responses.jsonl, transcripts.jsonl",
     )
     p.set_defaults(func=cmd_eval)
 

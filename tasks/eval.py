@@ -17,15 +17,16 @@ from typing import Any
 import soundfile as sf
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+from tasks.layout import EVAL_METRICS as METRICS
+from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
-from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text
-from xopd_core.eval.metrics import TeacherScoresError, avg_drop
+from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
+from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
 
-METRICS = "metrics.json"
 TABLE = "table.md"
-RESPONSES = "responses.jsonl"
+TRANSCRIPTS = "transcripts.jsonl"  # what the student heard in each eval utterance
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ def _table(
     lines += [
         "",
         f"Avg-Drop, speech input: {metrics['avg_drop_speech']:.2f} %  ",
-        f"Avg-Drop, text input: {metrics['avg_drop_text']:.2f} %",
+        f"Avg-Drop, text input: {metrics['avg_drop_text']:.2f} %  ",
+        f"Word error rate of the student's own transcripts: {metrics['asr_wer']:.4f}",
         *(
             [f"(left out of the Avg-Drops, the teacher scores 0 on: {', '.join(excluded)})"]
             if excluded
@@ -119,6 +121,11 @@ def evaluate(
     para = evaluate_speech(
         model, processor, para_rows, waves(para_rows), p.max_new_tokens, p.batch_size, p.processes
     )
+    # Hearing: the student's own transcript of each eval utterance against the real one.
+    heard = transcribe(
+        model, processor, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes
+    )
+    asr_wer = word_error_rate(heard, [r["transcript"] for r in eval_rows])
     speech_acc, text_acc, para_acc = (accuracy_by_task(r) for r in (speech, text, para))
     missing = sorted(set(teacher) - set(speech_acc))
     if missing:
@@ -129,6 +136,7 @@ def evaluate(
         "avg_drop_speech": avg_drop(reference, speech_acc),
         "avg_drop_text": avg_drop(reference, text_acc),
         "avg_drop_tasks": len(reference),
+        "asr_wer": asr_wer,
         "paralinguistic_accuracy": sum(para_acc.values()) / len(para_acc),
         "speech_accuracy_mean": sum(speech_acc.values()) / len(speech_acc),
         "text_accuracy_mean": sum(text_acc.values()) / len(text_acc),
@@ -146,6 +154,11 @@ def evaluate(
         for r in results
     )
     write_text_atomic(out_dir / RESPONSES, responses)
+    transcripts = "".join(
+        json.dumps({"id": r["id"], "transcript": r["transcript"], "heard": h}) + "\n"
+        for r, h in zip(eval_rows, heard, strict=True)
+    )
+    write_text_atomic(out_dir / TRANSCRIPTS, transcripts)
     write_text_atomic(out_dir / TABLE, _table(teacher, speech_acc, text_acc, para_acc, metrics))
     write_json_atomic(out_dir / METRICS, metrics)
     return EvalSummary(out_dir / METRICS, out_dir / TABLE, out_dir / RESPONSES, metrics)

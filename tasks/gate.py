@@ -1,19 +1,21 @@
 """The `gate` stage: promote a round's candidate to champion, or keep the champion.
 
-Reads the candidate's eval metrics, decides with `xopd_core.gate.decide` (δ, ε from params),
-writes the decision and its reasons as DVC metrics, and — only when promoted — swaps the
-champion pointer atomically. A rejected candidate never touches the pointer. Re-running the
-gate on the current champion is a no-op that reports it promoted (so a crash between the
-pointer and the metrics write heals on retry).
+Reads the candidate's eval metrics and per-item responses, decides with
+`xopd_core.gate.decide` (δ, α, ε from params), writes the decision and its reasons as DVC
+metrics, and — only when promoted — swaps the champion pointer atomically. A rejected
+candidate never touches the pointer. Re-running the gate on the current champion is a no-op
+that reports it promoted (so a crash between the pointer and the metrics write heals on
+retry).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tasks.layout import EVAL_RESPONSES
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.gate import (
@@ -35,6 +37,25 @@ class GateSummary:
     champion: Champion | None
 
 
+def speech_results(responses: Path) -> dict[str, bool]:
+    """Item id → answered correctly, for the speech-input items of an eval's responses."""
+    out: dict[str, bool] = {}
+    try:
+        lines = Path(responses).read_text().splitlines()
+    except OSError as err:
+        raise GateInputError(f"{responses}: cannot read per-item eval results ({err})") from err
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if row["modality"] == "speech":
+                out[str(row["id"])] = bool(row["correct"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise GateInputError(f"{responses}, line {n}: not an eval response ({err!r})") from err
+    if not out:
+        raise GateInputError(f"{responses}: no speech-input items")
+    return out
+
+
 def gate(
     params: Params,
     candidate_metrics: Path,
@@ -52,19 +73,27 @@ def gate(
     except (OSError, json.JSONDecodeError) as err:
         raise GateInputError(f"{candidate_metrics}: cannot read eval metrics ({err})") from err
     candidate = gate_metrics(raw, str(candidate_metrics))
+    correct = speech_results(Path(candidate_metrics).parent / EVAL_RESPONSES)
     digest = weights_sha256(candidate_checkpoint)
     champion = read_champion(champion_path)
     if champion is not None and champion.weights_sha256 == digest:
         decision = GateDecision(True, [f"already the champion (round {champion.round})"])
+        if champion.speech_correct is None:  # a pointer from before the paired test
+            champion = replace(champion, speech_correct=correct)
+            write_champion(champion_path, champion)
     else:
         decision = decide(
             candidate,
             champion,
             delta=params.gate.min_improvement,
             epsilon=params.gate.max_paralinguistic_drop,
+            alpha=params.gate.alpha,
+            candidate_correct=correct,
         )
         if decision.promoted:
-            champion = Champion(round_, label or str(candidate_checkpoint), digest, candidate)
+            champion = Champion(
+                round_, label or str(candidate_checkpoint), digest, candidate, correct
+            )
             write_champion(champion_path, champion)
     write_json_atomic(
         out_metrics,
@@ -74,6 +103,9 @@ def gate(
             "reasons": decision.reasons,
             "improvement": decision.improvement,
             "paralinguistic_drop": decision.paralinguistic_drop,
+            "paired_wins": decision.wins,
+            "paired_losses": decision.losses,
+            "paired_p_value": decision.p_value,
             "checks": decision.checks,
             "candidate_weights_sha256": digest,
             "champion_round": champion.round if champion else None,

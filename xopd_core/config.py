@@ -510,6 +510,15 @@ class GateParams(_Strict):
         le=1,
         description="ε: paralinguistic accuracy may fall by at most this much (absolute).",
     )
+    alpha: float = Field(
+        default=0.05,
+        gt=0,
+        le=1,
+        description=(
+            "α: the speech improvement must also be significant over the paired eval items "
+            "(one-sided exact McNemar p ≤ α); 1 turns the paired test off."
+        ),
+    )
 
 
 class CampaignParams(_Strict):

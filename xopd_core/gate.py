@@ -1,10 +1,11 @@
 """The benchmark gate: does a candidate checkpoint replace the champion?
 
 Promote only if the candidate's speech Avg-Drop improves on the champion's by at least δ
-(percentage points) and its paralinguistic accuracy falls by no more than ε (absolute);
-otherwise the champion stays, with the reasons recorded. The champion is a small pointer
-(round, checkpoint path, weights hash, metrics) written atomically. Pure decisions + one
-atomic write; no I/O beyond the pointer file.
+(percentage points), the improvement is significant over the paired eval items (one-sided
+exact McNemar test, p ≤ α), and its paralinguistic accuracy falls by no more than ε
+(absolute); otherwise the champion stays, with the reasons recorded. The champion is a
+small pointer (round, checkpoint path, weights hash, metrics, per-item speech results)
+written atomically. Pure decisions + one atomic write; no I/O beyond the pointer file.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from xopd_core.atomic import write_json_atomic
+from xopd_core.eval.metrics import mcnemar_exact_p
 
 REQUIRED = ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy")
 _SLACK = 1e-9
@@ -30,6 +32,9 @@ class Champion:
     checkpoint: str
     weights_sha256: str
     metrics: dict[str, float]
+    # Item id → answered correctly from speech; None in pointers written before the paired
+    # test existed (the gate then refreshes the pointer when it sees the champion again).
+    speech_correct: dict[str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,11 @@ class GateDecision:
     reasons: list[str]
     improvement: float | None = None  # champion's speech Avg-Drop − candidate's (points)
     paralinguistic_drop: float | None = None  # champion's para accuracy − candidate's
+    # Paired speech items only the candidate / only the champion answers correctly, and the
+    # one-sided exact McNemar p-value of the candidate being better.
+    wins: int | None = None
+    losses: int | None = None
+    p_value: float | None = None
     checks: dict[str, bool] = field(default_factory=dict)
 
 
@@ -52,10 +62,34 @@ def gate_metrics(metrics: dict[str, Any], source: str) -> dict[str, float]:
     return out
 
 
+def paired_counts(
+    candidate: dict[str, bool], champion: dict[str, bool], source: str
+) -> tuple[int, int]:
+    """Items only the candidate gets right (wins) and only the champion gets right (losses);
+    both must have been evaluated on the same items."""
+    if set(candidate) != set(champion):
+        only = sorted(set(candidate) ^ set(champion))
+        raise GateInputError(
+            f"{source}: candidate and champion were evaluated on different items "
+            f"({len(only)} differ, e.g. {only[:3]}): the paired test needs the same eval split"
+        )
+    wins = sum(candidate[i] and not champion[i] for i in candidate)
+    losses = sum(champion[i] and not candidate[i] for i in candidate)
+    return wins, losses
+
+
 def decide(
-    candidate: dict[str, float], champion: Champion | None, *, delta: float, epsilon: float
+    candidate: dict[str, float],
+    champion: Champion | None,
+    *,
+    delta: float,
+    epsilon: float,
+    alpha: float = 1.0,
+    candidate_correct: dict[str, bool] | None = None,
 ) -> GateDecision:
-    """Promote iff Avg-Drop(speech) falls by ≥ δ and paralinguistic accuracy by ≤ ε."""
+    """Promote iff Avg-Drop(speech) falls by ≥ δ, the paired exact McNemar test of the
+    per-item speech results gives p ≤ α, and paralinguistic accuracy falls by ≤ ε.
+    `alpha = 1` skips the paired test (and needs no per-item results)."""
     if champion is None:
         return GateDecision(True, ["no champion yet: the first evaluated checkpoint becomes it"])
     improvement = champion.metrics["avg_drop_speech"] - candidate["avg_drop_speech"]
@@ -67,16 +101,39 @@ def decide(
         f"speech Avg-Drop {candidate['avg_drop_speech']:.2f} vs champion "
         f"{champion.metrics['avg_drop_speech']:.2f} (round {champion.round}): improvement "
         f"{improvement:+.2f} points, needs ≥ {delta:.2f} → {'ok' if better else 'REJECT'}",
+    ]
+    checks = {"speech_avg_drop_improved": better}
+    wins = losses = p_value = None
+    if alpha < 1:
+        if candidate_correct is None or champion.speech_correct is None:
+            raise GateInputError(
+                "the paired test (gate.alpha < 1) needs per-item speech results of both the "
+                "candidate and the champion"
+            )
+        wins, losses = paired_counts(candidate_correct, champion.speech_correct, "gate")
+        p_value = mcnemar_exact_p(wins, losses)
+        significant = p_value <= alpha
+        checks["speech_improvement_significant"] = significant
+        reasons.append(
+            f"paired speech items: {wins} only the candidate answers, {losses} only the "
+            f"champion: one-sided exact McNemar p = {p_value:.4g}, needs ≤ {alpha:g} → "
+            f"{'ok' if significant else 'REJECT'}"
+        )
+    reasons.append(
         f"paralinguistic accuracy {candidate['paralinguistic_accuracy']:.3f} vs champion "
         f"{champion.metrics['paralinguistic_accuracy']:.3f}: drop {para_drop:+.3f}, allowed "
-        f"≤ {epsilon:.3f} → {'ok' if kept else 'REJECT'}",
-    ]
+        f"≤ {epsilon:.3f} → {'ok' if kept else 'REJECT'}"
+    )
+    checks["paralinguistics_kept"] = kept
     return GateDecision(
-        better and kept,
+        all(checks.values()),
         reasons,
         improvement,
         para_drop,
-        {"speech_avg_drop_improved": better, "paralinguistics_kept": kept},
+        checks=checks,
+        wins=wins,
+        losses=losses,
+        p_value=p_value,
     )
 
 
@@ -91,11 +148,22 @@ def read_champion(path: Path) -> Champion | None:
             checkpoint=str(data["checkpoint"]),
             weights_sha256=str(data["weights_sha256"]),
             metrics=gate_metrics(data["metrics"], f"{path}: metrics"),
+            speech_correct=_per_item(data.get("speech_correct"), path),
         )
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         if isinstance(err, GateInputError):
             raise
         raise GateInputError(f"{path}: not a champion pointer ({err!r})") from err
+
+
+def _per_item(value: Any, path: Path) -> dict[str, bool] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, bool) for k, v in value.items()
+    ):
+        raise GateInputError(f"{path}: 'speech_correct' must map item ids to true/false")
+    return dict(value)
 
 
 def write_champion(path: Path, champion: Champion) -> None:

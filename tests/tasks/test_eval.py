@@ -10,6 +10,7 @@ from tasks.eval import METRICS, TeacherScoresError, evaluate, teacher_scores
 from tests.pipeline_fixtures import TinyStudent
 from xopd_core.config import EvalParams, Params
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.eval.metrics import edit_distance
 
 TASKS = ("boolean_expressions", "navigate", "object_counting", "web_of_lies")
 PARA = ("pitch", "speaking_rate", "whisper")
@@ -54,6 +55,15 @@ def test_eval_scores_both_modalities_against_the_teacher(
     assert m["paralinguistic_accuracy"] == pytest.approx(sum(para) / len(para))
     assert m["avg_drop_tasks"] == len(TASKS)
     assert "| navigate |" in summary.table_path.read_text()
+    # Hearing: the saved transcripts, scored independently, give the reported WER.
+    heard = [json.loads(x) for x in (tmp_path / "transcripts.jsonl").read_text().splitlines()]
+    assert [h["id"] for h in heard] == [r["id"] for r in eval_rows]
+    edits = words = 0
+    for h in heard:
+        ref, hyp = h["transcript"].replace(".", " ").split(), h["heard"].replace(".", " ").split()
+        edits += edit_distance([w.strip(",?") for w in hyp], [w.strip(",?") for w in ref])
+        words += len(ref)
+    assert m["asr_wer"] == pytest.approx(edits / words)
 
     again = evaluate(FAST, tiny_world, student_dir, reference, tmp_path / "again")
     strip = lambda d: {k: v for k, v in d.items() if k != "seconds"}  # noqa: E731

@@ -74,3 +74,52 @@ def test_champion_pointer_round_trips_and_bad_pointers_are_named(tmp_path: Path)
     path.write_text('{"round": 1}')
     with pytest.raises(GateInputError, match=r"champion\.json: not a champion pointer"):
         read_champion(path)
+
+
+def champion_with(correct: dict[str, bool]) -> Champion:
+    return Champion(1, "models/round1", "ab" * 32, CHAMP.metrics, correct)
+
+
+@pytest.mark.parametrize(
+    ("wins", "losses", "promoted"),
+    [
+        (5, 0, True),  # p = 1/32 ≤ 0.05
+        (4, 0, False),  # p = 1/16: better by far more than δ, but not significant
+        (9, 1, True),  # p = 11/1024
+        (8, 2, False),  # p = 56/1024 = 0.0547, just over α
+    ],
+)
+def test_decide_needs_a_significant_paired_improvement(
+    wins: int, losses: int, promoted: bool
+) -> None:
+    # 40 items: `wins` only the candidate answers, `losses` only the champion, the rest tied.
+    ids = [f"i{n}" for n in range(40)]
+    champ = {i: wins <= n < wins + losses or n >= 30 for n, i in enumerate(ids)}
+    candidate = {i: n < wins or n >= 30 for n, i in enumerate(ids)}
+    d = decide(
+        cand(30.0, 0.90),
+        champion_with(champ),
+        delta=0.5,
+        epsilon=0.02,
+        alpha=0.05,
+        candidate_correct=candidate,
+    )
+    assert (d.wins, d.losses) == (wins, losses)
+    assert d.improvement == pytest.approx(10.0)
+    assert d.promoted is promoted
+    assert d.checks["speech_improvement_significant"] is promoted
+    assert len(d.reasons) == 3
+
+
+def test_decide_refuses_a_paired_test_without_per_item_results() -> None:
+    with pytest.raises(GateInputError, match="per-item"):
+        decide(cand(30.0, 0.9), CHAMP, delta=0.5, epsilon=0.02, alpha=0.05)
+    with pytest.raises(GateInputError, match="different items"):
+        decide(
+            cand(30.0, 0.9),
+            champion_with({"a": True}),
+            delta=0.5,
+            epsilon=0.02,
+            alpha=0.05,
+            candidate_correct={"b": True},
+        )

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from xopd_core.eval.generate import greedy_generate
 from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.audio import encode_audio, extract_features
-from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
+from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, decode, token_id
 
 
@@ -80,6 +80,40 @@ def evaluate_text(
 
 
 @torch.no_grad()
+def speech_outputs(
+    model: Any,
+    processor: Any,
+    waveforms: Sequence[Any],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    processes: int = 1,
+    instruction: str | None = None,
+) -> list[list[int]]:
+    """Greedy response ids of a speech LLM to each utterance (plus an optional text
+    `instruction` after the audio). The audio goes through the cropped encoder pass
+    (`models.audio`: equal to the processor's full 30 s window at the valid positions, and
+    ~5x cheaper here); tests/xopd_core/eval/test_generate.py compares the answers with
+    `generate` on the processor's inputs."""
+    tokenizer = processor.tokenizer
+    feats = extract_features(processor, list(waveforms))
+    order = sorted(range(len(feats)), key=lambda i: feats[i].frames)
+    audio: dict[int, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, a in zip(chunk, encode_audio(model, [feats[i] for i in chunk]), strict=True):
+            audio[i] = a
+    return greedy_generate(
+        model,
+        [speech_prompt_ids(tokenizer, f.audio_tokens, instruction) for f in feats],
+        pad_id=token_id(tokenizer, PAD),
+        eos_id=token_id(tokenizer, IM_END),
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        audio=[audio[i] for i in range(len(feats))],
+        processes=processes,
+    )
+
+
 def evaluate_speech(
     model: Any,
     processor: Any,
@@ -90,26 +124,22 @@ def evaluate_speech(
     processes: int = 1,
 ) -> list[ItemResult]:
     """Greedy answers of a speech LLM to each row's audio alone (the spoken question, no
-    text). The audio goes through the cropped encoder pass (`models.audio`: equal to the
-    processor's full 30 s window at the valid positions, and ~5x cheaper here);
-    tests/xopd_core/eval/test_generate.py compares the answers with `generate` on the
-    processor's inputs."""
-    tokenizer = processor.tokenizer
-    feats = extract_features(processor, list(waveforms))
-    order = sorted(range(len(feats)), key=lambda i: feats[i].frames)
-    audio: dict[int, torch.Tensor] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        for i, a in zip(chunk, encode_audio(model, [feats[i] for i in chunk]), strict=True):
-            audio[i] = a
-    outs = greedy_generate(
-        model,
-        [speech_prompt_ids(tokenizer, f.audio_tokens) for f in feats],
-        pad_id=token_id(tokenizer, PAD),
-        eos_id=token_id(tokenizer, IM_END),
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        audio=[audio[i] for i in range(len(feats))],
-        processes=processes,
+    text)."""
+    outs = speech_outputs(model, processor, waveforms, max_new_tokens, batch_size, processes)
+    return _graded(processor.tokenizer, rows, outs)
+
+
+def transcribe(
+    model: Any,
+    processor: Any,
+    waveforms: Sequence[Any],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    processes: int = 1,
+) -> list[str]:
+    """What the speech LLM hears: its greedy answer to each utterance followed by the
+    transcription instruction it was taught (`TRANSCRIBE`)."""
+    outs = speech_outputs(
+        model, processor, waveforms, max_new_tokens, batch_size, processes, TRANSCRIBE
     )
-    return _graded(tokenizer, rows, outs)
+    return [decode(processor.tokenizer, ids) for ids in outs]

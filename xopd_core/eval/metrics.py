@@ -1,4 +1,5 @@
-"""Scoring helpers that need no model: a strict answer extractor and the paper's Avg-Drop.
+"""Scoring helpers that need no model: a strict answer extractor, the paper's Avg-Drop, word
+error rate and the exact McNemar test for paired per-item results.
 
 Avg-Drop (X-OPD, arXiv 2603.24596, Tables 1–2): for a model M and an input modality, the
 mean over benchmarks b of (teacher_text(b) − M(b)) / teacher_text(b) × 100.
@@ -6,8 +7,9 @@ mean over benchmarks b of (teacher_text(b) − M(b)) / teacher_text(b) × 100.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from xopd_core.data.reasoning import NUMBER_WORDS
 from xopd_core.data.world import PARA_TASKS
@@ -60,3 +62,47 @@ def avg_drop(teacher_text: Mapping[str, float], model: Mapping[str, float]) -> f
             raise ValueError(f"teacher text score for {bench!r} is {ref}: the drop is undefined")
         drops.append((ref - model[bench]) / ref * 100.0)
     return sum(drops) / len(drops)
+
+
+def edit_distance(hyp: Sequence[str], ref: Sequence[str]) -> int:
+    """Levenshtein distance between two token sequences (substitutions, insertions and
+    deletions each cost 1)."""
+    prev = list(range(len(ref) + 1))
+    for i, h in enumerate(hyp, 1):
+        cur = [i]
+        for j, r in enumerate(ref, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (h != r)))
+        prev = cur
+    return prev[-1]
+
+
+def word_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus word error rate: total word edits over total reference words (as ASR scoring
+    tools report it, not a mean of per-utterance rates). Words are split on whitespace after
+    lower-casing, with the final-punctuation-free form of each word ("left." → "left")."""
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+
+    def words(text: str) -> list[str]:
+        return [w.strip(".,?!") for w in text.lower().split() if w.strip(".,?!")]
+
+    edits = sum(
+        edit_distance(words(h), words(r)) for h, r in zip(hypotheses, references, strict=True)
+    )
+    total = sum(len(words(r)) for r in references)
+    if total == 0:
+        raise ValueError("word_error_rate needs at least one reference word")
+    return edits / total
+
+
+def mcnemar_exact_p(wins: int, losses: int) -> float:
+    """One-sided exact McNemar p-value that a candidate beats a baseline on paired items:
+    `wins` items only the candidate gets right, `losses` items only the baseline gets right.
+    Under the null each discordant item is a fair coin, so p = P(X ≥ wins), X ~ Bin(n, ½)
+    with n = wins + losses (1.0 when there is no discordant item)."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"counts must be non-negative, got wins={wins}, losses={losses}")
+    n = wins + losses
+    # Exact integer sum, then one division: no float underflow for large n.
+    tail = sum(math.comb(n, k) for k in range(wins, n + 1))
+    return tail / 2**n

@@ -13,6 +13,10 @@ from transformers import PreTrainedTokenizerFast
 
 from xopd_core.models.tokenizer import AUDIO, token_id
 
+# The instruction after the audio that asks the student for a transcript (taught during
+# speech instruction tuning; the eval stage's `asr_wer` uses it).
+TRANSCRIBE = "transcribe the audio."
+
 
 def text_prompt_ids(tokenizer: PreTrainedTokenizerFast, transcript: str) -> list[int]:
     """The transcript as a user turn, then the assistant header (the teacher's prompt, and

@@ -32,11 +32,9 @@ from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGenera
 
 from xopd_core.config import InstructPhase, Phase
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
-from xopd_core.models.prompts import speech_prompt_ids
+from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids
 from xopd_core.models.tokenizer import IM_END, token_id
 from xopd_core.train.sft import LossTerms, collate, response_nll_terms, train_steps
-
-TRANSCRIBE = "transcribe the audio."
 
 
 @dataclass(frozen=True)

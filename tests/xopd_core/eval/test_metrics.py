@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from xopd_core.eval.metrics import avg_drop, extract_answer
+from xopd_core.eval.metrics import (
+    avg_drop,
+    edit_distance,
+    extract_answer,
+    mcnemar_exact_p,
+    word_error_rate,
+)
 
 
 def test_avg_drop_matches_a_hand_computed_example() -> None:
@@ -57,3 +63,42 @@ def test_extractor_rejects_malformed_outputs(response: str, task: str) -> None:
 def test_extractor_refuses_unknown_tasks() -> None:
     with pytest.raises(KeyError, match="unknown task"):
         extract_answer("the answer is yes.", "formal_fallacies")
+
+
+def test_word_error_rate_matches_a_hand_computed_case() -> None:
+    # "two" → "too" is a substitution and "left" is deleted: 2 edits over 4 words; the
+    # second pair is exact. Corpus WER = (2 + 0) / (4 + 2); punctuation and case ignored.
+    hyps = ["Take too steps", "yes no"]
+    refs = ["take two steps left.", "yes no"]
+    assert word_error_rate(hyps, refs) == pytest.approx(2 / 6)
+    assert word_error_rate(refs, refs) == 0.0
+    # An insertion costs one edit, so WER can exceed 1.
+    assert word_error_rate(["a b c"], ["a"]) == pytest.approx(2.0)
+    assert edit_distance(list("kitten"), list("sitting")) == 3
+    with pytest.raises(ValueError, match="references"):
+        word_error_rate(["a"], [])
+    with pytest.raises(ValueError, match="at least one"):
+        word_error_rate([""], [" . "])
+
+
+@pytest.mark.parametrize(
+    ("wins", "losses", "p"),
+    [
+        (5, 0, 1 / 32),  # five discordant items, all the candidate's: 0.5^5
+        (4, 0, 1 / 16),
+        (8, 2, (45 + 10 + 1) / 1024),  # P(X ≥ 8), X ~ Bin(10, 1/2)
+        (9, 1, 11 / 1024),
+        (0, 0, 1.0),  # no discordant item: no evidence at all
+        (1, 3, 15 / 16),  # the candidate loses more than it wins: far from significant
+    ],
+)
+def test_mcnemar_exact_p_matches_hand_computed_binomial_tails(
+    wins: int, losses: int, p: float
+) -> None:
+    assert mcnemar_exact_p(wins, losses) == pytest.approx(p)
+
+
+def test_mcnemar_exact_p_stays_finite_for_large_counts() -> None:
+    assert 0.0 < mcnemar_exact_p(600, 500) < 0.002
+    with pytest.raises(ValueError, match="non-negative"):
+        mcnemar_exact_p(-1, 2)

@@ -9,10 +9,9 @@ import torch
 from xopd_core.config import InstructPhase, Phase
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.audio import encoder_states, extract_features
-from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
+from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import AUDIO, PAD, token_id
 from xopd_core.train.bootstrap import (
-    TRANSCRIBE,
     SpeakerHead,
     SpeakerTargets,
     align_to_embeddings,
