@@ -128,7 +128,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xopd_core.config import load_params
 
     params = load_params(args.params)
-    summary = evaluate(params, args.data, args.model, args.teacher_metrics, args.out)
+    summary = evaluate(
+        params, args.data, args.model, args.teacher_metrics, args.out, split=args.split
+    )
     print(summary.table_path.read_text())
     print(f"eval: → {summary.metrics_path}")
     return 0
@@ -280,6 +282,13 @@ def build_parser(
         type=Path,
         default=DEFAULT_EVAL_OUT,
         help="folder for metrics.json, table.md, responses.jsonl, transcripts.jsonl",
+    )
+    p.add_argument(
+        "--split",
+        choices=("eval", "dev"),
+        default="eval",
+        help="held-out items to score: eval (+ para_eval), or dev (+ para_dev) for tuning "
+        "(the Avg-Drop reference stays the teacher's eval scores)",
     )
     p.set_defaults(func=cmd_eval)
 

@@ -12,7 +12,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import soundfile as sf
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
@@ -97,7 +97,10 @@ def evaluate(
     student_dir: Path,
     teacher_metrics: Path,
     out_dir: Path,
+    split: Literal["eval", "dev"] = "eval",
 ) -> EvalSummary:
+    """`split`: the held-out items to score, `eval` (+ `para_eval`) or, for tuning, `dev`
+    (+ `para_dev`)."""
     p = params.eval
     start = time.perf_counter()
     teacher = teacher_scores(teacher_metrics)
@@ -106,8 +109,8 @@ def evaluate(
     reference = {t: v for t, v in teacher.items() if v > 0}
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(student_dir))
-    eval_rows = read_manifest(manifest_path(data_root, "eval"))
-    para_rows = read_manifest(manifest_path(data_root, "para_eval"))
+    eval_rows = read_manifest(manifest_path(data_root, split))
+    para_rows = read_manifest(manifest_path(data_root, f"para_{split}"))
 
     def waves(rows: list[dict[str, Any]]) -> list[Any]:
         return [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
@@ -143,6 +146,7 @@ def evaluate(
         **{f"speech_accuracy_{t}": a for t, a in speech_acc.items()},
         **{f"text_accuracy_{t}": a for t, a in text_acc.items()},
         **{f"paralinguistic_accuracy_{t}": a for t, a in para_acc.items()},
+        "split": split,
         "eval_items": len(eval_rows),
         "para_eval_items": len(para_rows),
         "seconds": round(time.perf_counter() - start, 1),

@@ -21,6 +21,7 @@ from transformers import Qwen2ForCausalLM
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.world import speak_corpus
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import save_checkpoint, weights_sha256
 from xopd_core.models.prompts import text_prompt_ids
@@ -34,6 +35,7 @@ from xopd_core.train.bootstrap import (
     character_targets,
     instruct,
     instruction_mix,
+    phoneme_targets,
     pretrain_encoder_ctc,
 )
 
@@ -83,17 +85,35 @@ def student(
     feats = extract_features(processor, waves)
     audio_tokens = [f.audio_tokens for f in feats]
     lap("features")
+    # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus.
+    corpus = speak_corpus(
+        params.synth,
+        sorted({r["transcript"] for r in text_rows}),
+        p.pretrain_utterances,
+        seed=p.seed,
+        workers=params.synth.workers,
+    )
+    heard_rows = [*rows, *(c.as_row() for c in corpus)]
+    heard_feats = [*feats, *extract_features(processor, [c.waveform for c in corpus])]
+    del corpus
+    lap("pretrain_speech")
 
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)
     pad = token_id(tokenizer, PAD)
-    alphabet, char_ids = character_targets([r["transcript"] for r in rows])
-    speaker_targets = SpeakerTargets.from_rows(rows)
+    transcripts = [r["transcript"] for r in heard_rows]
+    if p.ctc_units == "phonemes":
+        languages = [str(r["voice"]).split("+")[0] for r in heard_rows]
+        inventory, unit_ids = phoneme_targets(transcripts, languages)
+    else:
+        alphabet, unit_ids = character_targets(transcripts)
+        inventory = list(alphabet)
+    speaker_targets = SpeakerTargets.from_rows(heard_rows)
     speaker = SpeakerHead(p.audio.d_model, speaker_targets, seed=p.seed)
     ctc_losses = pretrain_encoder_ctc(
         model,
-        feats,
-        char_ids,
-        len(alphabet),
+        heard_feats,
+        unit_ids,
+        len(inventory),
         p.ctc,
         seed=p.seed,
         on_step=reporter("ctc"),
@@ -103,8 +123,8 @@ def student(
     lap("ctc")
     align_losses = align_to_embeddings(
         model,
-        feats,
-        [list(tokenizer(r["transcript"])["input_ids"]) for r in rows],
+        heard_feats,
+        [list(tokenizer(t)["input_ids"]) for t in transcripts],
         p.align,
         seed=p.seed,
         on_step=reporter("align"),
@@ -112,6 +132,7 @@ def student(
         speaker_weight=p.speaker_loss_weight,
     )
     lap("align")
+    del heard_feats
     states = cache_encoder_states(model, feats)
     examples, mix = instruction_mix(
         tokenizer,
@@ -149,6 +170,8 @@ def student(
             for t in part.parameters()
         ),
         "train_utterances": len(rows),
+        "pretrain_utterances": p.pretrain_utterances,
+        "ctc_units": len(inventory),
         **{f"mix_{k}": v for k, v in mix.items()},
         **{f"seconds_{k}": v for k, v in seconds.items()},
         "total_seconds": round(sum(seconds.values()), 1),

@@ -21,6 +21,8 @@ def tiny_synth_params(**overrides: object) -> SynthParams:
         "eval_per_task": 3,
         "para_train_per_task": 3,
         "para_eval_per_task": 2,
+        "dev_per_task": 2,
+        "para_dev_per_task": 1,
         "text_train_per_task": 25,
         "workers": 2,
     }

@@ -31,6 +31,7 @@ TINY_TEACHER = TeacherParams(
 
 TINY_STUDENT = StudentParams(
     audio=TINY_AUDIO,
+    pretrain_utterances=6,
     ctc=Phase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2),
     align=Phase(steps=15, batch_size=4, lr=3e-3, warmup_steps=2),
     instruct=InstructPhase(

@@ -216,6 +216,13 @@ class SynthParams(_Strict):
     para_eval_per_task: Count = Field(
         default=100, description="Eval items per paralinguistic task."
     )
+    dev_per_task: Count = Field(
+        default=50,
+        description="Dev items per reasoning task family: held out like eval, for tuning.",
+    )
+    para_dev_per_task: Count = Field(
+        default=50, description="Dev items per paralinguistic task: held out, for tuning."
+    )
     sample_rate: int = Field(
         default=16_000, ge=8_000, le=48_000, description="Output audio sample rate (Hz)."
     )
@@ -398,9 +405,22 @@ class StudentParams(_Strict):
 
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     audio: AudioEncoderShape = Field(default=AudioEncoderShape(), description="Audio encoder.")
+    pretrain_utterances: int = Field(
+        default=0,
+        ge=0,
+        le=10_000_000,
+        description="Extra utterances spoken for phases 1-2 only: texts of the teacher's "
+        "corpus, read by voices drawn like the world's (synth.voices), synthesised in memory "
+        "with synth.workers processes and never stored.",
+    )
+    ctc_units: Literal["phonemes", "characters"] = Field(
+        default="phonemes",
+        description="Phase 1's CTC targets: espeak-ng's phonemes of each word, or the "
+        "transcript's characters.",
+    )
     ctc: Phase = Field(
         default=Phase(steps=400, batch_size=8, lr=2e-3, warmup_steps=40),
-        description="Phase 1: encoder pre-training, CTC on the transcripts' characters.",
+        description="Phase 1: encoder pre-training, CTC on the transcripts' phonemes.",
     )
     align: Phase = Field(
         default=Phase(steps=400, batch_size=16, lr=2e-3),

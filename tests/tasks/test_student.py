@@ -36,6 +36,8 @@ def test_student_checkpoint_reloads_with_its_processor(
     metrics = json.loads(summary.metrics_path.read_text())
     rows = read_manifest(manifest_path(tiny_world, "train"))
     assert metrics["train_utterances"] == len(rows)
+    assert metrics["pretrain_utterances"] == TINY_STUDENT.pretrain_utterances > 0
+    assert metrics["ctc_units"] > 20  # phonemes and the word boundary
     assert metrics["mix_asr"] == TINY_STUDENT.instruct.asr_items
     assert metrics["weights_sha256"] == summary.weights_sha256
 

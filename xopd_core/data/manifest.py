@@ -31,7 +31,8 @@ MANIFEST_FIELDS: tuple[str, ...] = (
 )
 # Speech splits pair every prompt with audio; text-only splits hold the text LLM's corpus
 # (text is cheap to have in abundance, speech is not: the same holds for real corpora).
-SPEECH_SPLITS = ("train", "eval", "para_eval")
+# dev/para_dev are held out like eval/para_eval, for tuning (never tune on eval).
+SPEECH_SPLITS = ("train", "dev", "para_dev", "eval", "para_eval")
 TEXT_SPLITS = ("text_train",)
 SPLITS = SPEECH_SPLITS + TEXT_SPLITS
 TRAIN_SPLITS = ("train", "text_train")

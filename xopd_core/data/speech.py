@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 ESPEAK = "espeak-ng"
 SOX = "sox"
 
@@ -70,26 +72,62 @@ def require_speech_tools() -> None:
         )
 
 
-def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
-    """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
+def _espeak_wav(text: str, speaker: Speaker, name: str) -> bytes:
     voice = ["-v", speaker.espeak_voice, "-s", str(speaker.rate_wpm), "-p", str(speaker.pitch)]
     tts = subprocess.run([ESPEAK, *voice, "--stdout", text], capture_output=True, check=False)
     if tts.returncode != 0 or not tts.stdout:
         raise SpeechToolError(
-            f"espeak-ng failed for {out_path.name} (voice {speaker.voice}): "
+            f"espeak-ng failed for {name} (voice {speaker.voice}): "
             f"{tts.stderr.decode(errors='replace').strip() or 'no audio produced'}"
         )
-    out_format = f"-r {sample_rate} -c 1 -b 16 -e signed-integer -t wav".split()
+    return tts.stdout
+
+
+def _sox(wav: bytes, out_format: list[str], out: str, name: str) -> bytes:
     conv = subprocess.run(
-        [SOX, "-t", "wav", "-", "-D", *out_format, str(out_path)],
-        input=tts.stdout,
-        capture_output=True,
-        check=False,
+        [SOX, "-t", "wav", "-", "-D", *out_format, out], input=wav, capture_output=True, check=False
     )
     if conv.returncode != 0:
         raise SpeechToolError(
-            f"sox failed for {out_path.name}: {conv.stderr.decode(errors='replace').strip()}"
+            f"sox failed for {name}: {conv.stderr.decode(errors='replace').strip()}"
         )
+    return conv.stdout
+
+
+def synthesize_wav(text: str, speaker: Speaker, out_path: Path, sample_rate: int) -> None:
+    """Speak `text` into a mono 16-bit WAV at `sample_rate` (overwrites `out_path`)."""
+    wav = _espeak_wav(text, speaker, out_path.name)
+    out_format = f"-r {sample_rate} -c 1 -b 16 -e signed-integer -t wav".split()
+    _sox(wav, out_format, str(out_path), out_path.name)
+
+
+def speak(text: str, speaker: Speaker, sample_rate: int) -> np.ndarray:
+    """Speak `text` into a float32 waveform in [-1, 1) at `sample_rate`, never touching disk:
+    the same samples `synthesize_wav` writes, read back as soundfile reads 16-bit PCM."""
+    wav = _espeak_wav(text, speaker, repr(text[:40]))
+    out_format = f"-r {sample_rate} -c 1 -b 16 -e signed-integer -t raw".split()
+    pcm = _sox(wav, out_format, "-", repr(text[:40]))
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+@functools.cache
+def word_phonemes(word: str, language: str) -> tuple[str, ...]:
+    """espeak-ng's phonemes of one word as `language` says it (`-x` mnemonics, stress marks
+    dropped): ("t", "eI", "k") for "take". The synthesiser speaks from exactly these, so they
+    are what the audio carries; spelling is not (e.g. "eight" and "ate")."""
+    out = subprocess.run(
+        [ESPEAK, "-q", "-x", "--sep=_", "-v", voice_file(language), word],
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+    phones = tuple(p.strip("',\n ") for p in out.stdout.replace(" ", "_").split("_"))
+    phones = tuple(p for p in phones if p)
+    if out.returncode != 0 or not phones:
+        raise SpeechToolError(
+            f"espeak-ng gave no phonemes for {word!r} in {language!r}: {out.stderr.strip()}"
+        )
+    return phones
 
 
 def sha256_file(path: Path) -> str:

@@ -1,8 +1,9 @@
 """The mini world's generator: reasoning and paralinguistic items, spoken by espeak-ng.
 
-Builds `train`, `eval` and `para_eval` manifests plus 16 kHz mono audio under one data root
-(DESIGN.md §4). Every item's randomness comes from its own seeded stream, so the same params
-give byte-identical manifests and audio. No prompt appears in more than one split.
+Builds `train`, `dev`, `para_dev`, `eval` and `para_eval` manifests plus 16 kHz mono audio
+under one data root (DESIGN.md §4). Every item's randomness comes from its own seeded
+stream, so the same params give byte-identical manifests and audio. No prompt appears in
+more than one split.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile as sf
 
 from xopd_core.atomic import atomic_directory, write_json_atomic
@@ -28,7 +30,13 @@ from xopd_core.data.reasoning import (
     steps_phrase,
     truth_word,
 )
-from xopd_core.data.speech import Speaker, require_speech_tools, sha256_file, synthesize_wav
+from xopd_core.data.speech import (
+    Speaker,
+    require_speech_tools,
+    sha256_file,
+    speak,
+    synthesize_wav,
+)
 
 # Paralinguistic tasks: (question, {answer: which speaker setting carries it}).
 PARA_TASKS: dict[str, tuple[str, tuple[str, str]]] = {
@@ -177,6 +185,8 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
     para_eval = _plan_split(
         p, "para_eval", ptasks, p.para_eval_per_task, para, "paralinguistic", seen
     )
+    dev = _plan_split(p, "dev", rtasks, p.dev_per_task, reasoning, "reasoning", seen)
+    dev += _plan_split(p, "para_dev", ptasks, p.para_dev_per_task, para, "paralinguistic", seen)
     held_out = set(seen)
     train = _plan_split(p, "train", rtasks, p.train_per_task, reasoning, "reasoning", seen)
     train += _plan_split(p, "train", ptasks, p.para_train_per_task, para, "paralinguistic", seen)
@@ -190,7 +200,7 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
         held_out,
         distinct=False,
     )
-    return eval_items + para_eval + train + text
+    return eval_items + para_eval + dev + train + text
 
 
 def _text_row(item: PlannedItem) -> dict[str, Any]:
@@ -288,3 +298,62 @@ def _counts_only(s: WorldSummary) -> dict[str, Any]:
         "max_duration_s": s.max_duration_s,
         "min_duration_s": s.min_duration_s,
     }
+
+
+def _varied_speaker(rng: random.Random, p: SynthParams) -> Speaker:
+    """Any speaker the world has: mostly ordinary, sometimes slow, fast, low, high or
+    whispered (each about as often as in the paralinguistic items), so an encoder
+    pre-trained on these hears every voice it will meet."""
+    v = p.voices
+    speaker = _ordinary_speaker(rng, p)
+    rate, pitch, variant = speaker.rate_wpm, speaker.pitch, speaker.variant
+    roll = rng.random()
+    if roll < 0.1:
+        rate = _pick(rng, v.slow_rate_wpm)
+    elif roll < 0.2:
+        rate = _pick(rng, v.fast_rate_wpm)
+    roll = rng.random()
+    if roll < 0.1:
+        pitch = _pick(rng, v.low_pitch)
+    elif roll < 0.2:
+        pitch = _pick(rng, v.high_pitch)
+    if rng.random() < 0.1:
+        variant = v.whisper_variant
+    return Speaker(speaker.language, variant, rate, pitch)
+
+
+@dataclass(frozen=True)
+class SpokenText:
+    """One utterance of the encoder's pre-training corpus (never written to disk)."""
+
+    transcript: str
+    speaker: Speaker
+    waveform: np.ndarray
+
+    def as_row(self) -> dict[str, Any]:
+        """The speaker fields a manifest row has (what the speaker head reads)."""
+        return {
+            "transcript": self.transcript,
+            "voice": self.speaker.voice,
+            "rate_wpm": self.speaker.rate_wpm,
+            "pitch": self.speaker.pitch,
+        }
+
+
+def speak_corpus(
+    p: SynthParams, texts: list[str], n: int, seed: int, workers: int = 2
+) -> list[SpokenText]:
+    """`n` utterances of texts drawn from `texts`, each by a speaker drawn as `_varied_speaker`
+    does: audio for the encoder's pre-training, as cheap as TTS makes it (real speech
+    encoders hear because they are pre-trained on far more audio than any reasoning set).
+    Deterministic for fixed arguments: one seeded stream per utterance, byte-identical TTS."""
+    if n and not texts:
+        raise WorldGenerationError("no texts to speak for the pre-training corpus")
+    require_speech_tools()
+    plan = []
+    for k in range(n):
+        rng = random.Random(f"xopd-pretrain:{seed}:{k}")
+        plan.append((rng.choice(texts), _varied_speaker(rng, p)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        waves = list(pool.map(lambda ts: speak(ts[0], ts[1], p.sample_rate), plan))
+    return [SpokenText(t, s, w) for (t, s), w in zip(plan, waves, strict=True)]

@@ -1,4 +1,5 @@
-"""espeak-ng voices: each configured language speaks each variant, whisper included."""
+"""espeak-ng voices: each configured language speaks each variant, whisper included; speech
+made in memory equals the written files; words have the phonemes espeak-ng speaks from."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import pytest
 import soundfile as sf
 
 from xopd_core.config import Params
-from xopd_core.data.speech import Speaker, SpeechToolError, sha256_file, synthesize_wav, voice_file
+from xopd_core.data.speech import (
+    Speaker,
+    SpeechToolError,
+    sha256_file,
+    speak,
+    synthesize_wav,
+    voice_file,
+    word_phonemes,
+)
 
 
 def _periodicity(path: Path) -> float:
@@ -46,3 +55,19 @@ def test_every_variant_of_every_language_is_heard(language: str, tmp_path: Path)
 def test_an_unknown_language_is_named() -> None:
     with pytest.raises(SpeechToolError, match="no voice for language 'xx-nowhere'"):
         voice_file("xx-nowhere")
+
+
+def test_speech_made_in_memory_equals_the_written_file(tmp_path: Path) -> None:
+    speaker = Speaker("en-gb", "f2", 170, 50)
+    synthesize_wav("take two steps left.", speaker, tmp_path / "a.wav", 16_000)
+    written, rate = sf.read(str(tmp_path / "a.wav"), dtype="float32")
+    spoken = speak("take two steps left.", speaker, 16_000)
+    assert rate == 16_000 and spoken.dtype == np.float32
+    np.testing.assert_array_equal(spoken, written)
+
+
+def test_word_phonemes_are_espeaks_without_stress_marks() -> None:
+    assert word_phonemes("take", "en-us") == ("t", "eI", "k")
+    assert word_phonemes("steps", "en-gb") == ("s", "t", "E", "p", "s")
+    # Spelling is not sound: two spellings, one pronunciation.
+    assert word_phonemes("eight", "en-us") == word_phonemes("ate", "en-us")

@@ -4,15 +4,28 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
 from tests.conftest import tiny_synth_params
 from tests.solvers import SOLVERS
-from xopd_core.config import Difficulty, IntRange
+from xopd_core.config import Difficulty, IntRange, Params
 from xopd_core.data import world as world_mod
-from xopd_core.data.manifest import MANIFEST_FIELDS, TEXT_FIELDS, manifest_path, read_manifest
-from xopd_core.data.world import PARA_TASKS, WorldGenerationError, plan_world, synthesize_world
+from xopd_core.data.manifest import (
+    MANIFEST_FIELDS,
+    SPEECH_SPLITS,
+    TEXT_FIELDS,
+    manifest_path,
+    read_manifest,
+)
+from xopd_core.data.world import (
+    PARA_TASKS,
+    WorldGenerationError,
+    plan_world,
+    speak_corpus,
+    synthesize_world,
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -24,9 +37,7 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def all_rows(root: Path) -> list[dict]:
-    return [
-        r for s in ("train", "eval", "para_eval") for r in read_manifest(manifest_path(root, s))
-    ]
+    return [r for s in SPEECH_SPLITS for r in read_manifest(manifest_path(root, s))]
 
 
 def test_same_seed_gives_byte_identical_manifests_and_audio(
@@ -45,10 +56,12 @@ def test_another_seed_gives_another_world() -> None:
 
 
 def test_splits_sizes_and_fields(tiny_world: Path) -> None:
-    rows = {s: read_manifest(manifest_path(tiny_world, s)) for s in ("train", "eval", "para_eval")}
+    rows = {s: read_manifest(manifest_path(tiny_world, s)) for s in SPEECH_SPLITS}
     p = tiny_synth_params()
     assert len(rows["eval"]) == 4 * p.eval_per_task
     assert len(rows["para_eval"]) == len(PARA_TASKS) * p.para_eval_per_task
+    assert len(rows["dev"]) == 4 * p.dev_per_task
+    assert len(rows["para_dev"]) == len(PARA_TASKS) * p.para_dev_per_task
     assert len(rows["train"]) == 4 * p.train_per_task + len(PARA_TASKS) * p.para_train_per_task
     for split, split_rows in rows.items():
         for r in split_rows:
@@ -149,3 +162,25 @@ def test_world_json_records_params_and_counts(tiny_world: Path) -> None:
     assert meta["params"]["seed"] == 7
     text = read_manifest(manifest_path(tiny_world, "text_train"))
     assert sum(meta["rows_per_split"].values()) == len(all_rows(tiny_world)) + len(text)
+
+
+def test_the_pretraining_corpus_is_deterministic_and_varied() -> None:
+    p = Params().synth
+    texts = ["take one step left.", "alice lies. bob tells the truth.", "i have two apples."]
+    corpus = speak_corpus(p, texts, 30, seed=3)
+    again = speak_corpus(p, texts, 30, seed=3)
+    assert len(corpus) == 30
+    for a, b in zip(corpus, again, strict=True):
+        assert a.as_row() == b.as_row()
+        np.testing.assert_array_equal(a.waveform, b.waveform)
+    assert {c.transcript for c in corpus} == set(texts)
+    # Ordinary speakers mostly, with some of every extreme a paralinguistic item uses.
+    v = p.voices
+    assert any(c.speaker.variant == v.whisper_variant for c in corpus)
+    assert any(c.speaker.rate_wpm >= v.fast_rate_wpm.min for c in corpus)
+    assert any(c.speaker.pitch <= v.low_pitch.max for c in corpus)
+    assert len({c.speaker.voice for c in corpus}) > 5
+    other = speak_corpus(p, texts, 30, seed=4)
+    assert [c.as_row() for c in other] != [c.as_row() for c in corpus]
+    with pytest.raises(WorldGenerationError, match="no texts"):
+        speak_corpus(p, [], 2, seed=0)

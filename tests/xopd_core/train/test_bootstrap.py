@@ -12,6 +12,7 @@ from xopd_core.models.audio import encoder_states, extract_features
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import AUDIO, PAD, token_id
 from xopd_core.train.bootstrap import (
+    WORD_BOUNDARY,
     SpeakerHead,
     SpeakerTargets,
     align_to_embeddings,
@@ -19,6 +20,7 @@ from xopd_core.train.bootstrap import (
     character_targets,
     instruct,
     instruction_mix,
+    phoneme_targets,
     pretrain_encoder_ctc,
 )
 
@@ -226,3 +228,11 @@ def test_phases_train_under_bf16_autocast(parts, tiny_world: Path) -> None:
     assert falls(instruct(model, states, mix, token_id(tok, PAD), phase, seed=0))
     assert {q.dtype for q in model.parameters()} == {torch.float32}
     assert all(s.dtype == torch.float32 for s in states)
+
+
+def test_phoneme_targets_split_words_and_share_one_inventory() -> None:
+    inventory, ids = phoneme_targets(["take two.", "two, take"], ["en-us", "en-gb"])
+    assert inventory == sorted({"t", "eI", "k", "u:", WORD_BOUNDARY})
+    spelled = [[inventory[i] for i in seq] for seq in ids]
+    assert spelled[0] == ["t", "eI", "k", WORD_BOUNDARY, "t", "u:"]
+    assert spelled[1] == ["t", "u:", WORD_BOUNDARY, "t", "eI", "k"]
