@@ -162,7 +162,7 @@ def xopd_campaign(
             _clear_rounds(root)
             promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
-                r = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False,
+                r = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False,
                                check_data=False)  # fmt: skip
                 promoted.append(r["promoted"])
                 for name, s in r["seconds"].items():

@@ -1,10 +1,12 @@
 """Deployments of the flows, and serving them: what `xopd serve` / `make ui` run.
 
 `deployments()` builds three: `xopd-nightly/nightly` on the cron of `nightly.cron` in
-`nightly.timezone`, `xopd-round/round` and `xopd-campaign/campaign` on demand. Each carries
-the resolved params as its default (the UI renders them as a typed form) and a concurrency
-limit of 1. `serve()` serves them against the API that `flows.server.ServeApi` decided before
-this module (and prefect) was imported: open the printed URL and press Run.
+`nightly.timezone`, `xopd-round/round` and `xopd-campaign/campaign` on demand, each with a
+concurrency limit of 1. The nightly and campaign deployments carry the resolved params as their
+default (the UI renders them as a typed form); the round reads the work folder's params.yaml,
+and its form asks only for the round and its `train` and `gate` settings. `serve()` serves
+them against the API that `flows.server.ServeApi` decided before this module (and prefect)
+was imported: open the printed URL and press Run.
 """
 
 from __future__ import annotations
@@ -31,11 +33,18 @@ def deployments(params: Params, workdir: str) -> list[Any]:
             parameters={**defaults, "wait_s": params.nightly.wait_s},
             concurrency_limit=1,
             description="One more X-OPD round after the newest, every night.",
+            tags=["xopd", "nightly"],
         ),
-        xopd_round.to_deployment(
-            name="round", parameters={**defaults, "round": 1}, concurrency_limit=1
+        xopd_round.to_deployment(  # its form: the round, train, gate; the rest from params.yaml
+            name="round",
+            parameters={"workdir": defaults["workdir"]},
+            concurrency_limit=1,
+            description="One X-OPD round: by default the one after the newest on disk.",
+            tags=["xopd"],
         ),
-        xopd_campaign.to_deployment(name="campaign", parameters=defaults, concurrency_limit=1),
+        xopd_campaign.to_deployment(
+            name="campaign", parameters=defaults, concurrency_limit=1, tags=["xopd"]
+        ),
     ]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
 def test_round_flow_trains_evaluates_gates_and_publishes_artifacts(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
-    result = xopd_round(flow_params, round=1, workdir=str(work))
+    result = xopd_round(params=flow_params, round=1, workdir=str(work))
     assert result["round"] == 1 and isinstance(result["promoted"], bool)
     for k in (0, 1):  # the starting student was evaluated and gated first (no champion yet)
         assert json.loads(round_gate(work, k).read_text())["round"] == k
@@ -80,3 +81,7 @@ def test_nightly_never_writes_beside_a_run_in_progress(
     assert next_round(work) == 1
     result = xopd_nightly(flow_params, workdir=str(work))
     assert result["round"] == 1 and next_round(work) == 2
+    name = f"round-1-nightly-{date.today().isoformat()}"  # named after the round it trained
+    with get_client(sync_client=True) as client:
+        tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
+    assert tagged and {"nightly", "round-1", "method-xopd"} <= tagged[-1]

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import psutil
@@ -25,6 +25,8 @@ from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
     FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
 )
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
@@ -33,6 +35,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 
 from flows.nightly import xopd_nightly
+from flows.round import xopd_round
 from flows.serve import deployments
 from flows.server import healthy
 from tests.flows.conftest import lay_out_work
@@ -49,6 +52,10 @@ def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path:
     assert nightly.schedules[0].schedule.timezone == "Asia/Tokyo"
     assert nightly.parameters["params"]["nightly"]["cron"] == "30 3 * * 1"
     assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign))
+    # The round's form: the round and its train and gate settings; the rest is params.yaml.
+    assert round_.parameters == {"workdir": str(tmp_path.resolve())}
+    shown = list(parameter_schema(xopd_round).model_dump()["properties"])
+    assert shown[:3] == ["round", "train", "gate"]
     # The UI renders a typed form for the params from the flow's parameter schema.
     schema = parameter_schema(xopd_nightly).model_dump()
     assert schema["properties"]["params"]["$ref"].endswith("/Params")
@@ -86,7 +93,7 @@ def served(
     tmp = tmp_path_factory.mktemp("serve")
     work = lay_out_work(tmp / "work", tiny_world, tiny_teacher, tiny_student)
     params = flow_params.model_copy(update={"nightly": NightlyParams(timezone="Europe/Berlin")})
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict()))
+    (work / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict()))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env |= {
@@ -95,7 +102,7 @@ def served(
         "PYTHONPATH": str(REPO),
     }
     log = tmp / "serve.log"
-    command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(tmp / "params.yaml")]
+    command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(work / "params.yaml")]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*command, "--workdir", str(work), "--port", str(port)],
@@ -164,8 +171,10 @@ def test_the_nightly_cron_has_runs_scheduled_within_seconds(served: Served) -> N
 
 
 def test_a_round_triggered_through_the_api_completes_with_artifacts(served: Served) -> None:
-    """What a user does in the UI: press Run on the round deployment. Its flow run reports to
-    the one server that `xopd serve` started (two servers cancelled every run)."""
+    """What a user does in the UI: press Run on the round deployment, with its defaults. Its
+    flow run reports to the one server that `xopd serve` started (two servers cancelled every
+    run), trains the round after the newest on disk, is named and tagged after it, and its
+    log shows the progress and the gate's decision."""
     listening = {  # the process tree's servers: whatever listens on a port
         (p.pid, c.laddr.port)
         for p in psutil.Process(served.proc.pid).children(recursive=True)
@@ -174,14 +183,31 @@ def test_a_round_triggered_through_the_api_completes_with_artifacts(served: Serv
     }
     assert [port for _, port in listening] == [served.port]
     with temporary_settings(updates={PREFECT_API_URL: served.api}):
-        run = run_deployment(
-            "xopd-round/round", parameters={"round": 1}, timeout=300, poll_interval=1
-        )
+        run = run_deployment("xopd-round/round", timeout=300, poll_interval=1)
         assert run.state is not None and run.state.is_completed(), (run.state, served.tail())
         with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run.id)
             keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
+            of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            expected = [
+                "round 1: validating the data",
+                "round 1: training from models/student: xopd, 1 steps",
+                "round 1: train step 1/1  loss ",
+                "round 1: speech Avg-Drop ",
+                "round 1: gate: ",
+            ]
+            deadline = time.monotonic() + 30  # logs reach the server in batches
+            while True:
+                logs = [entry.message for entry in client.read_logs(of_run)]
+                missing = [x for x in expected if not any(m.startswith(x) for m in logs)]
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
     assert {"round-1", "validation-report"} <= keys
     assert (served.work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
+    assert run.name == f"round-1-{date.today().isoformat()}"
+    assert {"xopd", "round-1", "method-xopd"} <= set(run.tags)
+    assert not missing, (missing, logs)
 
 
 PROBE = """
