@@ -12,6 +12,7 @@ a round needs (which round, `train`, `gate`) and leaves the rest to that file.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,7 +55,7 @@ def tag_run(*labels: str) -> None:
         ctx.flow_run.tags = new
 
 
-def log_train_steps(k: int, steps: int) -> Any:
+def log_train_steps(k: int, steps: int) -> Callable[[int, dict[str, float]], None]:
     """An `on_step` callback: step, loss and reverse-KL estimate in the run's log, about
     twenty times per round (and the first and last step)."""
     log = get_run_logger()

@@ -29,6 +29,10 @@ def _private_prefect_home() -> None:
     home = tempfile.mkdtemp(prefix="xopd-tests-prefect-home-")
     atexit.register(shutil.rmtree, home, ignore_errors=True)
     os.environ["PREFECT_HOME"] = home
+    # Prefect 3.7.7 keeps persisted results and the memo store under ~/.prefect even with
+    # PREFECT_HOME set (its defaults do not see the home setting): name them too.
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(home) / "storage")
+    os.environ["PREFECT_MEMO_STORE_PATH"] = str(Path(home) / "memo_store.toml")
     for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
         os.environ.pop(key, None)
 

@@ -252,9 +252,16 @@ def test_serve_uses_the_api_a_user_configured(source: str, tmp_path: Path) -> No
 def test_tests_use_a_private_prefect_home() -> None:
     """tests/conftest.py points Prefect (here and in every subprocess) away from the user's
     home: `xopd run` in tests/tasks/test_cli.py once wrote a failed run into it."""
-    from prefect.settings import PREFECT_HOME
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_MEMO_STORE_PATH,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+    )
 
     home = Path(PREFECT_HOME.value()).resolve()
     assert home != (Path.home() / ".prefect").resolve()
     assert Path(os.environ["PREFECT_HOME"]).resolve() == home
+    # Where a failed run's exception is persisted, and the server's memo store: in it too.
+    for written in (PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_MEMO_STORE_PATH):
+        assert home in Path(written.value()).resolve().parents, written.name
     assert "PREFECT_API_URL" not in os.environ and "PREFECT_PROFILE" not in os.environ
