@@ -527,8 +527,7 @@ class NightlyParams(_Strict):
     cron: str = Field(
         default="0 2 * * *",
         pattern=r"^\S+( \S+){4}$",
-        description="When the nightly round runs: a 5-field cron expression, read in "
-        "`timezone`.",
+        description="When the nightly round runs: a 5-field cron expression, read in `timezone`.",
     )
     timezone: str = Field(
         default="UTC",
