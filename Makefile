@@ -14,8 +14,8 @@ setup:
 run: setup
 	@$(BIN)/xopd run
 
-# The Prefect UI with the deployments served (a local server on 127.0.0.1:4200 unless
-# PREFECT_API_URL points at one): open the printed URL and press Run.
+# The Prefect UI with the deployments served (a local server on 127.0.0.1:4200 unless a
+# Prefect API is configured: PREFECT_API_URL, a profile, prefect.toml): open the printed URL.
 ui: setup
 	@$(BIN)/xopd serve
 

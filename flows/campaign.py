@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.publish import publish
 from flows.round import eval_step, gate_step, validate_step, xopd_round
@@ -141,10 +141,14 @@ def xopd_campaign(
         ran: list[str] = []
         changed = changed_groups(root, params)
 
+        log = get_run_logger()
+
         def step(stage: str) -> bool:
             if due(root, stage, ran, n, changed):
+                log.info("%s: running", stage)
                 ran.append(stage)
                 return True
+            log.info("%s: up to date, skipped", stage)
             return False
 
         if step("synth"):
@@ -162,7 +166,7 @@ def xopd_campaign(
             _clear_rounds(root)
             promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
-                r = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False,
+                r = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False,
                                check_data=False)  # fmt: skip
                 promoted.append(r["promoted"])
                 for name, s in r["seconds"].items():

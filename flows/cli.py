@@ -21,10 +21,19 @@ if TYPE_CHECKING:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.serve import serve
+    """The deployments, served against the API decided (and its server started) before
+    prefect is imported; the flows import while that server boots."""
+    from flows.server import ServeApi
     from xopd_core.config import load_params
 
-    serve(load_params(args.params), str(args.workdir))
+    params = load_params(args.params)
+    api = ServeApi(port=args.port)
+    try:
+        from flows.serve import serve
+    except BaseException:
+        api.stop()
+        raise
+    serve(params, str(args.workdir), api)
     return 0
 
 
@@ -100,9 +109,16 @@ def add_flow_commands(sub: Any) -> None:
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("serve", help="serve the Prefect deployments (starts a local server)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the Prefect deployments against the configured Prefect API "
+        "(PREFECT_API_URL, a profile or prefect.toml), else a server it starts on 127.0.0.1",
+    )
     add_params(p)
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
+    p.add_argument(
+        "--port", type=int, default=4200, help="port of the local server when none is configured"
+    )
     p.set_defaults(func=cmd_serve)
 
 

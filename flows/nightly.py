@@ -18,29 +18,38 @@ from typing import Any, Literal
 from prefect import flow
 
 from flows.publish import publish
-from flows.round import xopd_round
-from tasks.layout import LOCK, completed_rounds
+from flows.round import next_round, run_name, tag_run, xopd_round
+from tasks.layout import LOCK
 from tasks.record import advance_rounds, is_dvc_repo, params_in_sync
 from xopd_core.config import CampaignParams, Params
 from xopd_core.lock import exclusive
 
 
-def next_round(workdir: Path) -> int:
-    """1 + the newest completed round's number (a round is complete once its checkpoint is)."""
-    return max(completed_rounds(workdir), default=0) + 1
+def nightly_run_name() -> str:
+    return run_name("nightly")
 
 
-@flow(name="xopd-nightly")
+@flow(name="xopd-nightly", flow_run_name=nightly_run_name)
 def xopd_nightly(
     params: Params,
     workdir: str = ".",
     engine: Literal["hf", "vllm"] = "hf",
     wait_s: float = 0.0,
 ) -> dict[str, Any]:
+    """One more round after the newest on disk, recorded in DVC, its lineage committed and
+    pushed when it is promoted.
+
+    Args:
+        params: The settings (params.yaml); the round reads `train`, `eval` and `gate`.
+        workdir: The work folder, laid out like the repository (data/, models/, reports/).
+        engine: Rollout and teacher-scoring engine: hf (transformers) or vllm.
+        wait_s: How long to wait for a run that holds the work folder before giving up.
+    """
     root = Path(workdir)
     with exclusive(root / LOCK, timeout_s=wait_s, what="xopd run"):
         k = next_round(root)
-        result = xopd_round(params, round=k, workdir=workdir, engine=engine, lock=False)
+        tag_run("nightly", f"round-{k}", f"method-{params.train.method}")
+        result = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False)
         ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=k)})
         if is_dvc_repo(root) and params_in_sync(root, params, ignore_rounds=True):
             advance_rounds(root, k)

@@ -5,22 +5,76 @@ validate → train (rollout, teacher scoring and updates, in one on-policy loop)
 `tasks/rounds.py`, the same ones the `rounds` stage of `dvc.yaml` runs. Round k starts from
 round k−1's student (`models/student` for k = 1). With no champion yet, the starting student
 is evaluated and gated first, as round k−1, so the candidate is always compared with something.
+Its settings are the work folder's params.yaml unless given; the UI's form asks only for what
+a round needs (which round, `train`, `gate`) and leaves the rest to that file.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.runtime import flow_run
 
 from tasks.gate import describe
-from tasks.layout import CHAMPION, DATA, LOCK, round_eval, round_reports
+from tasks.layout import CHAMPION, DATA, LOCK, completed_rounds, round_eval, round_reports
 from tasks.rounds import eval_round, gate_round, train_round
 from tasks.validate import validate
-from xopd_core.config import Params
+from xopd_core.config import DEFAULT_PARAMS_FILE, GateParams, Params, TrainParams, load_params
 from xopd_core.lock import exclusive
+
+
+def next_round(workdir: Path) -> int:
+    """1 + the newest completed round's number (a round is complete once its checkpoint is)."""
+    return max(completed_rounds(workdir), default=0) + 1
+
+
+def run_name(kind: str = "") -> str:
+    """`round-3-2026-12-05` (or `round-3-nightly-2026-12-05`): the round a run trains, from
+    its parameters (`round`, else the next one in `workdir`), and the day it started."""
+    given = flow_run.parameters
+    k = given.get("round") or next_round(Path(given.get("workdir", ".")))
+    return "-".join(x for x in (f"round-{k}", kind, dt.date.today().isoformat()) if x)
+
+
+def tag_run(*labels: str) -> None:
+    """Add `labels` to the current flow run's tags (searchable in the UI's run list)."""
+    ctx = FlowRunContext.get()
+    if ctx is None or ctx.flow_run is None:
+        return
+    with get_client(sync_client=True) as client:
+        old = list(ctx.flow_run.tags)
+        new = old + [x for x in labels if x not in old]
+        client.update_flow_run(ctx.flow_run.id, tags=new)
+        ctx.flow_run.tags = new
+
+
+def log_train_steps(k: int, steps: int) -> Callable[[int, dict[str, float]], None]:
+    """An `on_step` callback: step, loss and reverse-KL estimate in the run's log, about
+    twenty times per round (and the first and last step)."""
+    log = get_run_logger()
+    every = max(1, steps // 20)
+
+    def on_step(step: int, metrics: dict[str, float]) -> None:
+        done = step + 1
+        if done == 1 or done == steps or done % every == 0:
+            kl = metrics.get("reverse_kl")
+            log.info(
+                "round %d: train step %d/%d  loss %.4f%s",
+                k,
+                done,
+                steps,
+                metrics.get("loss", float("nan")),
+                "" if kl is None else f"  reverse KL {kl:.4f}",
+            )
+
+    return on_step
 
 
 @task(name="validate")
@@ -37,7 +91,8 @@ def validate_step(params: Params, root: Path, out: Path) -> dict[str, Any]:
 # OOM-killed step), so the second attempt continues instead of starting over.
 @task(name="train", retries=1, retry_delay_seconds=5)
 def train_step(params: Params, root: Path, k: int, engine: str) -> dict[str, Any]:
-    return train_round(params, root, k, engine).metrics  # type: ignore[arg-type]
+    on_step = log_train_steps(k, params.train.steps)
+    return train_round(params, root, k, engine, on_step=on_step).metrics  # type: ignore[arg-type]
 
 
 @task(name="eval")
@@ -48,7 +103,9 @@ def eval_step(params: Params, root: Path, k: int) -> dict[str, Any]:
 @task(name="gate")
 def gate_step(params: Params, root: Path, k: int) -> dict[str, Any]:
     summary = gate_round(params, root, k)
-    return {"promoted": summary.decision.promoted, "text": describe(summary)}
+    text = describe(summary)
+    get_run_logger().info("round %d: %s", k, text)
+    return {"promoted": summary.decision.promoted, "text": text}
 
 
 def _round_table(k: int, train_m: dict[str, Any], eval_m: dict[str, Any], verdict: str) -> str:
@@ -68,40 +125,79 @@ def _round_table(k: int, train_m: dict[str, Any], eval_m: dict[str, Any], verdic
     return f"# Round {k}\n\n| metric | value |\n|---|---|\n{body}\n\n```\n{verdict}\n```\n"
 
 
-@flow(name="xopd-round")
+@flow(name="xopd-round", flow_run_name=run_name)
 def xopd_round(
-    params: Params,
-    round: int = 1,
+    round: int | None = None,
+    train: TrainParams | None = None,
+    gate: GateParams | None = None,
     workdir: str = ".",
     engine: Literal["hf", "vllm"] = "hf",
+    params: Params | None = None,
     lock: bool = True,
     check_data: bool = True,
 ) -> dict[str, Any]:
-    """Run round `round` in `workdir`; returns the gate's decision, the round's metrics and
-    the stage functions' own seconds. `lock=False` only for callers that already hold the
-    work folder's lock; `check_data=False` for callers that have just validated the data."""
-    if round < 1:
-        raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
+    """Run one X-OPD round in `workdir`; returns the gate's decision, the round's metrics and
+    the stage functions' own seconds.
+
+    Args:
+        round: Which round to run: it starts from round − 1's student (round 0 is the
+            bootstrapped student). Empty: the one after the newest round on disk. An
+            existing round's number retrains and replaces it.
+        train: The round's training settings. Empty: the `train` group of params.
+        gate: When the round's student replaces the champion. Empty: params' `gate` group.
+        workdir: The work folder, laid out like the repository (data/, models/, reports/).
+        engine: Rollout and teacher-scoring engine: hf (transformers) or vllm.
+        params: Every other setting. Empty: the work folder's params.yaml.
+        lock: Take the work folder's lock. Off only for a caller that already holds it.
+        check_data: Validate the data first. Off only for a caller that has just done so.
+    """
     root = Path(workdir)
-    if lock:
-        with exclusive(root / LOCK, what="xopd run"):
-            return _round(params, round, root, engine, check_data)
-    return _round(params, round, root, engine, check_data)
+    params = params if params is not None else load_params(root / DEFAULT_PARAMS_FILE)
+    overrides = {"train": train, "gate": gate}
+    params = params.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    k = next_round(root) if round is None else round
+    if k < 1:
+        raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
+    tag_run(f"round-{k}", f"method-{params.train.method}")
+    with tags(f"round-{k}"):
+        if lock:
+            with exclusive(root / LOCK, what="xopd run"):
+                return _round(params, k, root, engine, check_data)
+        return _round(params, k, root, engine, check_data)
 
 
 def _round(params: Params, k: int, root: Path, engine: str, check: bool) -> dict[str, Any]:
+    log = get_run_logger()
     seconds = {}
     if check:
+        log.info("round %d: validating the data", k)
         # Into the round's reports: reports/validate belongs to the `validate` stage.
         seconds["validate"] = validate_step(params, root, round_reports(root, k) / "validate")[
             "seconds"
         ]
     if not (root / CHAMPION).is_file():
+        log.info("round %d: no champion yet: round %d is evaluated and gated first", k, k - 1)
         if not (round_eval(root, k - 1) / "metrics.json").is_file():
             seconds["eval"] = eval_step(params, root, k - 1)["seconds"]
         gate_step(params, root, k - 1)
+    start = "models/student" if k == 1 else f"round {k - 1}"
+    log.info(
+        "round %d: training from %s: %s, %d steps",
+        k,
+        start,
+        params.train.method,
+        params.train.steps,
+    )
     train_m = train_step(params, root, k, engine)
+    log.info("round %d: evaluating", k)
     eval_m = eval_step(params, root, k)
+    log.info(
+        "round %d: speech Avg-Drop %.2f %%, text Avg-Drop %.2f %%, paralinguistic accuracy %.3f",
+        k,
+        eval_m["avg_drop_speech"],
+        eval_m["avg_drop_text"],
+        eval_m["paralinguistic_accuracy"],
+    )
     decision = gate_step(params, root, k)
     seconds["train"] = train_m["seconds"]
     seconds["eval"] = seconds.get("eval", 0.0) + eval_m["seconds"]

@@ -1,31 +1,27 @@
 """Deployments of the flows, and serving them: what `xopd serve` / `make ui` run.
 
-`deployments()` builds three: `xopd-nightly/nightly` on the cron of `nightly.cron`,
-`xopd-round/round` and `xopd-campaign/campaign` on demand. Each carries the resolved params as
-its default (the UI renders them as a typed form) and a concurrency limit of 1. `serve()`
-starts a local Prefect server on loopback when no API is configured, then serves them: open
-the printed URL and press Run.
+`deployments()` builds three: `xopd-nightly/nightly` on the cron of `nightly.cron` in
+`nightly.timezone`, `xopd-round/round` and `xopd-campaign/campaign` on demand, each with a
+concurrency limit of 1. The nightly and campaign deployments carry the resolved params as their
+default (the UI renders them as a typed form); the round reads the work folder's params.yaml,
+and its form asks only for the round and its `train` and `gate` settings. `serve()` serves
+them against the API that `flows.server.ServeApi` decided before this module (and prefect)
+was imported: open the printed URL and press Run.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from prefect import serve as prefect_serve
+from prefect.schedules import Cron
 
 from flows.campaign import xopd_campaign
 from flows.nightly import xopd_nightly
 from flows.round import xopd_round
-from flows.server import healthy
+from flows.server import ServeApi
 from xopd_core.config import Params
-
-LOCAL_API = "http://127.0.0.1:4200/api"
 
 
 def deployments(params: Params, workdir: str) -> list[Any]:
@@ -33,47 +29,36 @@ def deployments(params: Params, workdir: str) -> list[Any]:
     return [
         xopd_nightly.to_deployment(
             name="nightly",
-            cron=params.nightly.cron,
+            schedules=[Cron(params.nightly.cron, timezone=params.nightly.timezone)],
             parameters={**defaults, "wait_s": params.nightly.wait_s},
             concurrency_limit=1,
             description="One more X-OPD round after the newest, every night.",
+            tags=["xopd", "nightly"],
         ),
-        xopd_round.to_deployment(
-            name="round", parameters={**defaults, "round": 1}, concurrency_limit=1
+        xopd_round.to_deployment(  # its form: the round, train, gate; the rest from params.yaml
+            name="round",
+            parameters={"workdir": defaults["workdir"]},
+            concurrency_limit=1,
+            description="One X-OPD round: by default the one after the newest on disk.",
+            tags=["xopd"],
         ),
-        xopd_campaign.to_deployment(name="campaign", parameters=defaults, concurrency_limit=1),
+        xopd_campaign.to_deployment(
+            name="campaign", parameters=defaults, concurrency_limit=1, tags=["xopd"]
+        ),
     ]
 
 
-def ensure_server(api: str = LOCAL_API, timeout_s: float = 60.0) -> subprocess.Popen[bytes] | None:
-    """Start `prefect server start` on loopback unless PREFECT_API_URL is set or a server
-    already answers at `api`; returns the process it started (or None)."""
-    if os.environ.get("PREFECT_API_URL") or healthy(api):
-        os.environ.setdefault("PREFECT_API_URL", api)
-        return None
-    port = str(urllib.parse.urlsplit(api).port or 4200)
-    command = ["prefect", "server", "start", "--host", "127.0.0.1", "--port", port]
-    proc = subprocess.Popen([sys.executable, "-m", *command])
-    deadline = time.monotonic() + timeout_s
-    while not healthy(api):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the local Prefect server did not come up at {api}")
-        time.sleep(0.5)
-    os.environ["PREFECT_API_URL"] = api
-    return proc
-
-
-def serve(params: Params, workdir: str) -> None:
-    server = ensure_server()
-    ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
-    print(
-        f"Prefect UI: {ui}  (deployments: xopd-nightly/nightly, xopd-round/round, "
-        "xopd-campaign/campaign)",
-        flush=True,
-    )
+def serve(params: Params, workdir: str, api: ServeApi) -> None:
+    """Serve the deployments until interrupted; the server `api` started stops afterwards."""
+    served = deployments(params, workdir)
     try:
-        prefect_serve(*deployments(params, workdir))
+        api.wait()
+        ui = api.url.removesuffix("/api")
+        print(
+            f"Prefect UI: {ui}  (deployments: xopd-nightly/nightly, xopd-round/round, "
+            "xopd-campaign/campaign)",
+            flush=True,
+        )
+        prefect_serve(*served)
     finally:
-        if server is not None:
-            server.terminate()
+        api.stop()

@@ -8,6 +8,10 @@ campaign then runs against it, and it stops when the run ends. Where an API is c
 (PREFECT_API_URL, a profile, prefect.toml) or temporary servers are turned off, it is stopped
 unused and Prefect does what it is configured to do.
 
+`ServeApi` is the API of `xopd serve`: the one Prefect is configured with, or else one
+`prefect server start` on loopback (UI and scheduler included), decided and exported as
+PREFECT_API_URL before prefect is imported, since Prefect fixes its settings at import.
+
 Nothing here imports prefect at module level: that import is part of what the start overlaps.
 """
 
@@ -139,3 +143,67 @@ def _drain_to_server(timeout_s: float = 30.0) -> None:
 
     APILogWorker.drain_all(timeout=timeout_s)
     EventsWorker.drain_all(timeout=timeout_s)
+
+
+def configured_api_url() -> str | None:
+    """The API URL Prefect is configured with: PREFECT_API_URL in the environment, the active
+    profile, or prefect.toml / pyproject.toml's [tool.prefect] in the current folder. Read by
+    Prefect's own settings loader in a child process, so that this one has not imported
+    prefect when the URL is decided."""
+    if url := os.environ.get("PREFECT_API_URL"):
+        return url
+    probe = "from prefect.settings import get_current_settings as s; print('api=', s().api.url)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False
+    )
+    urls = [line[5:] for line in out.stdout.splitlines() if line.startswith("api= ")]
+    if out.returncode != 0 or not urls:
+        raise RuntimeError(f"could not read Prefect's settings: {out.stderr.strip()[-2000:]}")
+    return None if urls[-1] in ("", "None") else urls[-1]
+
+
+class ServeApi:
+    """The Prefect API that `xopd serve` registers its deployments with and its flow runs
+    report to: the configured one, else a server already answering on 127.0.0.1:`port`,
+    else one `prefect server start` there (stopped by `stop`). Exported as PREFECT_API_URL
+    before prefect is imported: imported first, Prefect would start a temporary server of
+    its own for this process while the flow runs it spawns talked to this one, and every
+    deployment run was cancelled ("Deployment concurrency slot lost during provisioning")."""
+
+    def __init__(self, port: int = 4200) -> None:
+        if "prefect" in sys.modules:
+            raise RuntimeError("ServeApi must decide the API before prefect is imported")
+        self.proc: subprocess.Popen[bytes] | None = None
+        configured = configured_api_url()
+        self.url = configured or f"http://127.0.0.1:{port}/api"
+        self.started = False
+        if not configured and not healthy(self.url):
+            command = ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            self.proc = subprocess.Popen([sys.executable, "-m", "prefect", *command])
+            self.started = True
+        os.environ["PREFECT_API_URL"] = self.url
+
+    def wait(self, timeout_s: float = 180.0) -> None:
+        """Until the server started here answers (a configured one is Prefect's business)."""
+        deadline = time.monotonic() + timeout_s
+        while self.proc is not None and not healthy(self.url, timeout_s=1.0):
+            code = self.proc.poll()
+            if code is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(
+                    f"the Prefect server did not come up at {self.url} "
+                    f"({'exit status ' + str(code) if code is not None else 'timed out'}); "
+                    "is the port taken? Set PREFECT_API_URL to use a running server"
+                )
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop the server started here (idempotent)."""
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None

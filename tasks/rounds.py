@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,7 +42,14 @@ def round_params(params: Params, k: int) -> Params:
     return params.model_copy(update={"train": params.train.model_copy(update={"seed": seed})})
 
 
-def train_round(params: Params, root: Path, k: int, engine: Engine = "hf") -> TrainSummary:
+def train_round(
+    params: Params,
+    root: Path,
+    k: int,
+    engine: Engine = "hf",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainSummary:
+    """Round k's training; `on_step(step, metrics)` after each step (the flow's progress log)."""
     reports = round_reports(root, k) / "train"
     return train(
         round_params(params, k),
@@ -52,6 +60,7 @@ def train_round(params: Params, root: Path, k: int, engine: Engine = "hf") -> Tr
         reports / "metrics.json",
         live_dir=reports / "live",
         engine=engine,
+        on_step=on_step,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -89,6 +90,7 @@ def train(
     state_dir: Path | None = None,
     live_dir: Path | None = None,
     engine: Engine = "hf",
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainSummary:
     p = params.train
     clock = time.perf_counter()
@@ -152,6 +154,7 @@ def train(
             reward=reward,
             teacher_tokens_spent=spent,
             log=log,
+            on_step=on_step,
         )
     finally:
         for c in closers:

@@ -1,8 +1,13 @@
-"""Session fixtures: a tiny mini world synthesised once (real espeak-ng + sox)."""
+"""Session fixtures: a tiny mini world synthesised once (real espeak-ng + sox), and a
+private Prefect home for the whole session."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,27 @@ from xopd_core.data.world import synthesize_world
 from xopd_core.runtime import apply_offline_env
 
 apply_offline_env()
+
+
+def _private_prefect_home() -> None:
+    """Point Prefect, here and in every subprocess the tests start, at a throwaway home with
+    no profile and no API URL, so that no test writes into the user's Prefect history or
+    talks to their server. Before any test module imports prefect: it reads its settings
+    once, at import."""
+    if "prefect" in sys.modules:
+        raise RuntimeError("prefect was imported before tests/conftest.py could isolate it")
+    home = tempfile.mkdtemp(prefix="xopd-tests-prefect-home-")
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    os.environ["PREFECT_HOME"] = home
+    # Prefect 3.7.7 keeps persisted results and the memo store under ~/.prefect even with
+    # PREFECT_HOME set (its defaults do not see the home setting): name them too.
+    os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = str(Path(home) / "storage")
+    os.environ["PREFECT_MEMO_STORE_PATH"] = str(Path(home) / "memo_store.toml")
+    for key in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        os.environ.pop(key, None)
+
+
+_private_prefect_home()
 
 
 def tiny_synth_params(**overrides: object) -> SynthParams:

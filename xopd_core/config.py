@@ -8,6 +8,7 @@ This module reads YAML and the environment; nothing else in xopd_core does.
 from __future__ import annotations
 
 import os
+import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -561,7 +562,13 @@ class NightlyParams(_Strict):
     cron: str = Field(
         default="0 2 * * *",
         pattern=r"^\S+( \S+){4}$",
-        description="When the nightly round runs: a 5-field cron expression (local time).",
+        description="When the nightly round runs: a 5-field cron expression, read in `timezone`.",
+    )
+    timezone: str = Field(
+        default="UTC",
+        min_length=1,
+        description="The IANA time zone the cron is read in (e.g. Europe/Berlin); UTC unless "
+        "set. Daylight-saving changes follow the zone.",
     )
     wait_s: float = Field(
         default=0.0,
@@ -575,6 +582,16 @@ class NightlyParams(_Strict):
         description="Git branch that gets one commit (params.yaml, dvc.lock, champion.json "
         "on the code that ran) per promoted nightly round.",
     )
+
+    @model_validator(mode="after")
+    def _check_timezone(self) -> NightlyParams:
+        # The same check Prefect applies to a schedule's time zone: an IANA tzdata name.
+        if self.timezone not in zoneinfo.available_timezones():
+            raise ValueError(
+                f"timezone must be an IANA time zone name such as UTC or Europe/Berlin "
+                f"(got {self.timezone!r})"
+            )
+        return self
 
 
 class Params(_Strict):

@@ -33,9 +33,12 @@ def flow_params(tiny_pipeline_params: Params) -> Params:
 
 @pytest.fixture()
 def work(tmp_path: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
+    return lay_out_work(tmp_path / "work", tiny_world, tiny_teacher, tiny_student)
+
+
+def lay_out_work(root: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
     """data/mini, models/teacher, models/student and the teacher's scores, as `make run`
     leaves them."""
-    root = tmp_path / "work"
     (root / "data").mkdir(parents=True)
     (root / "data" / "mini").symlink_to(tiny_world)
     shutil.copytree(tiny_teacher.checkpoint, root / "models" / "teacher")

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from datetime import date
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.campaign import xopd_campaign
 from flows.nightly import next_round, xopd_nightly
@@ -21,10 +25,22 @@ from xopd_core.lock import Busy
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
 
 
+def _logs_of(flow_run_id: UUID | None, *wanted: str) -> list[str]:
+    """The run's log messages, once `wanted` have arrived (logs reach the server in batches)."""
+    of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = [entry.message for entry in client.read_logs(of_run)]
+            if set(wanted) <= set(logs) or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.5)
+
+
 def test_round_flow_trains_evaluates_gates_and_publishes_artifacts(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
-    result = xopd_round(flow_params, round=1, workdir=str(work))
+    result = xopd_round(params=flow_params, round=1, workdir=str(work))
     assert result["round"] == 1 and isinstance(result["promoted"], bool)
     for k in (0, 1):  # the starting student was evaluated and gated first (no champion yet)
         assert json.loads(round_gate(work, k).read_text())["round"] == k
@@ -41,7 +57,13 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
     params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=2)})
-    result = xopd_campaign(params, workdir=str(work))
+    state = xopd_campaign(params, workdir=str(work), return_state=True)
+    result = state.result()
+    # Its log says which stages ran and which were skipped.
+    logs = _logs_of(
+        state.state_details.flow_run_id, "synth: up to date, skipped", "rounds: running"
+    )
+    assert "teacher: up to date, skipped" in logs and "eval: running" in logs
     # The bootstrap's outputs were all there (no DVC here: presence decides).
     assert result["ran"] == ["validate", "eval", "rounds", "report"]
     assert len(result["rounds"]) == 3 and not result["recorded"]  # not a DVC repository
@@ -80,3 +102,7 @@ def test_nightly_never_writes_beside_a_run_in_progress(
     assert next_round(work) == 1
     result = xopd_nightly(flow_params, workdir=str(work))
     assert result["round"] == 1 and next_round(work) == 2
+    name = f"round-1-nightly-{date.today().isoformat()}"  # named after the round it trained
+    with get_client(sync_client=True) as client:
+        tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
+    assert any({"nightly", "round-1", "method-xopd"} <= tags for tags in tagged), tagged

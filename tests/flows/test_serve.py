@@ -1,109 +1,267 @@
-"""Deployments served for real: a serve loop in its own process against the test server,
-a run triggered through the API the UI uses, completed, with its artifacts."""
+"""`xopd serve` for real: one Prefect server it starts on loopback (its own PREFECT_HOME), the
+deployments registered with it, the nightly cron scheduled at once, a round triggered through
+the API the UI uses completing with its artifacts; and the API a user configured (environment,
+profile, prefect.toml) used instead of a server of its own."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 
+import psutil
+import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 
 from flows.nightly import xopd_nightly
+from flows.round import xopd_round
 from flows.serve import deployments
-from xopd_core.config import Params
+from flows.server import healthy
+from tests.flows.conftest import lay_out_work
+from xopd_core.config import NightlyParams, Params
 
 REPO = Path(__file__).resolve().parents[2]
-SERVE = """
-import sys
-from prefect import serve
-from flows.nightly import xopd_nightly
-from flows.serve import deployments
-from xopd_core.config import load_params
-serve(*deployments(load_params(sys.argv[1]), sys.argv[2]))
-"""
 
 
 def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path: Path) -> None:
-    params = Params.model_validate({"nightly": {"cron": "30 3 * * 1"}})
+    params = Params.model_validate({"nightly": {"cron": "30 3 * * 1", "timezone": "Asia/Tokyo"}})
     nightly, round_, campaign = deployments(params, str(tmp_path))
     assert (nightly.name, round_.name, campaign.name) == ("nightly", "round", "campaign")
     assert nightly.schedules[0].schedule.cron == "30 3 * * 1"
+    assert nightly.schedules[0].schedule.timezone == "Asia/Tokyo"
     assert nightly.parameters["params"]["nightly"]["cron"] == "30 3 * * 1"
     assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign))
+    # The round's form: the round and its train and gate settings; the rest is params.yaml.
+    assert round_.parameters == {"workdir": str(tmp_path.resolve())}
+    shown = list(parameter_schema(xopd_round).model_dump()["properties"])
+    assert shown[:3] == ["round", "train", "gate"]
     # The UI renders a typed form for the params from the flow's parameter schema.
     schema = parameter_schema(xopd_nightly).model_dump()
     assert schema["properties"]["params"]["$ref"].endswith("/Params")
     assert "TrainParams" in schema["definitions"] and "lmbda" in str(schema["definitions"])
 
 
-def test_a_run_triggered_through_the_api_completes_with_artifacts(
-    prefect_server, flow_params: Params, work: Path, tmp_path: Path
-) -> None:
-    params = flow_params
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.to_yaml_dict()))
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-        "PYTHONPATH": str(REPO),
-    }
-    server = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(params_file), str(work)], cwd=REPO, env=env
-    )
-    try:
-        with get_client(sync_client=True) as client:  # wait for the serve loop to register
-            deadline = time.monotonic() + 180
-            while True:
-                assert server.poll() is None, "the serve process exited"
-                try:
-                    client.read_deployment_by_name("xopd-nightly/nightly")
-                    break
-                except ObjectNotFound:
-                    assert time.monotonic() < deadline, "deployments never registered"
-                    time.sleep(0.5)
-            before = {r.id for r in client.read_flow_runs()}
-        run = run_deployment("xopd-nightly/nightly", timeout=600, poll_interval=1)
-        assert run.state is not None and run.state.is_completed(), run.state
-        with get_client(sync_client=True) as client:
-            ours = {r.id for r in client.read_flow_runs()} - before  # the run and its subflow
-            keys = {a.key for a in client.read_artifacts() if a.flow_run_id in ours}
-        assert run.id in ours and {"round-1", "validation-report"} <= keys
-        assert (work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def test_serve_starts_a_local_server_when_none_is_configured(monkeypatch, tmp_path: Path) -> None:
-    import socket
-
-    from flows.serve import ensure_server
-    from flows.server import healthy
-
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[bytes]
+    port: int
+    api: str
+    work: Path
+    log: Path
+    registered_at: float  # time.monotonic() when the deployments were first readable
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+    flow_params: Params,
+    tiny_world: Path,
+    tiny_teacher,
+    tiny_student,
+) -> Iterator[Served]:
+    """`xopd serve` in its own process with nothing configured: it starts the server."""
+    tmp = tmp_path_factory.mktemp("serve")
+    work = lay_out_work(tmp / "work", tiny_world, tiny_teacher, tiny_student)
+    params = flow_params.model_copy(update={"nightly": NightlyParams(timezone="Europe/Berlin")})
+    (work / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict()))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {
+        "PREFECT_HOME": str(tmp / "prefect-home"),  # this server's own database
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick a triggered run up within a second
+        "PYTHONPATH": str(REPO),
+    }
+    log = tmp / "serve.log"
+    command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(work / "params.yaml")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*command, "--workdir", str(work), "--port", str(port)],
+            cwd=tmp,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     api = f"http://127.0.0.1:{port}/api"
-    # setenv first, so that the URL ensure_server writes is undone after the test (a bare
-    # delenv of an absent variable records nothing, and the dead server's URL would leak).
-    monkeypatch.setenv("PREFECT_API_URL", "")
-    monkeypatch.delenv("PREFECT_API_URL")
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))  # the server's database goes here
-    proc = ensure_server(api, timeout_s=120)
     try:
-        assert proc is not None and healthy(api)
-        assert os.environ["PREFECT_API_URL"] == api
-        assert ensure_server(api) is None  # already configured: nothing more is started
+        deadline = time.monotonic() + 240
+        while not healthy(api):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no server came up"
+            time.sleep(0.5)
+        with (
+            temporary_settings(updates={PREFECT_API_URL: api}),
+            get_client(sync_client=True) as client,
+        ):
+            while True:  # the serve loop registers the deployments once the flows import
+                assert proc.poll() is None, log.read_text()[-3000:]
+                try:
+                    client.read_deployment_by_name("xopd-campaign/campaign")
+                    break
+                except ObjectNotFound:
+                    assert time.monotonic() < deadline, "the deployments never registered"
+                    time.sleep(0.2)
+        yield Served(proc, port, api, work, log, time.monotonic())
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert not healthy(api), "the server xopd serve started outlived it"
+
+
+def test_the_nightly_cron_has_runs_scheduled_within_seconds(served: Served) -> None:
+    """Prefect schedules a new cron deployment within seconds; with SQLAlchemy 2.1.9 its
+    scheduler fails on every pass ("Can't evaluate bulk DML statement") and none appear."""
+    with (
+        temporary_settings(updates={PREFECT_API_URL: served.api}),
+        get_client(sync_client=True) as client,
+    ):
+        nightly = client.read_deployment_by_name("xopd-nightly/nightly")
+        (schedule,) = nightly.schedules
+        assert schedule.schedule.cron == "0 2 * * *"
+        assert schedule.schedule.timezone == "Europe/Berlin"
+        only_scheduled = FlowRunFilter(
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+        )
+        mine = DeploymentFilter(id=DeploymentFilterId(any_=[nightly.id]))
+        while not (
+            runs := client.read_flow_runs(flow_run_filter=only_scheduled, deployment_filter=mine)
+        ):
+            assert time.monotonic() - served.registered_at < 20, (
+                "no scheduled nightly run 20 s after serving\n" + served.tail()
+            )
+            time.sleep(0.5)
+    now = datetime.now(UTC)
+    starts = sorted(r.expected_start_time for r in runs if r.expected_start_time)
+    assert starts and all(s > now for s in starts)
+    # 2 am in Berlin is 1 am (winter) or midnight (summer) UTC.
+    assert {s.astimezone(UTC).hour for s in starts} <= {0, 1}
+
+
+def test_a_round_triggered_through_the_api_completes_with_artifacts(served: Served) -> None:
+    """What a user does in the UI: press Run on the round deployment, with its defaults. Its
+    flow run reports to the one server that `xopd serve` started (two servers cancelled every
+    run), trains the round after the newest on disk, is named and tagged after it, and its
+    log shows the progress and the gate's decision."""
+    listening = {  # the process tree's servers: whatever listens on a port
+        (p.pid, c.laddr.port)
+        for p in psutil.Process(served.proc.pid).children(recursive=True)
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert [port for _, port in listening] == [served.port]
+    with temporary_settings(updates={PREFECT_API_URL: served.api}):
+        run = run_deployment("xopd-round/round", timeout=300, poll_interval=1)
+        assert run.state is not None and run.state.is_completed(), (run.state, served.tail())
+        with get_client(sync_client=True) as client:
+            run = client.read_flow_run(run.id)
+            keys = {a.key for a in client.read_artifacts() if a.flow_run_id == run.id}
+            of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            expected = [
+                "round 1: validating the data",
+                "round 1: training from models/student: xopd, 1 steps",
+                "round 1: train step 1/1  loss ",
+                "round 1: speech Avg-Drop ",
+                "round 1: gate: ",
+            ]
+            deadline = time.monotonic() + 30  # logs reach the server in batches
+            while True:
+                logs = [entry.message for entry in client.read_logs(of_run)]
+                missing = [x for x in expected if not any(m.startswith(x) for m in logs)]
+                if not missing or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
+    assert {"round-1", "validation-report"} <= keys
+    assert (served.work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
+    assert run.name == f"round-1-{date.today().isoformat()}"
+    assert {"xopd", "round-1", "method-xopd"} <= set(run.tags)
+    assert not missing, (missing, logs)
+
+
+PROBE = """
+import sys
+from flows.server import ServeApi
+api = ServeApi(port=int(sys.argv[1]))
+from prefect.settings import get_current_settings
+print("decided", api.url, api.started, get_current_settings().api.url)
+"""
+
+
+@pytest.mark.parametrize("source", ["environment", "profile", "prefect.toml"])
+def test_serve_uses_the_api_a_user_configured(source: str, tmp_path: Path) -> None:
+    """No server of its own, and Prefect in the serving process agrees on the URL."""
+    configured = "http://127.0.0.1:9/api"  # nothing listens: serve must not probe it
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env |= {"PREFECT_HOME": str(home), "PYTHONPATH": str(REPO)}
+    if source == "environment":
+        env["PREFECT_API_URL"] = configured
+    elif source == "profile":
+        (home / "profiles.toml").write_text(
+            f'active = "team"\n\n[profiles.team]\nPREFECT_API_URL = "{configured}"\n'
+        )
+    else:
+        (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "{configured}"\n')
+    port = _free_port()
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(port)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"decided {configured} False {configured}" in out.stdout, out.stdout + out.stderr
+    assert not healthy(f"http://127.0.0.1:{port}/api")
+
+
+def test_tests_use_a_private_prefect_home() -> None:
+    """tests/conftest.py points Prefect (here and in every subprocess) away from the user's
+    home: `xopd run` in tests/tasks/test_cli.py once wrote a failed run into it."""
+    from prefect.settings import (
+        PREFECT_HOME,
+        PREFECT_MEMO_STORE_PATH,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+    )
+
+    home = Path(PREFECT_HOME.value()).resolve()
+    assert home != (Path.home() / ".prefect").resolve()
+    assert Path(os.environ["PREFECT_HOME"]).resolve() == home
+    # Where a failed run's exception is persisted, and the server's memo store: in it too.
+    for written in (PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_MEMO_STORE_PATH):
+        assert home in Path(written.value()).resolve().parents, written.name
+    assert "PREFECT_API_URL" not in os.environ and "PREFECT_PROFILE" not in os.environ

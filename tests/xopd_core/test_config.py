@@ -80,6 +80,10 @@ def test_out_of_range_value_is_rejected_by_name(data: dict, key: str, shown: str
             {"synth": {"voices": {"high_pitch": {"min": 85, "max": 120}}}},
             "synth.voices: Value error, high_pitch.max must be ≤ 99",
         ),
+        (
+            {"nightly": {"timezone": "CET+1"}},
+            "timezone must be an IANA time zone name such as UTC or Europe/Berlin (got 'CET+1')",
+        ),
     ],
 )
 def test_inconsistent_settings_are_rejected_with_the_reason(data: dict, needle: str) -> None:
@@ -121,3 +125,10 @@ def test_no_params_file_anywhere_means_defaults(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setenv("XOPD_PARAMS", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
         load_params()
+
+
+def test_the_nightly_cron_reads_in_utc_unless_a_zone_is_named() -> None:
+    assert Params().nightly.timezone == "UTC"
+    assert parse_params({"nightly": {"timezone": "America/New_York"}}).nightly.timezone == (
+        "America/New_York"
+    )
