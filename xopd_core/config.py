@@ -466,7 +466,23 @@ class TrainParams(_Strict):
         "gkd (generalised JSD on student samples, forward KL by default); grpo (outcome reward).",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Prompt order and sampling seed.")
-    steps: int = Field(default=40, ge=0, le=1_000_000, description="Optimizer steps per round.")
+    steps: int = Field(
+        default=40,
+        ge=0,
+        le=1_000_000,
+        description="Optimizer steps per round; with `student_tokens` set, the most it may take.",
+    )
+    student_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="Token budget: stop once this many student response tokens have been "
+        "trained on (summed over steps), so methods that make different tokens per step "
+        "train on the same number. The step that would pass it trains on the first tokens "
+        "of its batch only (rollout order, response prefixes), so the total is exact. "
+        "`steps` stays a hard cap (a run may end under budget: the result says so). "
+        "null: no budget, run `steps` steps.",
+    )
     prompts_per_step: int = Field(
         default=8, ge=1, le=4096, description="Prompt pairs (S, T) per step (paper: 256)."
     )
