@@ -1,10 +1,10 @@
 """Deployments of the flows, and serving them: what `xopd serve` / `make ui` run.
 
-`deployments()` builds three: `xopd-nightly/nightly` on the cron of `nightly.cron`,
-`xopd-round/round` and `xopd-campaign/campaign` on demand. Each carries the resolved params as
-its default (the UI renders them as a typed form) and a concurrency limit of 1. `serve()`
-starts a local Prefect server on loopback when no API is configured, then serves them: open
-the printed URL and press Run.
+`deployments()` builds four: `xopd-nightly/nightly` on the cron of `nightly.cron`,
+`xopd-round/round`, `xopd-campaign/campaign` and `xopd-study/study` on demand. Each carries
+the resolved params as its default (the UI renders them as a typed form) and a concurrency
+limit of 1. `serve()` starts a local Prefect server on loopback when no API is configured,
+then serves them: open the printed URL and press Run.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from flows.campaign import xopd_campaign
 from flows.nightly import xopd_nightly
 from flows.round import xopd_round
 from flows.server import healthy
+from flows.study import xopd_study
 from xopd_core.config import Params
 
 LOCAL_API = "http://127.0.0.1:4200/api"
@@ -42,6 +43,12 @@ def deployments(params: Params, workdir: str) -> list[Any]:
             name="round", parameters={**defaults, "round": 1}, concurrency_limit=1
         ),
         xopd_campaign.to_deployment(name="campaign", parameters=defaults, concurrency_limit=1),
+        xopd_study.to_deployment(
+            name="study",
+            parameters=defaults,
+            concurrency_limit=1,
+            description="The methods side by side at an equal token budget (README: Study).",
+        ),
     ]
 
 
@@ -69,7 +76,7 @@ def serve(params: Params, workdir: str) -> None:
     ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
     print(
         f"Prefect UI: {ui}  (deployments: xopd-nightly/nightly, xopd-round/round, "
-        "xopd-campaign/campaign)",
+        "xopd-campaign/campaign, xopd-study/study)",
         flush=True,
     )
     try:

@@ -33,11 +33,16 @@ serve(*deployments(load_params(sys.argv[1]), sys.argv[2]))
 
 def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path: Path) -> None:
     params = Params.model_validate({"nightly": {"cron": "30 3 * * 1"}})
-    nightly, round_, campaign = deployments(params, str(tmp_path))
-    assert (nightly.name, round_.name, campaign.name) == ("nightly", "round", "campaign")
+    nightly, round_, campaign, study = deployments(params, str(tmp_path))
+    assert [d.name for d in (nightly, round_, campaign, study)] == [
+        "nightly",
+        "round",
+        "campaign",
+        "study",
+    ]
     assert nightly.schedules[0].schedule.cron == "30 3 * * 1"
     assert nightly.parameters["params"]["nightly"]["cron"] == "30 3 * * 1"
-    assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign))
+    assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign, study))
     # The UI renders a typed form for the params from the flow's parameter schema.
     schema = parameter_schema(xopd_nightly).model_dump()
     assert schema["properties"]["params"]["$ref"].endswith("/Params")
