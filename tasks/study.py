@@ -281,7 +281,7 @@ def summarise(
     def correct(name: str, seed: int) -> dict[str, bool]:
         return speech_results(run_folder(paths.out, name, seed) / "eval" / EVAL_RESPONSES)
 
-    methods: dict[str, Any] = {}
+    methods: list[dict[str, Any]] = []  # a list: study.json is written with sorted keys
     for arm in s.methods:
         seeds = []
         for seed in s.seeds:
@@ -304,13 +304,15 @@ def summarise(
                 }
             )
         values = {k: [x["metrics"][k] for x in seeds] for k in cols}
-        methods[arm.name] = {
-            "label": label(arm),
-            **arm.model_dump(mode="json"),
-            "mean": {k: _mean(v) for k, v in values.items()},
-            "spread": {k: (max(v) - min(v)) / 2 for k, v in values.items()},
-            "runs": seeds,
-        }
+        methods.append(
+            {
+                "label": label(arm),
+                **arm.model_dump(mode="json"),
+                "mean": {k: _mean(v) for k, v in values.items()},
+                "spread": {k: (max(v) - min(v)) / 2 for k, v in values.items()},
+                "runs": seeds,
+            }
+        )
     return {
         "student_tokens_budget": s.student_tokens,
         "seeds": s.seeds,
@@ -327,7 +329,7 @@ def summarise(
 
 def study_table(summary: dict[str, Any], headers: list[tuple[str, str]]) -> str:
     ref = summary["reference"]
-    ref_label = summary["methods"][ref]["label"]
+    (ref_label,) = [m["label"] for m in summary["methods"] if m["name"] == ref]
     head = [
         "method",
         *(h for _, h in headers),
@@ -342,7 +344,8 @@ def study_table(summary: dict[str, Any], headers: list[tuple[str, str]]) -> str:
 
     r0 = summary["round0"]
     lines.append("| round 0 | " + " | ".join(fmt(k, r0[k]) for k, _ in headers) + " | 0 | — | — |")
-    for name, m in summary["methods"].items():
+    for m in summary["methods"]:
+        name = m["name"]
         cells = [f"{fmt(k, m['mean'][k])} ± {fmt(k, m['spread'][k])}" for k, _ in headers]
         steps = _mean([r["steps"] for r in m["runs"]])
         vs0 = ", ".join(_p(r["vs_round0"]["p_value"]) for r in m["runs"])
@@ -371,18 +374,20 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     methods = summary["methods"]
-    names = ["round 0", *(m["label"] for m in methods.values())]
+    names = ["round 0", *(m["label"] for m in methods)]
     fig, ax = plt.subplots(figsize=(10, 3.8))
-    width = 0.4
+    width, top = 0.4, 1.0
     for j, (key, what) in enumerate((("avg_drop_speech", "speech"), ("avg_drop_text", "text"))):
-        ys = [summary["round0"][key], *(m["mean"][key] for m in methods.values())]
-        errs = [0.0, *(m["spread"][key] for m in methods.values())]
+        ys = [summary["round0"][key], *(m["mean"][key] for m in methods)]
+        errs = [0.0, *(m["spread"][key] for m in methods)]
         xs = [i + (j - 0.5) * width for i in range(len(names))]
         ax.bar(xs, ys, width, yerr=errs, capsize=3, label=f"{what} input")
+        top = max(top, *(y + e for y, e in zip(ys, errs, strict=True)))
     ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
     ax.set(ylabel="Avg-Drop (%)", title="Avg-Drop vs the text teacher (mean ± half-range)")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.legend()
+    ax.set_ylim(top=top * 1.2)  # room for the legend above the bars
+    ax.legend(loc="upper right", ncols=2)
     fig.tight_layout()
     paths = [out / AVG_DROP_PLOT, out / CURVE_PLOT]
     write_bytes_atomic(paths[0], png_bytes(fig))
@@ -390,7 +395,7 @@ def _plots(out: Path, summary: dict[str, Any]) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     start = summary["round0"]["dev_speech_accuracy"]
-    for m in methods.values():
+    for m in methods:
         curves = [r["curve"] for r in m["runs"]]
         steps = [0.0, *(_mean([c[i]["step"] for c in curves]) for i in range(len(curves[0])))]
         acc = [

@@ -31,11 +31,11 @@ def test_study_flow_trains_every_method_on_the_same_budget_and_compares_them(
     paths = StudyPaths.of(work)
     data = json.loads((paths.out / "study.json").read_text())
     names = [m.name for m in params.study.methods]
-    assert list(data["methods"]) == names and len(names) == 7
+    assert [m["name"] for m in data["methods"]] == names and len(names) == 7
 
     # Equal budgets: every run trained exactly BUDGET student tokens (none more, none less),
     # from the same round-0 weights, though the methods make different tokens per step.
-    runs = {name: m["runs"][0] for name, m in data["methods"].items()}
+    runs = {m["name"]: m["runs"][0] for m in data["methods"]}
     assert {name: r["student_tokens"] for name, r in runs.items()} == dict.fromkeys(names, BUDGET)
     assert runs["xopd_l0.5"]["steps"] < runs["xopd_l1"]["steps"]  # two modalities a step
     student = weights_sha256(paths.student)
@@ -48,24 +48,34 @@ def test_study_flow_trains_every_method_on_the_same_budget_and_compares_them(
 
     # The table: a row per method after round 0; its paired tests read the real responses.
     rows = [line for line in result["table"].splitlines() if line.startswith("| ")]
-    assert [r.split(" | ")[0] for r in rows[2:]] == ["| round 0", *(
-        f"| {m['label']}" for m in data["methods"].values()
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| round 0", *(
+        f"| {m['label']}" for m in data["methods"]
     )]  # fmt: skip
-    speech = [
-        json.loads(line)
-        for line in (run_folder(paths.out, "sft", 0) / "eval" / EVAL_RESPONSES).open()
-    ]
-    pairs = runs["sft"]["vs_round0"]
-    assert pairs["wins"] + pairs["losses"] <= sum(r["modality"] == "speech" for r in speech)
-    assert data["speech_items"] == sum(r["modality"] == "speech" for r in speech) > 0
+
+    def speech(folder: Path) -> dict[str, bool]:
+        rows = [json.loads(line) for line in (folder / "eval" / EVAL_RESPONSES).open()]
+        return {r["id"]: r["correct"] for r in rows if r["modality"] == "speech"}
+
+    sft, base = speech(run_folder(paths.out, "sft", 0)), speech(paths.out / "round0")
+    assert set(sft) == set(base) and data["speech_items"] == len(base) > 0
+    assert runs["sft"]["vs_round0"] | {"p_value": None} == {
+        "wins": sum(sft[i] and not base[i] for i in base),
+        "losses": sum(base[i] and not sft[i] for i in base),
+        "p_value": None,
+    }
 
     # Curves: a snapshot at half the budget, then the trained model, each scored on dev.
     for r in runs.values():
         (half, end) = r["curve"]
         assert half["student_tokens"] >= BUDGET // 2 and 0 < half["step"] <= end["step"]
         assert (end["student_tokens"], end["step"]) == (BUDGET, r["steps"])
-        assert json.loads((run_folder(paths.out, "sft", 0) / "dev" / "point1" /
-                           "metrics.json").read_text())["split"] == "dev"  # fmt: skip
+    dev = json.loads(
+        (run_folder(paths.out, "sft", 0) / "dev" / "point1" / "metrics.json").read_text()
+    )
+    assert (
+        dev["split"] == "dev"
+        and dev["speech_accuracy_mean"] == runs["sft"]["curve"][0]["speech_accuracy"]
+    )
     assert [Path(p).name for p in result["plots"]] == ["avg_drop.png", "curve.png"]
     with get_client(sync_client=True) as client:
         assert "study" in {a.key for a in client.read_artifacts()}
@@ -74,7 +84,5 @@ def test_study_flow_trains_every_method_on_the_same_budget_and_compares_them(
     weights = paths.models / "grpo" / "seed0" / "model.safetensors"
     before = weights.stat().st_mtime_ns
     again = xopd_study(params, workdir=str(work))
-    assert (
-        weights.stat().st_mtime_ns == before
-        and again["table"].split("Time:")[0] == (result["table"].split("Time:")[0])
-    )
+    assert weights.stat().st_mtime_ns == before
+    assert again["table"].split("Time:")[0] == result["table"].split("Time:")[0]

@@ -128,7 +128,8 @@ def test_table_means_spreads_and_p_values_match_a_recomputation(tmp_path: Path) 
 
     p_values = set()
     for row, arm in zip(rows[2:], arms, strict=True):
-        runs_of = data["methods"][arm.name]["runs"]
+        (method,) = [m for m in data["methods"] if m["name"] == arm.name]
+        runs_of = method["runs"]
         vs0 = [two_sided_mcnemar(responses(arm.name, s), base) for s in (3, 4)]
         assert [r["vs_round0"]["p_value"] for r in runs_of] == pytest.approx(vs0)
         assert row[-2] == ", ".join(map(shown, vs0))
