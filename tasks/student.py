@@ -30,6 +30,7 @@ from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
 from xopd_core.train.bootstrap import (
     SpeakerHead,
     SpeakerTargets,
+    align_through_lm,
     align_to_embeddings,
     cache_encoder_states,
     character_targets,
@@ -37,6 +38,7 @@ from xopd_core.train.bootstrap import (
     instruction_mix,
     phoneme_targets,
     pretrain_encoder_ctc,
+    transcription_examples,
 )
 
 
@@ -121,16 +123,29 @@ def student(
         speaker_weight=p.speaker_loss_weight,
     )
     lap("ctc")
-    align_losses = align_to_embeddings(
-        model,
-        heard_feats,
-        [list(tokenizer(t)["input_ids"]) for t in transcripts],
-        p.align,
-        seed=p.seed,
-        on_step=reporter("align"),
-        speaker=speaker,
-        speaker_weight=p.speaker_loss_weight,
-    )
+    if p.align_objective == "lm":
+        align_losses = align_through_lm(
+            model,
+            heard_feats,
+            transcription_examples(tokenizer, transcripts, [f.audio_tokens for f in heard_feats]),
+            pad,
+            p.align,
+            seed=p.seed,
+            on_step=reporter("align"),
+            speaker=speaker,
+            speaker_weight=p.speaker_loss_weight,
+        )
+    else:
+        align_losses = align_to_embeddings(
+            model,
+            heard_feats,
+            [list(tokenizer(t)["input_ids"]) for t in transcripts],
+            p.align,
+            seed=p.seed,
+            on_step=reporter("align"),
+            speaker=speaker,
+            speaker_weight=p.speaker_loss_weight,
+        )
     lap("align")
     del heard_feats
     states = cache_encoder_states(model, feats)

@@ -424,7 +424,13 @@ class StudentParams(_Strict):
     )
     align: Phase = Field(
         default=Phase(steps=400, batch_size=16, lr=2e-3),
-        description="Phase 2: encoder + projector, CTC onto the frozen LM's token embeddings.",
+        description="Phase 2: encoder + projector learn to feed the frozen LM.",
+    )
+    align_objective: Literal["lm", "embedding_ctc"] = Field(
+        default="lm",
+        description="Phase 2's loss: the frozen LM's NLL of each transcript given the audio "
+        "(lm), or CTC of the projected frames against the LM's token-embedding table "
+        "(embedding_ctc, the LM not run).",
     )
     speaker_loss_weight: float = Field(
         default=1.0,

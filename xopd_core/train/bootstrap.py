@@ -294,6 +294,60 @@ def align_to_embeddings(
         return _run([*params, *extra], lengths, loss_of, phase, seed, on_step, True)
 
 
+def align_through_lm(
+    model: Qwen2AudioForConditionalGeneration,
+    feats: Sequence[AudioFeatures],
+    examples: Sequence[SpeechExample],
+    pad_id: int,
+    phase: Phase,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+    speaker: SpeakerHead | None = None,
+    speaker_weight: float = 1.0,
+) -> list[float]:
+    """Phase 2, the usual way (LLaVA's and Qwen-Audio's first stage): encoder + projector
+    learn to make the frozen LM transcribe each utterance. `examples[k]` is utterance k's
+    transcription example (prompt with audio placeholders + "transcribe the audio.", the
+    transcript as response). The loss is the LM's next-token NLL of the transcript; the LM
+    is run but not trained, so its text ability is untouched, and the audio must land where
+    the LM can read it in context, not just near single token embeddings."""
+    tower: Any = model.model.audio_tower
+    projector: Any = model.model.multi_modal_projector
+
+    def loss_of(idx: list[int]) -> LossTerms:
+        states, lengths = encoder_states(model, [feats[i] for i in idx])
+        projected = projector(states)
+        audio = [projected[k, : int(n)] for k, n in enumerate(lengths)]
+        tensors = collate([examples[i] for i in idx], pad_id)
+        embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
+        logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
+        terms = response_nll_terms(logits, tensors["labels_B_T"], "tokens")
+        nll = terms.total / max(terms.count, 1.0)
+        # A batch mean (the speaker head's class weights normalise per batch): no parts.
+        return LossTerms(_with_speaker(nll, speaker, speaker_weight, states, lengths, idx), 1.0)
+
+    with _training(model, [tower, projector]) as params:
+        lengths = [f.frames for f in feats]
+        extra = [*(speaker.parameters() if speaker is not None else [])]
+        return _run([*params, *extra], lengths, loss_of, phase, seed, on_step, True)
+
+
+def transcription_examples(
+    tokenizer: PreTrainedTokenizerFast, transcripts: Sequence[str], audio_tokens: Sequence[int]
+) -> list[SpeechExample]:
+    """Utterance k's transcription example: its audio and "transcribe the audio." → the
+    transcript, then the end-of-turn token."""
+    eos = token_id(tokenizer, IM_END)
+    return [
+        SpeechExample(
+            speech_prompt_ids(tokenizer, n, TRANSCRIBE),
+            [*tokenizer(t)["input_ids"], eos],
+            k,
+        )
+        for k, (t, n) in enumerate(zip(transcripts, audio_tokens, strict=True))
+    ]
+
+
 @torch.no_grad()
 def cache_encoder_states(
     model: Qwen2AudioForConditionalGeneration, feats: Sequence[AudioFeatures], batch_size: int = 64

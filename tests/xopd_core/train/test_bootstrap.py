@@ -15,6 +15,7 @@ from xopd_core.train.bootstrap import (
     WORD_BOUNDARY,
     SpeakerHead,
     SpeakerTargets,
+    align_through_lm,
     align_to_embeddings,
     cache_encoder_states,
     character_targets,
@@ -22,6 +23,7 @@ from xopd_core.train.bootstrap import (
     instruction_mix,
     phoneme_targets,
     pretrain_encoder_ctc,
+    transcription_examples,
 )
 
 FAST = Phase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2)
@@ -127,6 +129,17 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
     assert not _changed(lm_before, lm)
     assert _changed(tower_before, tower) and _changed(proj_before, projector)
     ids = torch.tensor([text_prompt_ids(tok, "alice lies. does alice tell the truth?")])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+    # The other phase-2 objective: the frozen LM's NLL of each transcript given the audio.
+    tower_before, proj_before = _state(tower), _state(projector)
+    asr = transcription_examples(tok, [r["transcript"] for r in rows], n_tokens)
+    assert asr[0].prompt_ids == speech_prompt_ids(tok, n_tokens[0], TRANSCRIBE)
+    assert tok.decode(asr[0].response_ids[:-1]).strip() == rows[0]["transcript"]
+    assert falls(align_through_lm(model, feats, asr, pad, FAST, seed=0))
+    assert not _changed(lm_before, lm)
+    assert _changed(tower_before, tower) and _changed(proj_before, projector)
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, teacher(input_ids=ids).logits)
 
