@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tasks.cli import main
 from tasks.layout import EVAL_RESPONSES
@@ -24,6 +25,7 @@ from tasks.study import (
 )
 from xopd_core.config import ConfigError, Params, StudyMethod, StudyParams, parse_params
 
+REPO = Path(__file__).resolve().parents[2]
 TASKS = ("navigate", "object_counting", "web_of_lies", "boolean_expressions")
 ITEMS = [f"item{i}" for i in range(30)]
 
@@ -191,3 +193,20 @@ def test_cli_study_without_a_student_says_to_run_the_pipeline_first(tmp_path: Pa
     assert main(["study", "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "xopd study: error:" in err and "run `make run` first" in err
+
+
+def test_the_dvc_stage_runs_the_study_on_what_the_pipeline_makes() -> None:
+    """study/dvc.yaml (its own file: a plain `dvc repro` stays the root pipeline's): the same
+    command, every dependency a repo file or an output of a root stage, real params groups."""
+    stage = yaml.safe_load((REPO / "study" / "dvc.yaml").read_text())["stages"]["study"]
+    assert (stage["cmd"], stage["wdir"]) == ("xopd study", "..")
+    produced = {
+        next(iter(out)) if isinstance(out, dict) else out
+        for s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+        for out in [*s.get("outs", []), *s.get("metrics", [])]
+    }
+    for dep in stage["deps"]:
+        assert (REPO / dep).exists() or dep in produced, dep
+    assert {"models/student", "models/teacher", "data/mini", "tasks/study.py"} <= set(stage["deps"])
+    assert set(stage["params"]) == {"study", "train", "eval"} <= set(Params.model_fields)
+    assert set(stage["outs"]) == {"reports/study", "models/study"}

@@ -230,10 +230,11 @@ def test_a_token_budget_gives_each_method_exactly_the_same_student_tokens(
     """X-OPD samples two modalities per step and SFT one short reference: different tokens per
     step, the same total, each stopping at the step that meets the budget (cap 30 steps)."""
     tok = trained[0]
+    reference = "the answer is yes. the answer is yes."  # shorter than two sampled responses
     budget = 250
     _, xopd = run(trained, prompts, steps=30, student_tokens=budget)
     student, _, vocab = fresh(trained)
-    refs = reference_responses(tok, {p.id: "the answer is yes." for p in prompts})
+    refs = reference_responses(tok, {p.id: reference for p in prompts})
     cfg = TrainParams(**(TINY | {"method": "sft", "steps": 30, "student_tokens": budget}))
     sft = train(student, FixedResponses(student, refs), None, prompts, cfg, vocab_size=vocab)
     assert xopd.student_tokens == sft.student_tokens == budget
