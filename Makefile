@@ -1,4 +1,5 @@
-# The two commands of the README: `make run` and `make test`. Both set up the environment first.
+# The commands of the README: `make run`, `make study` and `make test`; each sets up the
+# environment first.
 SHELL := /bin/bash
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,13 +7,18 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 GX_ANALYTICS_ENABLED=false \
 	AWS_EC2_METADATA_DISABLED=true PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: setup run ui test test-slow lint typecheck bench lock clean
+.PHONY: setup run study ui test test-slow lint typecheck bench lock clean
 
 setup:
 	@XOPD_VENV=$(VENV) infra/setup_env.sh
 
 run: setup
 	@$(BIN)/xopd run
+
+# The study (README: Study): every method from the round-0 student that `make run` made, at
+# an equal budget of student tokens; table and plots under reports/study/.
+study: setup
+	@$(BIN)/xopd study
 
 # The Prefect UI with the deployments served (a local server on 127.0.0.1:4200 unless a
 # Prefect API is configured: PREFECT_API_URL, a profile, prefect.toml): open the printed URL.

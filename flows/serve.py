@@ -1,12 +1,12 @@
 """Deployments of the flows, and serving them: what `xopd serve` / `make ui` run.
 
-`deployments()` builds three: `xopd-nightly/nightly` on the cron of `nightly.cron` in
-`nightly.timezone`, `xopd-round/round` and `xopd-campaign/campaign` on demand, each with a
-concurrency limit of 1. The nightly and campaign deployments carry the resolved params as their
-default (the UI renders them as a typed form); the round reads the work folder's params.yaml,
-and its form asks only for the round and its `train` and `gate` settings. `serve()` serves
-them against the API that `flows.server.ServeApi` decided before this module (and prefect)
-was imported: open the printed URL and press Run.
+`deployments()` builds four: `xopd-nightly/nightly` on the cron of `nightly.cron` in
+`nightly.timezone`, `xopd-round/round`, `xopd-campaign/campaign` and `xopd-study/study` on
+demand, each with a concurrency limit of 1. The nightly, campaign and study deployments carry
+the resolved params as their default (the UI renders them as a typed form); the round reads
+the work folder's params.yaml, and its form asks only for the round and its `train` and
+`gate` settings. `serve()` serves them against the API that `flows.server.ServeApi` decided
+before this module (and prefect) was imported: open the printed URL and press Run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from flows.campaign import xopd_campaign
 from flows.nightly import xopd_nightly
 from flows.round import xopd_round
 from flows.server import ServeApi
+from flows.study import xopd_study
 from xopd_core.config import Params
 
 
@@ -45,6 +46,13 @@ def deployments(params: Params, workdir: str) -> list[Any]:
         xopd_campaign.to_deployment(
             name="campaign", parameters=defaults, concurrency_limit=1, tags=["xopd"]
         ),
+        xopd_study.to_deployment(
+            name="study",
+            parameters=defaults,
+            concurrency_limit=1,
+            description="The methods side by side at an equal token budget (README: Study).",
+            tags=["xopd"],
+        ),
     ]
 
 
@@ -56,7 +64,7 @@ def serve(params: Params, workdir: str, api: ServeApi) -> None:
         ui = api.url.removesuffix("/api")
         print(
             f"Prefect UI: {ui}  (deployments: xopd-nightly/nightly, xopd-round/round, "
-            "xopd-campaign/campaign)",
+            "xopd-campaign/campaign, xopd-study/study)",
             flush=True,
         )
         prefect_serve(*served)

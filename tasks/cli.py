@@ -188,6 +188,20 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from tasks.study import StudyPaths, study
+    from xopd_core.config import load_params
+    from xopd_core.lock import exclusive
+
+    params = load_params(args.params)
+    with exclusive(args.workdir / layout.LOCK, what="xopd study"):
+        summary = study(params, StudyPaths.of(args.workdir))
+    print(summary.table)
+    plots = ", ".join(map(str, summary.plots))
+    print(f"study: {summary.seconds:.0f} s → {summary.table_path}, {summary.summary_path}, {plots}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tasks.report import report
 
@@ -330,6 +344,13 @@ def build_parser(
     p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_rounds)
 
+    p = sub.add_parser(
+        "study", help="every method from the round-0 student at an equal token budget, compared"
+    )
+    add_params(p)
+    p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("report", help="the campaign table and plots from the rounds' metrics")
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
     p.set_defaults(func=cmd_report)
@@ -349,6 +370,7 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from tasks.record import RecordError
     from tasks.remote import RemoteError
     from tasks.report import ReportInputError
+    from tasks.study import StudyError
     from xopd_core.config import ConfigError
     from xopd_core.data.manifest import ManifestError
     from xopd_core.data.speech import SpeechToolError
@@ -371,6 +393,7 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         TeacherScoresError,
         GateInputError,
         ReportInputError,
+        StudyError,
         RecordError,
         RemoteError,
         Busy,

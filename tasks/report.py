@@ -51,7 +51,7 @@ def _series(live: Path, name: str) -> list[float]:
         return [float(row[name]) for row in csv.DictReader(f, delimiter="\t")]
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -78,7 +78,7 @@ def _plots(root: Path, rounds: dict[str, Any]) -> list[Path]:
         ax.set_xticks(ks)
     fig.tight_layout()
     out = [root / PLOTS / "rounds.png"]
-    write_bytes_atomic(out[0], _png(fig))
+    write_bytes_atomic(out[0], png_bytes(fig))
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -94,7 +94,7 @@ def _plots(root: Path, rounds: dict[str, Any]) -> list[Path]:
         ax.legend(fontsize=7, ncols=2)
     fig.tight_layout()
     out.append(root / PLOTS / "train_kl.png")
-    write_bytes_atomic(out[1], _png(fig))
+    write_bytes_atomic(out[1], png_bytes(fig))
     plt.close(fig)
     return out
 

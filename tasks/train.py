@@ -5,14 +5,16 @@ transcript T); paralinguistic items are not parallel (the transcript lacks the a
 the teacher cannot score them. Engines are HF (default) or vLLM (`engine="vllm"`: the student
 samples in vLLM with the round's starting weights, the teacher scores in vLLM). Per-step
 metrics go to dvclive; a resumable state lives in `state_dir` until the round completes.
+Optional snapshots (loadable checkpoints at given student-token counts) trace a learning curve.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,11 +29,20 @@ from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.eval.metrics import extract_answer
-from xopd_core.models.checkpoint import save_checkpoint, weights_sha256
+from xopd_core.models.checkpoint import RESOLVED_CONFIG, save_checkpoint, weights_sha256
 from xopd_core.models.tokenizer import decode, load_tokenizer
 from xopd_core.train.distill import train as run_trainer
 
 Engine = Literal["hf", "vllm"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A checkpoint saved during training, at the end of `step` (1-based: steps done)."""
+
+    checkpoint: Path
+    step: int
+    student_tokens: int
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,12 @@ class TrainSummary:
     metrics_path: Path
     metrics: dict[str, Any]
     weights_sha256: str
+    snapshots: list[Snapshot] = field(default_factory=list)
+
+
+def read_snapshot(path: Path) -> Snapshot:
+    meta = json.loads((path / RESOLVED_CONFIG).read_text())
+    return Snapshot(path, int(meta["step"]), int(meta["student_tokens"]))
 
 
 def distillation_prompts(data_root: Path) -> list[Prompt]:
@@ -91,7 +108,12 @@ def train(
     live_dir: Path | None = None,
     engine: Engine = "hf",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    snapshot_tokens: Sequence[int] = (),
+    snapshot_dir: Path | None = None,
 ) -> TrainSummary:
+    """`snapshot_tokens`: save a loadable checkpoint, `snapshot_dir/point<i>`, at the end of
+    the first step whose cumulative student tokens reach the i-th count. One already on disk
+    (a resumed run) is kept: each records the step and tokens it was saved at."""
     p = params.train
     clock = time.perf_counter()
     device = training_device(p.device)
@@ -103,6 +125,7 @@ def train(
     vocab = shared_vocab_size(processor.tokenizer, teacher_tok)
     student = HfStudent(model, processor)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
+    snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
     closers: list[Any] = []
     try:
         rollout: RolloutEngine = student
@@ -139,6 +162,24 @@ def train(
         def reward(prompt: Prompt, ids: list[int]) -> float:
             return float(extract_answer(decode(teacher_tok, ids), prompt.task) == prompt.answer)
 
+        def save_snapshots(step: int, metrics: dict[str, float]) -> None:
+            tokens = int(metrics["student_tokens"])
+            for i, wanted in enumerate(snapshot_tokens):
+                out = snapshot_dir / f"point{i}"
+                if tokens >= wanted and not out.is_dir():
+                    save_checkpoint(
+                        model,
+                        out,
+                        savers=[processor],
+                        resolved_config={"step": step + 1, "student_tokens": tokens},
+                    )
+
+        def after_step(step: int, metrics: dict[str, float]) -> None:
+            if snapshot_tokens:
+                save_snapshots(step, metrics)
+            if on_step is not None:
+                on_step(step, metrics)
+
         # A fresh series each time: on resume the trainer replays the steps it restored.
         log = _DvcLiveLog(live_dir) if live_dir else None
         if log is not None:
@@ -154,7 +195,7 @@ def train(
             reward=reward,
             teacher_tokens_spent=spent,
             log=log,
-            on_step=on_step,
+            on_step=after_step if on_step or snapshot_tokens else None,
         )
     finally:
         for c in closers:
@@ -172,6 +213,7 @@ def train(
         "engine": engine,
         "steps": result.steps,
         "student_tokens": result.student_tokens,
+        "student_tokens_budget": p.student_tokens,
         "teacher_tokens": result.teacher_tokens,
         "resumed_from_step": result.resumed_from,
         "final_loss": last.get("loss"),
@@ -181,4 +223,6 @@ def train(
     }
     write_json_atomic(metrics_path, metrics)
     shutil.rmtree(state_dir, ignore_errors=True)  # the round is complete: its checkpoint is out
-    return TrainSummary(out_dir, metrics_path, metrics, digest)
+    points = (snapshot_dir / f"point{i}" for i in range(len(snapshot_tokens)))
+    snapshots = [read_snapshot(path) for path in points if path.is_dir()]
+    return TrainSummary(out_dir, metrics_path, metrics, digest, snapshots)

@@ -462,18 +462,38 @@ class EvalParams(_Strict):
     )
 
 
+# The trainer's methods (DESIGN.md §1): X-OPD and its baselines.
+Method = Literal["xopd", "sft", "offline_kd", "gkd", "grpo"]
+
+
 class TrainParams(_Strict):
     """The trainer (`train` stage, one round): X-OPD by default, or a baseline through the same
     loop and budget accounting. Defaults are the paper's except where the mini world's 1M-param
     model needs otherwise (said per field)."""
 
-    method: Literal["xopd", "sft", "offline_kd", "gkd", "grpo"] = Field(
+    method: Method = Field(
         default="xopd",
         description="xopd; sft (reference solutions); offline_kd (teacher-written responses); "
         "gkd (generalised JSD on student samples, forward KL by default); grpo (outcome reward).",
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Prompt order and sampling seed.")
-    steps: int = Field(default=40, ge=0, le=1_000_000, description="Optimizer steps per round.")
+    steps: int = Field(
+        default=40,
+        ge=0,
+        le=1_000_000,
+        description="Optimizer steps per round; with `student_tokens` set, the most it may take.",
+    )
+    student_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**12,
+        description="Token budget: stop once this many student response tokens have been "
+        "trained on (summed over steps), so methods that make different tokens per step "
+        "train on the same number. The step that would pass it trains on the first tokens "
+        "of its batch only (rollout order, response prefixes), so the total is exact. "
+        "`steps` stays a hard cap (a run may end under budget: the result says so). "
+        "null: no budget, run `steps` steps.",
+    )
     prompts_per_step: int = Field(
         default=8, ge=1, le=4096, description="Prompt pairs (S, T) per step (paper: 256)."
     )
@@ -556,6 +576,88 @@ class CampaignParams(_Strict):
     )
 
 
+class StudyMethod(_Strict):
+    """One arm of the study: a trainer method and the settings that tell it apart; every
+    other train setting comes from the `train` group."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]{1,40}$",
+        description="The arm's name in the table, plots and folders (letters, digits, _.-).",
+    )
+    method: Method = Field(description="train.method for this arm.")
+    lmbda: float = Field(default=0.5, ge=0, le=1, description="λ, for method xopd.")
+    gkd_beta: float = Field(
+        default=0.0, ge=0, le=1, description="GKD's β, for method gkd: 0 forward KL."
+    )
+
+
+def _default_study_methods() -> list[StudyMethod]:
+    return [
+        StudyMethod(name="xopd_l0", method="xopd", lmbda=0.0),
+        StudyMethod(name="xopd_l0.5", method="xopd", lmbda=0.5),
+        StudyMethod(name="xopd_l1", method="xopd", lmbda=1.0),
+        StudyMethod(name="sft", method="sft"),
+        StudyMethod(name="offline_kd", method="offline_kd"),
+        StudyMethod(name="gkd", method="gkd", gkd_beta=0.0),
+        StudyMethod(name="grpo", method="grpo"),
+    ]
+
+
+class StudyParams(_Strict):
+    """The `study` stage: X-OPD's ablation and baselines from the same round-0 student, each
+    at the same budget of student tokens trained, over several seeds (README: "Study")."""
+
+    methods: list[StudyMethod] = Field(
+        default_factory=_default_study_methods,
+        min_length=1,
+        description="The arms: X-OPD at λ 0, 0.5 and 1, SFT, offline KD, GKD (forward KL), "
+        "GRPO by default.",
+    )
+    reference: str = Field(
+        default="xopd_l0.5",
+        description="The arm every other is also paired against (per-item McNemar test).",
+    )
+    seeds: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = Field(
+        default=[0, 1],
+        min_length=1,
+        max_length=100,
+        description="train.seed of each repeat of every arm (prompt order, sampling).",
+    )
+    student_tokens: int = Field(
+        default=115_000,
+        ge=1,
+        le=10**12,
+        description="Each run's budget of student response tokens trained (train."
+        "student_tokens), met exactly. Default: about one default X-OPD round (40 steps of "
+        "64 rollouts of ~45 tokens).",
+    )
+    max_steps: int = Field(
+        default=400,
+        ge=1,
+        le=1_000_000,
+        description="train.steps of each run: a cap. A run that reaches it under budget "
+        "stops the study (its budget would not be equal); raise it then.",
+    )
+    curve_points: int = Field(
+        default=4,
+        ge=1,
+        le=50,
+        description="Points of each run's learning curve, evenly spaced in the budget "
+        "(the last is the trained model): each is scored on the dev split.",
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> StudyParams:
+        names = [m.name for m in self.methods]
+        if len(set(names)) != len(names):
+            raise ValueError(f"study.methods names must be unique (got {names})")
+        if self.reference not in names:
+            raise ValueError(f"study.reference {self.reference!r} is not one of {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"study.seeds must be distinct (got {self.seeds})")
+        return self
+
+
 class NightlyParams(_Strict):
     """The nightly deployment of the round flow."""
 
@@ -610,6 +712,9 @@ class Params(_Strict):
         default=CampaignParams(), description="The campaign flow (bootstrap, then rounds)."
     )
     nightly: NightlyParams = Field(default=NightlyParams(), description="The nightly round.")
+    study: StudyParams = Field(
+        default=StudyParams(), description="The study: methods at an equal token budget."
+    )
 
     model_config = ConfigDict(
         extra="forbid", frozen=True, validate_default=True, populate_by_name=True

@@ -46,12 +46,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path: Path) -> None:
     params = Params.model_validate({"nightly": {"cron": "30 3 * * 1", "timezone": "Asia/Tokyo"}})
-    nightly, round_, campaign = deployments(params, str(tmp_path))
-    assert (nightly.name, round_.name, campaign.name) == ("nightly", "round", "campaign")
+    nightly, round_, campaign, study = deployments(params, str(tmp_path))
+    assert [d.name for d in (nightly, round_, campaign, study)] == [
+        "nightly",
+        "round",
+        "campaign",
+        "study",
+    ]
     assert nightly.schedules[0].schedule.cron == "30 3 * * 1"
     assert nightly.schedules[0].schedule.timezone == "Asia/Tokyo"
     assert nightly.parameters["params"]["nightly"]["cron"] == "30 3 * * 1"
-    assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign))
+    assert all(d.concurrency_limit == 1 for d in (nightly, round_, campaign, study))
     # The round's form: the round and its train and gate settings; the rest is params.yaml.
     assert round_.parameters == {"workdir": str(tmp_path.resolve())}
     shown = list(parameter_schema(xopd_round).model_dump()["properties"])

@@ -57,7 +57,7 @@ class Interrupted(Exception):
 
 @dataclass
 class TrainResult:
-    steps: int
+    steps: int  # steps completed, restored ones included (fewer than cfg.steps on a budget)
     student_tokens: int
     teacher_tokens: int
     history: list[dict[str, float]] = field(default_factory=list)
@@ -74,6 +74,15 @@ def prompts_for_step(n_prompts: int, per_step: int, seed: int, step: int) -> lis
         random.Random(seed * 7919 + epoch).shuffle(order)
         out.append(order[pos])
     return out
+
+
+def within_budget(mask_B_T: torch.Tensor, remaining: int) -> torch.Tensor:
+    """The step's response-token mask cut to its first `remaining` tokens (row-major: earlier
+    rollouts first, each response's prefix), so a token budget is met exactly."""
+    if remaining >= int(mask_B_T.sum().item()):
+        return mask_B_T
+    kept_B_T = (mask_B_T.flatten().cumsum(0) <= remaining).view_as(mask_B_T)
+    return mask_B_T * kept_B_T
 
 
 def set_trainable(model: Any, *, audio_encoder: bool, projector: bool) -> list[torch.nn.Parameter]:
@@ -110,7 +119,8 @@ def _score_mode(cfg: TrainParams) -> str | None:
 
 # -- resumable state ---------------------------------------------------------------------
 def _config_fingerprint(cfg: TrainParams) -> dict[str, Any]:
-    return cfg.model_dump(mode="json", exclude={"checkpoint_every", "steps"})
+    # How long a run lasts is not what a step does: a run may be extended on resume.
+    return cfg.model_dump(mode="json", exclude={"checkpoint_every", "steps", "student_tokens"})
 
 
 def save_state(
@@ -180,11 +190,12 @@ def train(
     log: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Run `cfg.steps` steps of `cfg.method` on `student` (in place), resuming from
+    """Run `cfg.steps` steps of `cfg.method` on `student` (in place), or fewer when the
+    `cfg.student_tokens` budget is met first (exactly: see `within_budget`), resuming from
     `state_dir` when it holds a state. `vocab_size`: the shared student/teacher vocabulary
     (`engines.scoring.shared_vocab_size`); `reward(prompt, response_ids)` for GRPO;
     `teacher_tokens_spent`: teacher tokens used before the loop (offline KD's written
-    responses), counted in the budget. `log(step, metrics)` is called for every step,
+    responses), counted in the teacher's budget. `log(step, metrics)` is called for every step,
     including (replayed first) the steps a resumed run restored."""
     if not prompts:
         raise ValueError("training needs at least one prompt")
@@ -209,12 +220,16 @@ def train(
     student.clear_audio_cache()
     hears = "speech" in _modalities(cfg)
     by_id = {p.id: p for p in prompts}
+    budget = cfg.student_tokens
+    done = start
     model.train()
     bar = tqdm(
         range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=None
     )
     try:
         for step in bar:
+            if budget is not None and counters["student_tokens"] >= budget:
+                break
             t0 = time.perf_counter()
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for param_group in opt.param_groups:
@@ -253,7 +268,10 @@ def train(
 
             # 3. loss weights over the whole step's batch, so micro-batches sum to its objective
             tokens_all, mask_long = response_tokens(rollouts)
-            mask = mask_long.float()
+            sampled = mask_long.float()
+            mask = sampled
+            if budget is not None:  # the last step of a budget trains on what is left of it
+                mask = within_budget(sampled, budget - counters["student_tokens"])
             width = mask.shape[1]
             group_B = torch.tensor([TEXT if r.modality == "text" else SPEECH for r in rollouts])
             if cfg.method == "xopd":  # paper: length mean per rollout, mean over rollouts
@@ -339,7 +357,7 @@ def train(
                 "loss": loss_total,
                 "lr": lr,
                 "grad_norm": float(grad_norm),
-                "response_length": float(mask.sum(-1).mean()),
+                "response_length": float(sampled.sum(-1).mean()),
                 "finished": sum(r.finished for r in rollouts) / len(rollouts),
                 "student_tokens": float(counters["student_tokens"]),
                 "teacher_tokens": float(counters["teacher_tokens"]),
@@ -371,7 +389,10 @@ def train(
 
             # 6. checkpoint
             done = step + 1
-            if state_dir is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            last = done == cfg.steps or (
+                budget is not None and counters["student_tokens"] >= budget
+            )
+            if state_dir is not None and (done % cfg.checkpoint_every == 0 or last):
                 save_state(state_dir, model, opt, cfg, done, counters, history)
             if on_step is not None:
                 on_step(step, metrics)
@@ -379,7 +400,7 @@ def train(
         model.eval()
         bar.close()
     return TrainResult(
-        steps=cfg.steps,
+        steps=done,
         student_tokens=counters["student_tokens"],
         teacher_tokens=counters["teacher_tokens"],
         history=history,

@@ -19,7 +19,7 @@ from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.losses import reverse_kl_full
 from xopd_core.models.student import build_student
-from xopd_core.train.distill import Interrupted, prompts_for_step, train
+from xopd_core.train.distill import Interrupted, prompts_for_step, train, within_budget
 
 TINY = {
     "steps": 4,
@@ -213,6 +213,47 @@ def test_baselines_run_through_the_same_loop_and_budget(trained, prompts) -> Non
     assert r.teacher_tokens == 0 and "reward" in r.history[0]
     with pytest.raises(ValueError, match="reward"):
         train(student, student, None, prompts, grpo, vocab_size=vocab)
+
+
+def test_within_budget_keeps_the_first_tokens_in_rollout_order() -> None:
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    assert torch.equal(
+        within_budget(mask, 4), torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    )
+    assert torch.equal(within_budget(mask, 9), mask) and torch.equal(within_budget(mask, 99), mask)
+    assert within_budget(mask, 0).sum() == 0
+
+
+def test_a_token_budget_gives_each_method_exactly_the_same_student_tokens(
+    trained, prompts, tmp_path: Path
+) -> None:
+    """X-OPD samples two modalities per step and SFT one short reference: different tokens per
+    step, the same total, each stopping at the step that meets the budget (cap 30 steps)."""
+    tok = trained[0]
+    reference = "the answer is yes. the answer is yes."  # shorter than two sampled responses
+    budget = 250
+    _, xopd = run(trained, prompts, steps=30, student_tokens=budget)
+    student, _, vocab = fresh(trained)
+    refs = reference_responses(tok, {p.id: reference for p in prompts})
+    cfg = TrainParams(**(TINY | {"method": "sft", "steps": 30, "student_tokens": budget}))
+    sft = train(student, FixedResponses(student, refs), None, prompts, cfg, vocab_size=vocab)
+    assert xopd.student_tokens == sft.student_tokens == budget
+    assert [r.history[-1]["student_tokens"] for r in (xopd, sft)] == [budget, budget]
+    assert xopd.steps == len(xopd.history) < sft.steps == len(sft.history) < 30
+    assert xopd.history[-2]["student_tokens"] < budget  # no step after the budget was met
+    # Resumed from its last checkpoint (after step 1), a budget run ends where it would have.
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        if step == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(trained, prompts, tmp_path, stop_after_two, steps=30, student_tokens=budget)
+    _, resumed = run(trained, prompts, tmp_path, steps=30, student_tokens=budget)
+    assert resumed.resumed_from == 2
+    assert (resumed.steps, resumed.student_tokens) == (xopd.steps, budget)
+    assert resumed.history == [{**m, "seconds": r["seconds"]} for m, r in
+                               zip(xopd.history, resumed.history, strict=True)]  # fmt: skip
 
 
 def test_prompt_order_is_a_pure_function_of_seed_and_step() -> None:
