@@ -427,11 +427,11 @@ class StudentParams(_Strict):
         default=Phase(steps=400, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector learn to feed the frozen LM.",
     )
-    align_objective: Literal["lm", "embedding_ctc"] = Field(
-        default="lm",
-        description="Phase 2's loss: the frozen LM's NLL of each transcript given the audio "
-        "(lm), or CTC of the projected frames against the LM's token-embedding table "
-        "(embedding_ctc, the LM not run).",
+    align_objective: Literal["embedding_ctc", "lm"] = Field(
+        default="embedding_ctc",
+        description="Phase 2's loss: CTC of the projected frames against the LM's "
+        "token-embedding table (embedding_ctc, the LM not run), or the frozen LM's NLL of "
+        "each transcript given the audio (lm, ~1.5x the cost per step).",
     )
     speaker_loss_weight: float = Field(
         default=1.0,
