@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from prefect.client.orchestration import get_client
 
 from flows.study import xopd_study
@@ -18,6 +19,9 @@ from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
 BUDGET = 40
 
 
+# ~100 s on 2 cores: in `make test-slow`. The equal budget itself is checked in the fast suite
+# (tests/xopd_core/train/test_distill.py, tests/tasks/test_study.py).
+@pytest.mark.slow
 def test_study_flow_trains_every_method_on_the_same_budget_and_compares_them(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
