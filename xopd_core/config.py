@@ -211,8 +211,7 @@ class SynthParams(_Strict):
     para_train_per_task: Count = Field(
         default=500,
         description="Training items per paralinguistic task (the whisper voice appears only "
-        "in half of the whisper task's items: with the speaker head and a per-token loss the "
-        "student reached 0.46 on it at 150, 0.68 at 500).",
+        "in half of the whisper task's items).",
     )
     para_eval_per_task: Count = Field(
         default=100, description="Eval items per paralinguistic task."
@@ -301,10 +300,8 @@ class TeacherParams(_Strict):
     precision: Precision = Field(
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
-        "products in bf16; weights, gradients, optimizer state and loss float32). On AMX "
-        "CPUs a bf16 teacher step is ~7 % faster over the stage's length mix, with text "
-        "accuracy 0.985/0.9825/0.9925 on three runs (README); without AMX/AVX512-BF16 it "
-        "is slower (a warning says so).",
+        "products in bf16; weights, gradients, optimizer state and loss float32). Without "
+        "AMX/AVX512-BF16 it is slower (a warning says so; README).",
     )
     micro_batch_size: MicroBatchSize = 8
     processes: Processes = 2
@@ -362,8 +359,8 @@ class Phase(_Strict):
     precision: Precision = Field(
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
-        "products in bf16; weights, gradients, optimizer state and loss float32). Measured "
-        "on the default world (README): phase 3 1.15x faster, the encoder phases slower.",
+        "products in bf16; weights, gradients, optimizer state and loss float32): phase 3 "
+        "runs faster, the encoder phases slower (README).",
     )
 
 
