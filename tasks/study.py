@@ -31,6 +31,7 @@ from tasks.report import png_bytes
 from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from xopd_core.config import Params, StudyMethod, TrainParams
 from xopd_core.eval.metrics import mcnemar_exact_p
+from xopd_core.gate import paired_counts
 
 # The training and eval stages (torch, transformers) are imported where a run needs them:
 # the CLI imports this module for `StudyError` on every command.
@@ -228,8 +229,7 @@ def paired_test(candidate: dict[str, bool], baseline: dict[str, bool], what: str
     `losses` only the baseline; p = min(1, 2 · the smaller one-sided p)."""
     if set(candidate) != set(baseline):
         raise StudyError(f"{what}: the two evals scored different speech items")
-    wins = sum(c and not baseline[i] for i, c in candidate.items())
-    losses = sum(baseline[i] and not c for i, c in candidate.items())
+    wins, losses = paired_counts(candidate, baseline, what)
     one_sided = min(mcnemar_exact_p(wins, losses), mcnemar_exact_p(losses, wins))
     return {"wins": wins, "losses": losses, "p_value": min(1.0, 2 * one_sided)}
 
