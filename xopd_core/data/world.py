@@ -347,7 +347,9 @@ def speak_corpus(
     does: audio for the encoder's pre-training, as cheap as TTS makes it (real speech
     encoders hear because they are pre-trained on far more audio than any reasoning set).
     Deterministic for fixed arguments: one seeded stream per utterance, byte-identical TTS."""
-    if n and not texts:
+    if n == 0:
+        return []
+    if not texts:
         raise WorldGenerationError("no texts to speak for the pre-training corpus")
     require_speech_tools()
     plan = []
