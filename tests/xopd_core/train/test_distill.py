@@ -89,8 +89,12 @@ def test_xopd_trains_the_language_model_only(trained, prompts) -> None:
     assert all(torch.equal(before[k], after[k]) for k in frozen)
     assert sum(not torch.equal(before[k], after[k]) for k in lm) > len(lm) // 2
     h = result.history
-    assert len(h) == 4 and all(m["reverse_kl_speech"] > 0 for m in h)
-    assert all(m["reverse_kl_text"] > 0 for m in h)
+    # log π_old − log π_T on one sample per token is an unbiased but noisy KL estimate: a
+    # step's mean can dip below 0 where the student already reads text like its teacher.
+    # Over the run, speech is further from the teacher than text: the gap X-OPD closes.
+    assert len(h) == 4
+    speech, text = (sum(m[f"reverse_kl_{g}"] for m in h) / 4 for g in ("speech", "text"))
+    assert speech > 0 and speech > text
     # HF rollouts come from the current weights: on-policy, r = 1 up to float rounding.
     assert all(1 - 1e-3 < m["ratio_min"] <= m["ratio_max"] < 1 + 1e-3 for m in h)
     assert (
