@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from tasks.teacher import teacher
 from tests.pipeline_fixtures import TINY_TEACHER
 from xopd_core.config import Params
-from xopd_core.eval.generate import greedy_generate
+from xopd_core.engines.greedy import greedy_generate
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, load_tokenizer, token_id

@@ -10,8 +10,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerFast
 
 from xopd_core.engines.base import Modality, Prompt, Rollout
+from xopd_core.engines.greedy import greedy_generate
 from xopd_core.engines.hf import HfStudent
-from xopd_core.eval.generate import greedy_generate
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from xopd_core.eval.generate import greedy_generate
+from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.audio import encode_audio, extract_features
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids

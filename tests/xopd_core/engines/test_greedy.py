@@ -11,8 +11,8 @@ import soundfile as sf
 import torch
 
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.evaluate import evaluate_speech
-from xopd_core.eval.generate import greedy_generate
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, decode, token_id
 

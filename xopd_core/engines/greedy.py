@@ -1,7 +1,7 @@
-"""Greedy decoding for evaluation, batched with left padding; deterministic.
+"""Greedy decoding (evaluation, fixed responses), batched with left padding; deterministic.
 
-Runs `engines.sampler`'s greedy loop (the fused decode step, no `generate` bookkeeping);
-tests/xopd_core/eval/test_generate.py holds it to `generate`'s greedy search, for text
+Runs `sampler`'s greedy loop (the fused decode step, no `generate` bookkeeping);
+tests/xopd_core/engines/test_greedy.py holds it to `generate`'s greedy search, for text
 prompts and for speech prompts served through the processor's full 30 s window.
 """
 
