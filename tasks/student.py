@@ -41,6 +41,8 @@ from xopd_core.train.bootstrap import (
     transcription_examples,
 )
 
+CORPUS_PART = 1000  # pre-training utterances spoken at a time
+
 
 @dataclass(frozen=True)
 class StudentSummary:
@@ -87,17 +89,15 @@ def student(
     feats = extract_features(processor, waves)
     audio_tokens = [f.audio_tokens for f in feats]
     lap("features")
-    # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus.
-    corpus = speak_corpus(
-        params.synth,
-        sorted({r["transcript"] for r in text_rows}),
-        p.pretrain_utterances,
-        seed=p.seed,
-        workers=params.synth.workers,
-    )
-    heard_rows = [*rows, *(c.as_row() for c in corpus)]
-    heard_feats = [*feats, *extract_features(processor, [c.waveform for c in corpus])]
-    del corpus
+    # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus,
+    # spoken in parts so only one part's waveforms are held (features are a third their size).
+    texts = sorted({r["transcript"] for r in text_rows})
+    heard_rows, heard_feats = list(rows), list(feats)
+    for start in range(0, p.pretrain_utterances, CORPUS_PART):
+        n = min(CORPUS_PART, p.pretrain_utterances - start)
+        part = speak_corpus(params.synth, texts, n, p.seed, params.synth.workers, start)
+        heard_rows += [c.as_row() for c in part]
+        heard_feats += extract_features(processor, [c.waveform for c in part])
     lap("pretrain_speech")
 
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)

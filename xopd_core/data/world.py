@@ -341,19 +341,20 @@ class SpokenText:
 
 
 def speak_corpus(
-    p: SynthParams, texts: list[str], n: int, seed: int, workers: int = 2
+    p: SynthParams, texts: list[str], n: int, seed: int, workers: int = 2, start: int = 0
 ) -> list[SpokenText]:
-    """`n` utterances of texts drawn from `texts`, each by a speaker drawn as `_varied_speaker`
-    does: audio for the encoder's pre-training, as cheap as TTS makes it (real speech
-    encoders hear because they are pre-trained on far more audio than any reasoning set).
-    Deterministic for fixed arguments: one seeded stream per utterance, byte-identical TTS."""
+    """Utterances `start` … `start + n - 1` of the encoder's pre-training corpus: texts drawn
+    from `texts`, each by a speaker drawn as `_varied_speaker` does; audio as cheap as TTS
+    makes it (real speech encoders hear because they are pre-trained on far more audio than
+    any reasoning set). Deterministic: utterance k has its own seeded stream, so speaking
+    the corpus in parts gives the same utterances as speaking it at once."""
     if n == 0:
         return []
     if not texts:
         raise WorldGenerationError("no texts to speak for the pre-training corpus")
     require_speech_tools()
     plan = []
-    for k in range(n):
+    for k in range(start, start + n):
         rng = random.Random(f"xopd-pretrain:{seed}:{k}")
         plan.append((rng.choice(texts), _varied_speaker(rng, p)))
     with ThreadPoolExecutor(max_workers=workers) as pool:

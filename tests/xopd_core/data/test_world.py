@@ -168,7 +168,8 @@ def test_the_pretraining_corpus_is_deterministic_and_varied() -> None:
     p = Params().synth
     texts = ["take one step left.", "alice lies. bob tells the truth.", "i have two apples."]
     corpus = speak_corpus(p, texts, 30, seed=3)
-    again = speak_corpus(p, texts, 30, seed=3)
+    # Spoken in parts (as the student stage does), the corpus is the same utterances.
+    again = speak_corpus(p, texts, 12, seed=3) + speak_corpus(p, texts, 18, seed=3, start=12)
     assert len(corpus) == 30
     for a, b in zip(corpus, again, strict=True):
         assert a.as_row() == b.as_row()
