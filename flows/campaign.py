@@ -13,7 +13,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 
@@ -128,9 +128,7 @@ def _clear_rounds(root: Path) -> None:
 
 
 @flow(name="xopd-campaign")
-def xopd_campaign(
-    params: Params, workdir: str = ".", engine: Literal["hf", "vllm"] = "hf"
-) -> dict[str, Any]:
+def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
     """Bootstrap where needed, `campaign.rounds` rounds each from the previous one, report.
     Returns which steps ran, each round's decision, the table and the stage functions' own
     seconds (for the orchestration-overhead figure)."""
@@ -166,8 +164,9 @@ def xopd_campaign(
             _clear_rounds(root)
             promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
-                r = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False,
-                               check_data=False)  # fmt: skip
+                r = xopd_round(
+                    params=params, round=k, workdir=workdir, lock=False, check_data=False
+                )
                 promoted.append(r["promoted"])
                 for name, s in r["seconds"].items():
                     seconds[name] = seconds.get(name, 0.0) + s

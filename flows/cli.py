@@ -56,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     params = load_params(args.params)
     with server.serving():
-        result = xopd_campaign(params, workdir=str(args.workdir), engine=args.engine)
+        result = xopd_campaign(params, workdir=str(args.workdir))
     wall = time.perf_counter() - start
     root = args.workdir
     print("\n" + result["table"])
@@ -106,7 +106,6 @@ def add_flow_commands(sub: Any) -> None:
     p = sub.add_parser("run", help="the mini-world campaign through Prefect (what make run runs)")
     add_params(p)
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(

@@ -13,7 +13,7 @@ to `nightly.lineage_branch`, and pushes it to the remote.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow
 
@@ -33,7 +33,6 @@ def nightly_run_name() -> str:
 def xopd_nightly(
     params: Params,
     workdir: str = ".",
-    engine: Literal["hf", "vllm"] = "hf",
     wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """One more round after the newest on disk, recorded in DVC, its lineage committed and
@@ -42,14 +41,13 @@ def xopd_nightly(
     Args:
         params: The settings (params.yaml); the round reads `train`, `eval` and `gate`.
         workdir: The work folder, laid out like the repository (data/, models/, reports/).
-        engine: Rollout and teacher-scoring engine: hf (transformers) or vllm.
         wait_s: How long to wait for a run that holds the work folder before giving up.
     """
     root = Path(workdir)
     with exclusive(root / LOCK, timeout_s=wait_s, what="xopd run"):
         k = next_round(root)
         tag_run("nightly", f"round-{k}", f"method-{params.train.method}")
-        result = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False)
+        result = xopd_round(params=params, round=k, workdir=workdir, lock=False)
         ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=k)})
         if is_dvc_repo(root) and params_in_sync(root, params, ignore_rounds=True):
             advance_rounds(root, k)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_markdown_artifact
@@ -90,9 +90,9 @@ def validate_step(params: Params, root: Path, out: Path) -> dict[str, Any]:
 # A retry can help here: a round resumes from its state folder (a vLLM engine that died, an
 # OOM-killed step), so the second attempt continues instead of starting over.
 @task(name="train", retries=1, retry_delay_seconds=5)
-def train_step(params: Params, root: Path, k: int, engine: str) -> dict[str, Any]:
+def train_step(params: Params, root: Path, k: int) -> dict[str, Any]:
     on_step = log_train_steps(k, params.train.steps)
-    return train_round(params, root, k, engine, on_step=on_step).metrics  # type: ignore[arg-type]
+    return train_round(params, root, k, on_step=on_step).metrics
 
 
 @task(name="eval")
@@ -131,7 +131,6 @@ def xopd_round(
     train: TrainParams | None = None,
     gate: GateParams | None = None,
     workdir: str = ".",
-    engine: Literal["hf", "vllm"] = "hf",
     params: Params | None = None,
     lock: bool = True,
     check_data: bool = True,
@@ -146,7 +145,6 @@ def xopd_round(
         train: The round's training settings. Empty: the `train` group of params.
         gate: When the round's student replaces the champion. Empty: params' `gate` group.
         workdir: The work folder, laid out like the repository (data/, models/, reports/).
-        engine: Rollout and teacher-scoring engine: hf (transformers) or vllm.
         params: Every other setting. Empty: the work folder's params.yaml.
         lock: Take the work folder's lock. Off only for a caller that already holds it.
         check_data: Validate the data first. Off only for a caller that has just done so.
@@ -162,11 +160,11 @@ def xopd_round(
     with tags(f"round-{k}"):
         if lock:
             with exclusive(root / LOCK, what="xopd run"):
-                return _round(params, k, root, engine, check_data)
-        return _round(params, k, root, engine, check_data)
+                return _round(params, k, root, check_data)
+        return _round(params, k, root, check_data)
 
 
-def _round(params: Params, k: int, root: Path, engine: str, check: bool) -> dict[str, Any]:
+def _round(params: Params, k: int, root: Path, check: bool) -> dict[str, Any]:
     log = get_run_logger()
     seconds = {}
     if check:
@@ -188,7 +186,7 @@ def _round(params: Params, k: int, root: Path, engine: str, check: bool) -> dict
         params.train.method,
         params.train.steps,
     )
-    train_m = train_step(params, root, k, engine)
+    train_m = train_step(params, root, k)
     log.info("round %d: evaluating", k)
     eval_m = eval_step(params, root, k)
     log.info(

@@ -149,7 +149,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out,
         args.metrics,
         live_dir=args.live,
-        engine=args.engine,
     )
     m = summary.metrics
     print(
@@ -179,7 +178,7 @@ def cmd_rounds(args: argparse.Namespace) -> int:
     from tasks.rounds import run_rounds
     from xopd_core.config import load_params
 
-    summary = run_rounds(load_params(args.params), args.workdir, engine=args.engine)
+    summary = run_rounds(load_params(args.params), args.workdir)
     verdicts = ", ".join(
         f"round {k}: {'promoted' if p else 'rejected'}" for k, p in enumerate(summary.promoted, 1)
     )
@@ -320,7 +319,6 @@ def build_parser(
     p.add_argument(
         "--live", type=Path, default=Path("reports/train/live"), help="dvclive per-step logs"
     )
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("gate", help="promote a round's candidate to champion, or keep it")
@@ -341,7 +339,6 @@ def build_parser(
     p = sub.add_parser("rounds", help="X-OPD rounds 1..campaign.rounds, each gated")
     add_params(p)
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
-    p.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollout/score engine")
     p.set_defaults(func=cmd_rounds)
 
     p = sub.add_parser(

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from tasks.eval import evaluate
 from tasks.gate import GateSummary, gate
@@ -34,8 +34,6 @@ from tasks.train import TrainSummary, train
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 
-Engine = Literal["hf", "vllm"]
-
 
 def round_params(params: Params, k: int) -> Params:
     seed = params.train.seed + k - 1
@@ -46,7 +44,6 @@ def train_round(
     params: Params,
     root: Path,
     k: int,
-    engine: Engine = "hf",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainSummary:
     """Round k's training; `on_step(step, metrics)` after each step (the flow's progress log)."""
@@ -59,7 +56,6 @@ def train_round(
         round_checkpoint(root, k),
         reports / "metrics.json",
         live_dir=reports / "live",
-        engine=engine,
         on_step=on_step,
     )
 
@@ -111,16 +107,14 @@ class RoundsSummary:
     seconds: float
 
 
-def run_rounds(
-    params: Params, root: Path, *, rounds: int | None = None, engine: Engine = "hf"
-) -> RoundsSummary:
+def run_rounds(params: Params, root: Path, *, rounds: int | None = None) -> RoundsSummary:
     """Gate round 0, then train → eval → gate rounds 1..N (N = `campaign.rounds`)."""
     start = time.perf_counter()
     n = params.campaign.rounds if rounds is None else rounds
     gate_round(params, root, 0)
     promoted = []
     for k in range(1, n + 1):
-        train_round(params, root, k, engine)
+        train_round(params, root, k)
         eval_round(params, root, k)
         promoted.append(gate_round(params, root, k).decision.promoted)
     write_rounds_metrics(root)

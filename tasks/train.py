@@ -2,8 +2,8 @@
 
 Prompts are the speech train split's reasoning items, each a parallel pair (audio S,
 transcript T); paralinguistic items are not parallel (the transcript lacks the answer), so
-the teacher cannot score them. Engines are HF (default) or vLLM (`engine="vllm"`: the student
-samples in vLLM with the round's starting weights, the teacher scores in vLLM). Per-step
+the teacher cannot score them. Engines are HF (default) or vLLM (`train.engine: vllm`: the
+student samples in vLLM with the round's starting weights, the teacher scores in vLLM). Per-step
 metrics go to dvclive; a resumable state lives in `state_dir` until the round completes.
 Optional snapshots (loadable checkpoints at given student-token counts) trace a learning curve.
 """
@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM
@@ -32,8 +32,6 @@ from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, save_checkpoint, weights_sha256
 from xopd_core.models.tokenizer import decode, load_tokenizer
 from xopd_core.train.distill import train as run_trainer
-
-Engine = Literal["hf", "vllm"]
 
 
 @dataclass(frozen=True)
@@ -106,7 +104,6 @@ def train(
     *,
     state_dir: Path | None = None,
     live_dir: Path | None = None,
-    engine: Engine = "hf",
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     snapshot_tokens: Sequence[int] = (),
     snapshot_dir: Path | None = None,
@@ -135,7 +132,7 @@ def train(
         def hf_teacher_model(on: torch.device) -> Any:  # loaded only when an HF teacher is used
             return Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval().to(on)
 
-        if engine == "vllm" and p.method in ("xopd", "grpo"):
+        if p.engine == "vllm" and p.method in ("xopd", "grpo"):
             from xopd_core.engines.vllm_engine import VllmEngine
 
             vllm_student = VllmEngine(student_dir, audio=True)
@@ -210,7 +207,7 @@ def train(
     last = result.history[-1] if result.history else {}
     metrics = {
         "method": p.method,
-        "engine": engine,
+        "engine": p.engine,
         "steps": result.steps,
         "student_tokens": result.student_tokens,
         "student_tokens_budget": p.student_tokens,

@@ -537,6 +537,12 @@ class TrainParams(_Strict):
         description="Where the HF student and teacher train and score (cuda: the first GPU). "
         "vLLM engines choose their own device; evaluation stays on the CPU.",
     )
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="Where rollouts are sampled and the teacher scores them: hf (transformers, "
+        "in the training process) or vllm (a student engine, reloaded with each round's "
+        "weights, and a teacher engine unless `loss` is full).",
+    )
 
 
 class GateParams(_Strict):

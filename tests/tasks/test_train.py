@@ -108,6 +108,13 @@ def test_cli_train_runs_a_round(
     )
     assert rc == 0 and (tmp_path / "r1" / "model.safetensors").is_file()
     assert "train: xopd 1 steps" in capsys.readouterr().out
+    # The engine is a parameter (`train.engine`), recorded with the round, never a flag, so
+    # the `rounds` stage's params in dvc.lock say which engine made the weights.
+    assert json.loads((tmp_path / "m.json").read_text())["engine"] == "hf"
+    for command in ("train", "rounds"):
+        with pytest.raises(SystemExit) as refused:
+            main([command, "--engine", "vllm"])
+        assert refused.value.code == 2
 
 
 def test_train_device_cuda_is_refused_clearly_without_a_gpu(

@@ -51,6 +51,7 @@ def test_unknown_key_is_rejected_by_name(data: dict, key: str) -> None:
         ({"synth": {"train_per_task": -5}}, "synth.train_per_task", "got -5"),
         ({"synth": {"train_per_task": "many"}}, "synth.train_per_task", "got 'many'"),
         ({"validate": {"max_duration_s": 0}}, "validate.max_duration_s", "got 0"),
+        ({"train": {"engine": "tgi"}}, "train.engine", "got 'tgi'"),
     ],
 )
 def test_out_of_range_value_is_rejected_by_name(data: dict, key: str, shown: str) -> None:
