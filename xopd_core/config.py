@@ -29,8 +29,8 @@ MicroBatchSize = Annotated[
         ge=1,
         le=4096,
         description="Run each batch in length-sorted parts of at most this many sequences "
-        "and add their gradients: the same objective as one pass, padded less (a shuffled "
-        "task mix of 32 pads ~1.9x, parts of 8 ~1.16x; README). null: one pass per batch.",
+        "and add their gradients: the same objective as one pass, padded less "
+        "(docs/speed.md). null: one pass per batch.",
     ),
 ]
 Processes = Annotated[
@@ -39,7 +39,7 @@ Processes = Annotated[
         ge=1,
         le=64,
         description="Processes that share each batch's micro-batches (this one and forked "
-        "helpers, each with its share of the threads; README), also for the stage's greedy "
+        "helpers, each with its share of the threads; docs/speed.md), also for the stage's greedy "
         "evaluation. A tiny model gains more from a second process than from a second "
         "thread. Results repeat exactly for a fixed count and differ from other counts in "
         "float rounding only.",
@@ -264,11 +264,11 @@ class LMShape(_Strict):
     """Size of a tiny Qwen2 language model (teacher, and the student's LM that copies it)."""
 
     hidden_size: int = Field(default=128, ge=32, le=8192, description="Hidden width.")
-    num_layers: int = Field(default=2, ge=1, le=64, description="Transformer blocks (README).")
+    num_layers: int = Field(default=2, ge=1, le=64, description="Transformer blocks.")
     num_heads: int = Field(default=4, ge=1, le=64, description="Attention heads.")
     num_kv_heads: int = Field(default=2, ge=1, le=64, description="Key/value heads (GQA).")
     intermediate_size: int = Field(
-        default=256, ge=32, le=32768, description="MLP width (2x hidden: README, the teacher)."
+        default=256, ge=32, le=32768, description="MLP width (default 2x hidden)."
     )
     max_positions: int = Field(default=1024, ge=64, le=32768, description="Longest sequence.")
 
@@ -301,7 +301,7 @@ class TeacherParams(_Strict):
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
         "products in bf16; weights, gradients, optimizer state and loss float32). Without "
-        "AMX/AVX512-BF16 it is slower (a warning says so; README).",
+        "AMX/AVX512-BF16 it is slower (a warning says so; docs/speed.md).",
     )
     micro_batch_size: MicroBatchSize = 8
     processes: Processes = 2
@@ -314,7 +314,7 @@ class TeacherParams(_Strict):
         },
         description="Each reasoning task's share of the training examples, normalised to "
         "sum to 1; every task of the text corpus needs one, and a task whose share exceeds "
-        "its items is read more than once per pass (README). null: the corpus's own mix.",
+        "its items is read more than once per pass (docs/teacher.md). null: the corpus's own mix.",
     )
     max_new_tokens: int = Field(
         default=128, ge=1, le=4096, description="Generation budget when evaluating."
@@ -359,8 +359,8 @@ class Phase(_Strict):
     precision: Precision = Field(
         default="float32",
         description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
-        "products in bf16; weights, gradients, optimizer state and loss float32): phase 3 "
-        "runs faster, the encoder phases slower (README).",
+        "products in bf16; weights, gradients, optimizer state and loss float32). Without "
+        "AMX/AVX512-BF16 it is slower (a warning says so; docs/speed.md).",
     )
 
 
@@ -454,7 +454,7 @@ class EvalParams(_Strict):
         ge=1,
         le=64,
         description="Processes that decode (this one and forked helpers, each taking every "
-        "k-th prompt; README). Greedy decoding of a tiny model is bound by per-token "
+        "k-th prompt; docs/speed.md). Greedy decoding of a tiny model is bound by per-token "
         "overhead, which a second process halves and a second thread does not.",
     )
 
@@ -540,8 +540,9 @@ class TrainParams(_Strict):
     engine: Literal["hf", "vllm"] = Field(
         default="hf",
         description="Where rollouts are sampled and the teacher scores them: hf (transformers, "
-        "in the training process) or vllm (a student engine, reloaded with each round's "
-        "weights, and a teacher engine unless `loss` is full).",
+        "in the training process) or vllm (a student engine started from the round's starting "
+        "weights, and a teacher engine unless `loss` is full); vllm applies to xopd and grpo, "
+        "the other methods use hf.",
     )
 
 

@@ -3,7 +3,7 @@ some micro-batches of each batch while this process computes the rest (`Gradient
 or a share of independent jobs such as greedy-decoding batches (`forked_map`).
 
 A tiny model's small matrix products gain ~1.4x from a second thread on 2 cores; two
-single-threaded processes on halves of a batch gain more (README, "Processes"). A helper is
+single-threaded processes on halves of a batch gain more (docs/speed.md, "Processes"). A helper is
 a fork, so it already holds the model, the data and the loss closure (nothing is pickled);
 the trained parameters are moved to shared memory before the fork, so a helper reads every
 optimizer step's result in place. Only this process steps the optimizer. Not
