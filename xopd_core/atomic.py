@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -37,7 +38,31 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    """Standard JSON only: a NaN or an infinity is refused (ValueError naming the key), since
+    Python's bare `NaN`/`Infinity` are not JSON and other readers reject the file."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        raise ValueError(
+            f"{path}: refusing to write a non-finite number ({_non_finite_key(obj)}) as JSON"
+        ) from None
+    write_text_atomic(path, text + "\n")
+
+
+def _non_finite_key(obj: Any, at: str = "<top>") -> str:
+    """Where the first NaN/infinity in `obj` sits, as `key.subkey.0 = nan`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{at} = {obj}"
+    items: Any = ()
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    for k, v in items:
+        found = _non_finite_key(v, str(k) if at == "<top>" else f"{at}.{k}")
+        if found:
+            return found
+    return ""
 
 
 @contextlib.contextmanager

@@ -564,6 +564,14 @@ class GateParams(_Strict):
             "(one-sided exact McNemar p ≤ α); 1 turns the paired test off."
         ),
     )
+    avg_drop_floor: float = Field(
+        default=-100.0,
+        ge=-10_000,
+        le=0,
+        description="The lowest Avg-Drop (percent) the gate believes: below it, a model "
+        "would beat the teacher by more than this much, which points at broken metrics. "
+        "Avg-Drops above 100 are impossible (the score would be negative).",
+    )
 
 
 class CampaignParams(_Strict):
