@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
+    from xopd_core.errors import CheckpointError, NonFiniteTrainingError, ResumeStateError
     from xopd_core.eval.metrics import TeacherScoresError
     from xopd_core.gate import GateInputError
     from xopd_core.lock import Busy
@@ -394,6 +395,9 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         GateInputError,
         ReportInputError,
         StudyError,
+        CheckpointError,
+        ResumeStateError,
+        NonFiniteTrainingError,
         RecordError,
         RemoteError,
         Busy,
