@@ -30,6 +30,7 @@ from tasks.layout import (
 from tasks.report import png_bytes
 from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from xopd_core.config import Params, StudyMethod, TrainParams
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.eval.metrics import mcnemar_exact_p
 from xopd_core.gate import paired_counts
 
@@ -439,6 +440,10 @@ def write_study(
 def study(params: Params, paths: StudyPaths) -> StudySummary:
     """Round 0 evaluated, every (arm, seed) run, then the table, `study.json` and plots."""
     start = time.perf_counter()
+    # Every split a run reads, checked before the first run (a recorded run is reused
+    # without reading them again).
+    splits = ["train", "eval", "para_eval", "dev", "para_dev"]
+    read_validated_manifests(paths.data, splits, params.validate_)
     round0 = eval_round0(params, paths)
     runs = [
         run_method(params, paths, arm, seed)
