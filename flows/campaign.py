@@ -120,9 +120,20 @@ def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) 
 
 
 def _clear_rounds(root: Path) -> None:
-    """What `dvc repro` removes before the rounds stage: earlier rounds and their champion."""
-    for path in (root / ROUNDS, root / ROUND_REPORTS):
-        shutil.rmtree(path, ignore_errors=True)
+    """What `dvc repro` removes before the rounds stage: earlier rounds and their champion.
+    A round's resume state (`round<k>.state`, left by a run that was stopped) is kept, so the
+    next run continues that round; the trainer refuses it unless it was written from the
+    same starting weights, params and step budget it would use now."""
+    rounds = root / ROUNDS
+    if rounds.is_dir():
+        for path in rounds.iterdir():
+            if path.is_dir() and path.name.endswith(".state"):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    shutil.rmtree(root / ROUND_REPORTS, ignore_errors=True)
     for path in (root / CHAMPION, root / ROUNDS_METRICS):
         path.unlink(missing_ok=True)
 
