@@ -322,3 +322,19 @@ def test_read_validated_manifests_returns_rows_or_stops_in_one_line(
         read_validated_manifests(world_copy, ["train", "eval"], Params().validate_)
     message = str(err.value)
     assert "\n" not in message and "eval.jsonl:3 (id " in message and "answer_in_set" in message
+
+
+def test_xopd_validate_reports_a_wrong_answer_unknown_task_and_unknown_kind(
+    world_copy: Path, tmp_path: Path, capsys
+) -> None:
+    from tasks.cli import main
+
+    def plant(rows: list[dict]) -> None:
+        rows[0]["answer"], rows[1]["task"], rows[2]["kind"] = "maybe", "chess", "poetry"
+
+    edit_rows(world_copy, "train", plant)
+    assert main(["validate", str(world_copy), "--out", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "train.jsonl:1 (id " in err and "[answer_in_set:" in err
+    assert "train.jsonl:2 (id " in err and "[task_known]" in err
+    assert "train.jsonl:3 (id " in err and "[kind_known]" in err
