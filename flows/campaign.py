@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar
 
 from prefect import flow, get_run_logger, task
 
-from flows.publish import publish
+from flows.publish import publish, push_owed
 from flows.round import eval_step, gate_step, validate_step, xopd_round
 from tasks.layout import (
     CAMPAIGN_TABLE,
@@ -186,7 +186,10 @@ def xopd_campaign(
             ran.append("report")
             out = publish(params, root, any(promoted))
             seconds["report"] = out.pop("report_seconds")
-        else:  # nothing was stale: the recorded results stand
+        else:  # nothing was stale: the recorded results stand, but a push may be owed
             out = {"table": (root / CAMPAIGN_TABLE).read_text(), "recorded": True}
+            pushed = push_owed(root)
+            if pushed is not None:
+                out["push"] = pushed
     # `rounds`: each gate decision, round 0 (the bootstrapped student) first.
     return {"ran": ran, "rounds": promoted, "seconds": seconds, **out}
