@@ -126,7 +126,7 @@ with exclusive(sys.argv[1], what="xopd run"):
 """
 
 
-def test_stage_commands_wait_for_no_one_beside_a_run_holding_the_folder(
+def test_stage_commands_refuse_to_run_beside_a_run_holding_the_folder(
     tmp_path: Path,
 ) -> None:
     """`xopd report` beside a campaign read a file the campaign had just deleted: stage

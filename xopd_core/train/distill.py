@@ -28,7 +28,7 @@ from xopd_core.config import TrainParams
 from xopd_core.engines.base import Modality, Prompt, Rollout, RolloutEngine, TeacherScorer
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
-from xopd_core.errors import NonFiniteTrainingError, ResumeStateError
+from xopd_core.errors import ResumeStateError, require_finite
 from xopd_core.losses import (
     generalized_jsd,
     grpo_advantages,
@@ -49,14 +49,6 @@ STATE_META = "trainer.json"
 TEXT, SPEECH = 0, 1  # group index of in-modal / cross-modal rollouts
 
 Reward = Callable[[Prompt, list[int]], float]
-
-
-def require_finite(value: float, step: int, source: str) -> None:
-    if not math.isfinite(value):
-        raise NonFiniteTrainingError(
-            f"step {step + 1}: non-finite {source} ({value}); training stopped before the "
-            "update, nothing from this step was saved (a NaN in a checkpoint or data?)"
-        )
 
 
 class Interrupted(Exception):
