@@ -142,6 +142,10 @@ def eval_round0(params: Params, paths: StudyPaths) -> dict[str, Any]:
                 f"{need}: no checkpoint; the study starts from the mini world's teacher and "
                 "round-0 student: run `make run` first"
             )
+    # Every split a run reads, checked before the first run (a recorded run is reused
+    # without reading them again).
+    splits = ["train", "eval", "para_eval", "dev", "para_dev"]
+    read_validated_manifests(paths.data, splits, params.validate_)
     folder = paths.out / "round0"
     fingerprint = _fingerprint(params, paths)
     if (record := _recorded(folder / RUN, fingerprint)) is not None:
@@ -440,10 +444,6 @@ def write_study(
 def study(params: Params, paths: StudyPaths) -> StudySummary:
     """Round 0 evaluated, every (arm, seed) run, then the table, `study.json` and plots."""
     start = time.perf_counter()
-    # Every split a run reads, checked before the first run (a recorded run is reused
-    # without reading them again).
-    splits = ["train", "eval", "para_eval", "dev", "para_dev"]
-    read_validated_manifests(paths.data, splits, params.validate_)
     round0 = eval_round0(params, paths)
     runs = [
         run_method(params, paths, arm, seed)
