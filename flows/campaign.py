@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, task
 
-from flows.publish import publish
+from flows.publish import publish, push_owed
 from flows.round import eval_step, gate_step, validate_step, xopd_round
 from tasks.layout import (
     CAMPAIGN_TABLE,
@@ -120,9 +120,20 @@ def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) 
 
 
 def _clear_rounds(root: Path) -> None:
-    """What `dvc repro` removes before the rounds stage: earlier rounds and their champion."""
-    for path in (root / ROUNDS, root / ROUND_REPORTS):
-        shutil.rmtree(path, ignore_errors=True)
+    """What `dvc repro` removes before the rounds stage: earlier rounds and their champion.
+    A round's resume state (`round<k>.state`, left by a run that was stopped) is kept, so the
+    next run continues that round; the trainer refuses it unless it was written from the
+    same starting weights, params and step budget it would use now."""
+    rounds = root / ROUNDS
+    if rounds.is_dir():
+        for path in rounds.iterdir():
+            if path.is_dir() and path.name.endswith(".state"):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+    shutil.rmtree(root / ROUND_REPORTS, ignore_errors=True)
     for path in (root / CHAMPION, root / ROUNDS_METRICS):
         path.unlink(missing_ok=True)
 
@@ -174,7 +185,10 @@ def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
             ran.append("report")
             out = publish(params, root, any(promoted))
             seconds["report"] = out.pop("report_seconds")
-        else:  # nothing was stale: the recorded results stand
+        else:  # nothing was stale: the recorded results stand, but a push may be owed
             out = {"table": (root / CAMPAIGN_TABLE).read_text(), "recorded": True}
+            pushed = push_owed(root)
+            if pushed is not None:
+                out["push"] = pushed
     # `rounds`: each gate decision, round 0 (the bootstrapped student) first.
     return {"ran": ran, "rounds": promoted, "seconds": seconds, **out}

@@ -62,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n" + result["table"])
     if not result["ran"]:
         print("Everything was up to date (dvc status): nothing ran.")
+        if "push" in result:
+            print(f"Remote: {result['push']}")
     else:
         work = sum(v for k, v in result["seconds"].items() if k != "validate")
         write_json_atomic(

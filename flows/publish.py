@@ -70,6 +70,7 @@ def lineage_step(root: Path, branch: str, k: int) -> str:
 @task(name="push")
 def push_step(root: Path) -> str:
     marker = root / PUSH_PENDING
+    owed = marker.exists()
     marker.touch()  # cleared only once a push has gone through
     try:
         summary = push(root, attempts=PUSH_ATTEMPTS, backoff_s=PUSH_BACKOFF_S)
@@ -78,7 +79,16 @@ def push_step(root: Path) -> str:
             f"{err} (promotion recorded locally; {marker} marks the push owed)"
         ) from err
     marker.unlink()
-    return f"pushed to {summary.remote} in {summary.attempts} attempt(s)"
+    what = f"the data owed since an earlier run ({PUSH_PENDING}) " if owed else ""
+    return f"pushed {what}to {summary.remote} in {summary.attempts} attempt(s)"
+
+
+def push_owed(root: Path) -> str | None:
+    """Push what an earlier run could not (`.xopd.push-pending`), for a run that found
+    everything up to date; None when nothing is owed."""
+    if (root / PUSH_PENDING).exists() and is_dvc_repo(root) and default_remote(root):
+        return str(push_step(root))
+    return None
 
 
 def publish(

@@ -38,6 +38,19 @@ SERVER_ENV = {
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
 
 
+def _die_with_parent() -> None:
+    """In the server child, before exec: ask Linux to SIGTERM it when its parent dies, so a
+    killed `xopd run` (kill -9: no atexit) leaves no orphaned server. No-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def healthy(api: str, timeout_s: float = 2.0) -> bool:
     """Does a Prefect API answer its health check at `api` (loopback)?"""
     try:
@@ -76,7 +89,9 @@ class EarlyServer:
             "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
-        self.proc = subprocess.Popen(command, env={**os.environ, **SERVER_ENV})
+        self.proc = subprocess.Popen(
+            command, env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent
+        )
 
     def wait(self, timeout_s: float) -> None:
         """Until the server answers; a port taken meanwhile means a fresh start on another."""
@@ -179,7 +194,9 @@ class ServeApi:
         self.started = False
         if not configured and not healthy(self.url):
             command = ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
-            self.proc = subprocess.Popen([sys.executable, "-m", "prefect", *command])
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", *command], preexec_fn=_die_with_parent
+            )
             self.started = True
         os.environ["PREFECT_API_URL"] = self.url
 

@@ -18,6 +18,25 @@ from xopd_core.runtime import apply_offline_env
 
 log = logging.getLogger("xopd")
 
+# The stage commands (what `dvc repro` runs, and `xopd report`) hold the work folder's lock
+# (`--workdir`, else the current folder, where dvc.yaml runs them) while they run, so none
+# reads or writes beside `xopd run` or another stage. `run` and `serve` lock inside their
+# flows.
+LOCKED_COMMANDS = frozenset(
+    {
+        "synth",
+        "validate",
+        "teacher",
+        "student",
+        "eval",
+        "train",
+        "gate",
+        "rounds",
+        "study",
+        "report",
+    }
+)
+
 DEFAULT_DATA = layout.DATA
 DEFAULT_VALIDATE_OUT = layout.VALIDATE
 DEFAULT_TEACHER = layout.TEACHER
@@ -190,11 +209,9 @@ def cmd_rounds(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from tasks.study import StudyPaths, study
     from xopd_core.config import load_params
-    from xopd_core.lock import exclusive
 
     params = load_params(args.params)
-    with exclusive(args.workdir / layout.LOCK, what="xopd study"):
-        summary = study(params, StudyPaths.of(args.workdir))
+    summary = study(params, StudyPaths.of(args.workdir))
     print(summary.table)
     plots = ", ".join(map(str, summary.plots))
     print(f"study: {summary.seconds:.0f} s → {summary.table_path}, {summary.summary_path}, {plots}")
@@ -373,11 +390,17 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
+    from xopd_core.errors import CheckpointError, NonFiniteTrainingError, ResumeStateError
     from xopd_core.eval.metrics import TeacherScoresError
     from xopd_core.gate import GateInputError
-    from xopd_core.lock import Busy
+    from xopd_core.lock import Busy, exclusive
 
     try:
+        if args.command in LOCKED_COMMANDS:
+            workdir = Path(getattr(args, "workdir", None) or ".")
+            note = f"xopd {args.command}"
+            with exclusive(workdir / layout.LOCK, what="xopd command", note=note):
+                return int(args.func(args))
         return int(args.func(args))
     except DataValidationError as err:
         print(f"xopd {args.command}: {err}", file=sys.stderr)
@@ -391,6 +414,9 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         GateInputError,
         ReportInputError,
         StudyError,
+        CheckpointError,
+        ResumeStateError,
+        NonFiniteTrainingError,
         RecordError,
         RemoteError,
         Busy,

@@ -21,9 +21,10 @@ from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
 from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
+from xopd_core.models.checkpoint import weights_sha256
 
 TABLE = "table.md"
 TRANSCRIPTS = "transcripts.jsonl"  # what the student heard in each eval utterance
@@ -107,10 +108,13 @@ def evaluate(
     # A relative drop from 0 is undefined: such a task is left out of both Avg-Drops, and
     # the table and `avg_drop_tasks` say so (only tiny test teachers score 0 anywhere).
     reference = {t: v for t, v in teacher.items() if v > 0}
+    # The hash also checks the checkpoint is whole safetensors before anything loads it; the
+    # gate compares it with the candidate's, so metrics cannot be pinned on other weights.
+    digest = weights_sha256(student_dir)
+    manifests = read_validated_manifests(data_root, [split, f"para_{split}"], params.validate_)
+    eval_rows, para_rows = manifests[split], manifests[f"para_{split}"]
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(student_dir))
-    eval_rows = read_manifest(manifest_path(data_root, split))
-    para_rows = read_manifest(manifest_path(data_root, f"para_{split}"))
 
     def waves(rows: list[dict[str, Any]]) -> list[Any]:
         return [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
@@ -147,6 +151,7 @@ def evaluate(
         **{f"text_accuracy_{t}": a for t, a in text_acc.items()},
         **{f"paralinguistic_accuracy_{t}": a for t, a in para_acc.items()},
         "split": split,
+        "weights_sha256": digest,
         "eval_items": len(eval_rows),
         "para_eval_items": len(para_rows),
         "seconds": round(time.perf_counter() - start, 1),

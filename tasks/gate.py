@@ -18,6 +18,7 @@ from typing import Any
 from tasks.layout import EVAL_RESPONSES
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
+from xopd_core.errors import CheckpointError
 from xopd_core.gate import (
     Champion,
     GateDecision,
@@ -27,7 +28,7 @@ from xopd_core.gate import (
     read_champion,
     write_champion,
 )
-from xopd_core.models.checkpoint import weights_sha256
+from xopd_core.models.checkpoint import require_finite_weights, weights_sha256
 
 
 @dataclass(frozen=True)
@@ -68,14 +69,30 @@ def gate(
 ) -> GateSummary:
     """`label`: how the pointer names the checkpoint (default its path); flows pass the path
     relative to the work folder so that the pointer is the same wherever the folder lives."""
+    floor = params.gate.avg_drop_floor
     try:
+        # Bare NaN/Infinity parse here so that the error can name the key that holds one.
         raw: dict[str, Any] = json.loads(Path(candidate_metrics).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise GateInputError(f"{candidate_metrics}: cannot read eval metrics ({err})") from err
-    candidate = gate_metrics(raw, str(candidate_metrics))
+    except (OSError, ValueError) as err:
+        raise GateInputError(f"{candidate_metrics}: cannot read eval metrics ({err})") from None
+    if not isinstance(raw, dict):
+        raise GateInputError(f"{candidate_metrics}: eval metrics must be a JSON object")
+    candidate = gate_metrics(raw, str(candidate_metrics), floor)
     correct = speech_results(Path(candidate_metrics).parent / EVAL_RESPONSES)
-    digest = weights_sha256(candidate_checkpoint)
-    champion = read_champion(champion_path)
+    try:
+        require_finite_weights(candidate_checkpoint)
+        digest = weights_sha256(candidate_checkpoint)
+    except CheckpointError as err:
+        raise GateInputError(f"candidate: {err}") from None
+    # The metrics must be the candidate's: eval records the hash of the weights it scored.
+    scored = raw.get("weights_sha256")
+    if scored != digest:
+        raise GateInputError(
+            f"{candidate_metrics}: these metrics were measured on weights "
+            f"{str(scored)[:12] if scored else '(not recorded)'}, not on the candidate "
+            f"{candidate_checkpoint} ({digest[:12]}); evaluate the candidate again"
+        )
+    champion = read_champion(champion_path, floor)
     if champion is not None and champion.weights_sha256 == digest:
         decision = GateDecision(True, [f"already the champion (round {champion.round})"])
         if champion.speech_correct is None:  # a pointer from before the paired test

@@ -10,11 +10,19 @@ sends exactly what is missing.
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# What DVC prints after every error; it says nothing about this one.
+_SUPPORT = "dvc.org/support"
+# dvc-objects writes an object to `.<token_urlsafe(16)>.tmp` beside it, then renames it.
+_TEMP_OBJECT = re.compile(r"^\.[A-Za-z0-9_-]{22}\.tmp$")
+TEMP_GRACE_S = 60.0  # a live upload keeps writing its temp file; a killed one stops
 
 
 class RemoteError(RuntimeError):
@@ -51,6 +59,56 @@ def configure_s3_remote(repo: Path, name: str, url: str, endpoint: str | None = 
             raise RemoteError(f"dvc {' '.join(args[:3])} failed: {out.stderr.strip()}")
 
 
+def failure_cause(output: str) -> str:
+    """The real cause of a failed DVC command, from its output: its ERROR lines, the specific
+    ones before DVC's summary ("failed to push data to the cloud"), without DVC's support
+    footer or its "unexpected error - " prefix."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    lines = [line for line in lines if _SUPPORT not in line]
+    errors = [
+        line.removeprefix("ERROR:").strip().removeprefix("unexpected error - ")
+        for line in lines
+        if line.startswith("ERROR")
+    ]
+    specific = [e for e in errors if not e.startswith("failed to push data to the cloud")]
+    causes = list(dict.fromkeys(specific or errors))
+    if causes:
+        return "; ".join(causes)
+    return lines[-1] if lines else "(no output)"
+
+
+def local_remote_path(repo: Path, remote: str | None = None) -> Path | None:
+    """The folder of `remote` (default: the default remote) when it is a local one."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        name = remote or r.config["core"].get("remote")
+        url = r.config["remote"].get(name, {}).get("url") if name else None
+    if not url or "://" in str(url):
+        return None
+    return Path(url)
+
+
+def clear_stale_temp_objects(folder: Path, grace_s: float = TEMP_GRACE_S) -> list[Path]:
+    """Remove the temp files a killed push left in a local remote (never renamed into
+    objects, often empty); ones written to in the last `grace_s` may be a live push's."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            path = Path(parent) / name
+            if _TEMP_OBJECT.match(name):
+                try:
+                    if now - path.stat().st_mtime > grace_s:
+                        path.unlink()
+                        removed.append(path)
+                except FileNotFoundError:
+                    pass  # a live push renamed it meanwhile
+    return removed
+
+
 def push(
     repo: Path,
     targets: list[str] | None = None,
@@ -63,13 +121,15 @@ def push(
     """`dvc push` with up to `attempts` tries, waiting backoff_s · 2^k between them."""
     args = ["push", *(["--remote", remote] if remote else []), *(targets or [])]
     last_line = ""
+    local = local_remote_path(repo, remote)
     for attempt in range(1, attempts + 1):
+        if local is not None:
+            clear_stale_temp_objects(local)
         try:
             out = dvc(repo, *args, timeout_s=timeout_s)
             if out.returncode == 0:
                 return PushSummary(remote or "default", attempt, out.stdout.strip())
-            tail = (out.stderr or out.stdout).strip().splitlines()
-            last_line = tail[-1] if tail else "(no output)"
+            last_line = failure_cause(f"{out.stdout}\n{out.stderr}")
         except subprocess.TimeoutExpired:
             last_line = f"timed out after {timeout_s:.0f} s"
         if attempt < attempts:

@@ -33,6 +33,7 @@ from tasks.layout import (
 from tasks.train import TrainSummary, train
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
+from xopd_core.data.validation import read_validated_manifests
 
 
 def round_params(params: Params, k: int) -> Params:
@@ -111,6 +112,8 @@ def run_rounds(params: Params, root: Path, *, rounds: int | None = None) -> Roun
     """Gate round 0, then train → eval → gate rounds 1..N (N = `campaign.rounds`)."""
     start = time.perf_counter()
     n = params.campaign.rounds if rounds is None else rounds
+    # The splits the rounds read, checked before round 0 is gated (each stage checks again).
+    read_validated_manifests(root / DATA, ["train", "eval", "para_eval"], params.validate_)
     gate_round(params, root, 0)
     promoted = []
     for k in range(1, n + 1):

@@ -20,10 +20,14 @@ from transformers import Qwen2ForCausalLM
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.world import speak_corpus
 from xopd_core.models.audio import extract_features
-from xopd_core.models.checkpoint import save_checkpoint, weights_sha256
+from xopd_core.models.checkpoint import (
+    require_safetensors_checkpoint,
+    save_checkpoint,
+    weights_sha256,
+)
 from xopd_core.models.prompts import text_prompt_ids
 from xopd_core.models.student import build_processor, build_student
 from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
@@ -80,11 +84,12 @@ def student(
         report = on_step
         return lambda step, loss: report(phase, step, loss)
 
+    require_safetensors_checkpoint(Path(teacher_dir))
+    manifests = read_validated_manifests(data_root, ["train", "text_train"], params.validate_)
+    rows, text_rows = manifests["train"], manifests["text_train"]
     tokenizer = load_tokenizer(Path(teacher_dir))
     teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
     processor = build_processor(tokenizer, p.audio)
-    rows = read_manifest(manifest_path(data_root, "train"))
-    text_rows = read_manifest(manifest_path(data_root, "text_train"))
     waves = [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
     feats = extract_features(processor, waves)
     audio_tokens = [f.audio_tokens for f in feats]

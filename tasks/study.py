@@ -30,6 +30,7 @@ from tasks.layout import (
 from tasks.report import png_bytes
 from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from xopd_core.config import Params, StudyMethod, TrainParams
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.eval.metrics import mcnemar_exact_p
 from xopd_core.gate import paired_counts
 
@@ -141,6 +142,10 @@ def eval_round0(params: Params, paths: StudyPaths) -> dict[str, Any]:
                 f"{need}: no checkpoint; the study starts from the mini world's teacher and "
                 "round-0 student: run `make run` first"
             )
+    # Every split a run reads, checked before the first run (a recorded run is reused
+    # without reading them again).
+    splits = ["train", "eval", "para_eval", "dev", "para_dev"]
+    read_validated_manifests(paths.data, splits, params.validate_)
     folder = paths.out / "round0"
     fingerprint = _fingerprint(params, paths)
     if (record := _recorded(folder / RUN, fingerprint)) is not None:

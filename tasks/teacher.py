@@ -16,7 +16,7 @@ from typing import Any
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_text
 from xopd_core.models.build import build_teacher
 from xopd_core.models.checkpoint import save_checkpoint
@@ -42,9 +42,8 @@ def teacher(
 ) -> TeacherSummary:
     p = params.teacher
     start = time.perf_counter()
-    speech_train = read_manifest(manifest_path(data_root, "train"))
-    text_train = read_manifest(manifest_path(data_root, "text_train"))
-    eval_rows = read_manifest(manifest_path(data_root, "eval"))
+    rows = read_validated_manifests(data_root, ["train", "text_train", "eval"], params.validate_)
+    speech_train, text_train, eval_rows = rows["train"], rows["text_train"], rows["eval"]
     # The vocabulary covers every training text, the paralinguistic items' too: the student
     # shares this tokenizer and must be able to say "fast" or "whisper".
     tokenizer = train_tokenizer(

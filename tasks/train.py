@@ -24,12 +24,18 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.validation import read_validated_manifests
 from xopd_core.engines.base import Prompt, RolloutEngine, TeacherScorer
 from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.eval.metrics import extract_answer
-from xopd_core.models.checkpoint import RESOLVED_CONFIG, save_checkpoint, weights_sha256
+from xopd_core.models.checkpoint import (
+    RESOLVED_CONFIG,
+    require_safetensors_checkpoint,
+    save_checkpoint,
+    weights_sha256,
+)
 from xopd_core.models.tokenizer import decode, load_tokenizer
 from xopd_core.train.distill import train as run_trainer
 
@@ -57,8 +63,10 @@ def read_snapshot(path: Path) -> Snapshot:
     return Snapshot(path, int(meta["step"]), int(meta["student_tokens"]))
 
 
-def distillation_prompts(data_root: Path) -> list[Prompt]:
-    rows = read_manifest(manifest_path(data_root, "train"))
+def distillation_prompts(data_root: Path, rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
+    """The train split's reasoning items (`rows`: that split, already read and validated)."""
+    if rows is None:
+        rows = read_manifest(manifest_path(data_root, "train"))
     return [
         Prompt(r["id"], r["transcript"], data_root / r["audio_path"], r["task"], r["answer"])
         for r in rows
@@ -114,7 +122,12 @@ def train(
     p = params.train
     clock = time.perf_counter()
     device = training_device(p.device)
-    prompts = distillation_prompts(data_root)
+    # Everything a step needs is checked before the first step: the checkpoints (safetensors,
+    # whole) and the train manifest with the validate stage's suite (audio included).
+    require_safetensors_checkpoint(teacher_dir)
+    base_hash = weights_sha256(student_dir)
+    rows = read_validated_manifests(data_root, ["train"], params.validate_)["train"]
+    prompts = distillation_prompts(data_root, rows)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     model.to(device)
     processor = AutoProcessor.from_pretrained(str(student_dir))
@@ -145,7 +158,6 @@ def train(
         if scorer is None and p.method in ("xopd", "gkd"):
             scorer = HfTeacher(hf_teacher_model(device), teacher_tok, vocab)
         if p.method == "sft":
-            rows = read_manifest(manifest_path(data_root, "train"))
             rollout = FixedResponses(
                 student, reference_responses(teacher_tok, {r["id"]: r["solution"] for r in rows})
             )
@@ -193,11 +205,11 @@ def train(
             teacher_tokens_spent=spent,
             log=log,
             on_step=after_step if on_step or snapshot_tokens else None,
+            start_weights_sha256=base_hash,
         )
     finally:
         for c in closers:
             c.close()
-    base_hash = weights_sha256(student_dir)
     digest = save_checkpoint(
         model,
         out_dir,

@@ -7,6 +7,7 @@ This module reads YAML and the environment; nothing else in xopd_core does.
 
 from __future__ import annotations
 
+import json
 import os
 import zoneinfo
 from pathlib import Path
@@ -570,6 +571,14 @@ class GateParams(_Strict):
             "(one-sided exact McNemar p ≤ α); 1 turns the paired test off."
         ),
     )
+    avg_drop_floor: float = Field(
+        default=-100.0,
+        ge=-10_000,
+        le=0,
+        description="The lowest Avg-Drop (percent) the gate believes: below it, a model "
+        "would beat the teacher by more than this much, which points at broken metrics. "
+        "Avg-Drops above 100 are impossible (the score would be negative).",
+    )
 
 
 class CampaignParams(_Strict):
@@ -745,15 +754,49 @@ def _format_validation_error(source: str, err: ValidationError) -> str:
 
 
 def parse_params(data: dict[str, Any] | None, source: str = "params") -> Params:
-    """Validate an already-loaded mapping; errors name `source` and each offending key."""
+    """Validate an already-loaded mapping; errors name `source` and each offending key.
+
+    Strictly typed, as JSON reads it: `steps: true`, `steps: "40"` or `flag: "yes"` are
+    refused rather than coerced to 1, 40 and True (a typo must not change a run silently).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
     try:
-        return Params.model_validate(data)
+        # JSON mode keeps what YAML cannot spell natively (tuples as lists, paths as
+        # strings) while strict mode refuses every cross-type coercion.
+        text = json.dumps(data, default=str, allow_nan=True)
+        return Params.model_validate_json(text, strict=True)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(source, err)) from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps
+    the last value silently)."""
+
+
+def _construct_unique_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(
+                f"key {key!r} is given twice (lines {seen[key]} and {line}); keep one"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_unique_mapping,
+)
 
 
 def resolve_params_path(path: str | os.PathLike[str] | None = None) -> Path:
@@ -777,8 +820,16 @@ def load_params(path: str | os.PathLike[str] | None = None) -> Params:
         text = p.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{p}: cannot read params file ({err.strerror})") from None
+    if not text.strip() or all(
+        not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
+    ):
+        # A file asked for that says nothing is more likely a truncated or wrong file than
+        # a wish for every default (no file at all means that).
+        raise ConfigError(f"{p}: params file is empty; write the settings or remove the file")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except ConfigError as err:
+        raise ConfigError(f"{p}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     return parse_params(data, source=str(p))

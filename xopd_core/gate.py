@@ -11,6 +11,7 @@ written atomically. Pure decisions + one atomic write; no I/O beyond the pointer
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from xopd_core.eval.metrics import mcnemar_exact_p
 
 REQUIRED = ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy")
 _SLACK = 1e-9
+AVG_DROP_CEILING = 100.0  # a score of 0: the most a model can drop
+DEFAULT_AVG_DROP_FLOOR = -100.0
 
 
 class GateInputError(ValueError):
@@ -51,13 +54,24 @@ class GateDecision:
     checks: dict[str, bool] = field(default_factory=dict)
 
 
-def gate_metrics(metrics: dict[str, Any], source: str) -> dict[str, float]:
-    """The keys the gate reads, validated as finite numbers."""
+def gate_metrics(
+    metrics: dict[str, Any], source: str, avg_drop_floor: float = DEFAULT_AVG_DROP_FLOOR
+) -> dict[str, float]:
+    """The keys the gate reads, validated as finite numbers in their ranges: accuracies in
+    [0, 1], Avg-Drops in [`avg_drop_floor`, 100] (a percentage drop from the teacher's score).
+    An infinity or a NaN would otherwise win or poison every later comparison."""
     out = {}
     for key in REQUIRED:
         value = metrics.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise GateInputError(f"{source}: '{key}' must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise GateInputError(f"{source}: '{key}' must be finite, got {value!r}")
+        lo, hi = (0.0, 1.0) if "accuracy" in key else (avg_drop_floor, AVG_DROP_CEILING)
+        if not lo <= value <= hi:
+            raise GateInputError(
+                f"{source}: '{key}' must be within [{lo:g}, {hi:g}], got {value!r}"
+            )
         out[key] = float(value)
     return out
 
@@ -137,17 +151,22 @@ def decide(
     )
 
 
-def read_champion(path: Path) -> Champion | None:
-    """The champion pointer, or None when there is none yet."""
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def read_champion(path: Path, avg_drop_floor: float = DEFAULT_AVG_DROP_FLOOR) -> Champion | None:
+    """The champion pointer, or None when there is none yet. Standard JSON only, its metrics
+    validated as a candidate's are."""
     if not Path(path).is_file():
         return None
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(), parse_constant=_refuse_constant)
         return Champion(
             round=int(data["round"]),
             checkpoint=str(data["checkpoint"]),
             weights_sha256=str(data["weights_sha256"]),
-            metrics=gate_metrics(data["metrics"], f"{path}: metrics"),
+            metrics=gate_metrics(data["metrics"], f"{path}: metrics", avg_drop_floor),
             speech_correct=_per_item(data.get("speech_correct"), path),
         )
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
@@ -167,4 +186,5 @@ def _per_item(value: Any, path: Path) -> dict[str, bool] | None:
 
 
 def write_champion(path: Path, champion: Champion) -> None:
+    """Atomically, as standard JSON (a non-finite metric is refused, never written)."""
     write_json_atomic(Path(path), asdict(champion))

@@ -2,7 +2,9 @@
 
 `flock` on a lock file: held per open file, released by the kernel when the holder exits
 (a crashed run leaves no stale lock). The second run waits up to `timeout_s`, then stops
-with a message naming the holder.
+with a message naming the holder (its pid, since when, and what it is, written in the file).
+Not the `filelock` package: it truncates the lock file on open, which would erase the
+holder's note before a waiter could read it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ class Busy(RuntimeError):
 
 
 @contextlib.contextmanager
-def exclusive(path: Path, *, timeout_s: float = 0.0, what: str = "run") -> Iterator[None]:
+def exclusive(
+    path: Path, *, timeout_s: float = 0.0, what: str = "run", note: str | None = None
+) -> Iterator[None]:
+    """Hold `path`'s lock inside the block. `what`: how a refusal names the holder ("another
+    <what> holds …"); `note`: what this holder writes about itself (default `what`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -38,7 +44,8 @@ def exclusive(path: Path, *, timeout_s: float = 0.0, what: str = "run") -> Itera
                     ) from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        os.pwrite(fd, f"pid {os.getpid()} since {since}, {note or what}".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock

@@ -108,6 +108,24 @@ def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
     assert weights.stat().st_mtime_ns == before
 
 
+def test_an_up_to_date_run_still_pushes_what_is_owed_and_says_so(repo) -> None:
+    """A push that failed leaves `.xopd.push-pending`: the next `xopd run` pushes, though
+    nothing is stale; the temp file a killed push left in the remote is cleared."""
+    root, params, _ = repo
+    remote = root / ".dvc-remote"
+    shutil.rmtree(remote)  # as if the run's push had failed: the remote lacks the data
+    (root / PUSH_PENDING).touch()
+    leftover = remote / "files" / "md5" / "00" / ".AAAAAAAAAAAAAAAAAAAAAA.tmp"
+    leftover.parent.mkdir(parents=True)
+    leftover.touch()
+    os.utime(leftover, (1e9, 1e9))  # untouched for years: no push is writing it
+    result = xopd_campaign(params, workdir=str(root))
+    assert result["ran"] == []
+    assert "owed since an earlier run (.xopd.push-pending)" in result["push"]
+    assert not (root / PUSH_PENDING).exists() and not leftover.exists()
+    assert json.loads(_run(root, "status", "--cloud", "--json")) == {}
+
+
 def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
     root, _, _ = repo
     shown = json.loads(_run(root, "metrics", "show", "--json"))

@@ -4,9 +4,11 @@ campaign when nothing else is configured, left alone when something is, always s
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 from uuid import UUID
 
@@ -108,3 +110,44 @@ def test_a_server_that_dies_is_a_clear_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"did not come up .*exit status 1.*PREFECT_API_URL"):
         server.wait(timeout_s=30)
     assert server.proc is None
+
+
+def _gone(pid: int) -> bool:
+    """Exited (a zombie waiting for a reaper counts: it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_run_takes_its_server_with_it() -> None:
+    """kill -9 of `xopd run` runs no atexit: the server must not stay behind, orphaned."""
+    code = (
+        "import time\n"
+        "from flows.server import EarlyServer\n"
+        "s = EarlyServer()\n"
+        "print(s.proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=repo,
+        env={**os.environ, "PREFECT_API_URL": "", "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert run.stdout is not None
+    server = int(run.stdout.readline())
+    try:
+        run.kill()
+        run.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while not _gone(server) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(server), "the server outlived the run that started it"
+    finally:
+        if not _gone(server):
+            os.kill(server, signal.SIGKILL)

@@ -115,3 +115,44 @@ def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "synth.workers" in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+HOLD_AS_RUN = """
+import sys, time
+from xopd_core.lock import exclusive
+with exclusive(sys.argv[1], what="xopd run"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_stage_commands_refuse_to_run_beside_a_run_holding_the_folder(
+    tmp_path: Path,
+) -> None:
+    """`xopd report` beside a campaign read a file the campaign had just deleted: stage
+    commands (report, and each that `dvc repro` runs) take the work folder's lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AS_RUN, str(tmp_path / ".xopd.lock")],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for args in (
+            ("report", "--workdir", str(tmp_path)),
+            ("gate", "--candidate", "c", "--candidate-metrics", "m.json", "--round", "1"),
+        ):
+            out = xopd(*args, cwd=tmp_path)
+            assert out.returncode == 2, out.stderr
+            assert f"another xopd command holds {tmp_path}/.xopd.lock" in out.stderr or (
+                "another xopd command holds .xopd.lock" in out.stderr
+            )
+            assert f"(pid {holder.pid} since" in out.stderr and "xopd run)" in out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1
+            assert not (tmp_path / "reports").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    out = xopd("report", "--workdir", str(tmp_path), cwd=tmp_path)
+    assert "another" not in out.stderr  # the lock went with its holder

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.remote import RemoteError, configure_s3_remote, dvc, push
+from tasks.remote import (
+    RemoteError,
+    clear_stale_temp_objects,
+    configure_s3_remote,
+    dvc,
+    failure_cause,
+    push,
+)
 
 
 def free_port() -> int:
@@ -125,11 +132,54 @@ def test_unreachable_remote_is_retried_fails_clearly_and_a_later_push_completes(
     configure_s3_remote(repo, "store", "s3://xopd/retry", f"http://127.0.0.1:{free_port()}")
     workspace, cache = digest(repo / "models"), digest(repo / ".dvc" / "cache")
     start = time.monotonic()
-    with pytest.raises(RemoteError, match="failed 3 times; the local cache is unchanged"):
+    with pytest.raises(RemoteError, match="failed 3 times; the local cache is unchanged") as err:
         push(repo, remote="store", attempts=3, backoff_s=0.2, timeout_s=120)
+    # The real cause, not DVC's support footer.
+    assert "Could not connect to the endpoint URL" in str(err.value)
+    assert "dvc.org" not in str(err.value) and "unexpected error" not in str(err.value)
     assert time.monotonic() - start >= 0.2 + 0.4  # it backed off between attempts
     assert digest(repo / "models") == workspace and digest(repo / ".dvc" / "cache") == cache
     configure_s3_remote(repo, "store", "s3://xopd/retry", s3)  # the remote is back
     assert push(repo, remote="store", backoff_s=0.1).attempts == 1
     status = dvc(repo, "status", "--cloud", "--remote", "store")
     assert status.returncode == 0 and "new" not in status.stdout, status.stdout
+
+
+DVC_UNREACHABLE = """\
+ERROR: unexpected error - Could not connect to the endpoint URL: "http://127.0.0.1:1/b/p/x"
+
+Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!
+"""
+DVC_LOCAL_DENIED = """\
+Collecting  |1.00 [00:00, 100entry/s]
+ERROR: failed to transfer '764efa' - [Errno 13] Permission denied: '/remote/files'
+ERROR: failed to push data to the cloud - 1 files failed to upload
+
+Having any troubles? Hit us up at https://dvc.org/support, we are always happy to help!
+"""
+
+
+def test_a_failed_push_names_its_real_cause_without_the_support_footer() -> None:
+    assert failure_cause(DVC_UNREACHABLE) == (
+        'Could not connect to the endpoint URL: "http://127.0.0.1:1/b/p/x"'
+    )
+    assert failure_cause(DVC_LOCAL_DENIED) == (
+        "failed to transfer '764efa' - [Errno 13] Permission denied: '/remote/files'"
+    )
+    assert failure_cause("") == "(no output)"
+
+
+def test_a_killed_pushs_temp_object_is_cleared_by_the_next_push(repo: Path) -> None:
+    remote = repo.parent / "remote"
+    assert dvc(repo, "remote", "add", "-d", "here", str(remote)).returncode == 0
+    stale = remote / "files" / "md5" / "ab" / ".Zm9vYmFyYmF6cXV4cXV1eA.tmp"
+    live = stale.with_name(".bGl2ZWxpdmVsaXZlbGl2ZQ.tmp")
+    stale.parent.mkdir(parents=True)
+    stale.touch()  # empty, as a push killed before its first byte leaves it
+    os.utime(stale, (time.time() - 3600,) * 2)
+    live.write_bytes(b"x")  # written just now: perhaps another push's, in flight
+    push(repo, backoff_s=0.1)
+    assert not stale.exists() and live.exists()
+    objects = [p for p in remote.rglob("*") if p.is_file() and p != live]
+    assert objects and all(p.stat().st_size > 0 for p in objects)
+    assert clear_stale_temp_objects(remote, grace_s=0) == [live]

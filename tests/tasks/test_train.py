@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.cli import main
 from tasks.train import distillation_prompts, train, training_device
+from tests.xopd_core.data.test_validation import edit_rows
 from xopd_core.config import Params, TrainParams
 from xopd_core.models.checkpoint import weights_sha256
+from xopd_core.train.distill import Interrupted
 
 TINY_TRAIN = TrainParams(
     steps=3, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=10, checkpoint_every=1
@@ -126,3 +130,146 @@ def test_train_device_cuda_is_refused_clearly_without_a_gpu(
         training_device("cuda")
     with pytest.raises(ValueError, match="device"):
         TrainParams.model_validate({"device": "tpu"})
+
+
+def cli_train(
+    params: Params, tmp_path: Path, data: Path, student: Path, teacher: Path
+) -> tuple[int, Path]:
+    """`xopd train` as dvc.yaml runs it; returns its exit status and its output folder."""
+    import yaml
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.to_yaml_dict()))
+    out = tmp_path / "r1"
+    args = ["train", "--params", str(params_file), "--data", str(data)]
+    args += ["--student", str(student), "--teacher", str(teacher), "--out", str(out)]
+    args += ["--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live")]
+    return main(args), out
+
+
+def assert_nothing_written(out: Path, tmp_path: Path) -> None:
+    assert not out.exists() and not out.with_name("r1.state").exists()
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_nan_teacher_stops_the_train_stage_at_step_1_and_saves_nothing(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
+) -> None:
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher.checkpoint, teacher)
+    tensors = load_file(str(teacher / "model.safetensors"))
+    (norm,) = [k for k in tensors if k.endswith("model.norm.weight")]
+    tensors[norm][0] = float("nan")  # one NaN weight
+    save_file(tensors, str(teacher / "model.safetensors"), metadata={"format": "pt"})
+    params = params_with(tiny_pipeline_params, steps=2)
+    rc, out = cli_train(params, tmp_path, tiny_world, tiny_student.summary.checkpoint, teacher)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "step 1: non-finite teacher score" in err and len(err.splitlines()) == 1
+    assert_nothing_written(out, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "fault, rule",
+    [
+        ("missing_audio", "audio_exists"),
+        ("empty_transcript", "transcript_not_blank"),
+        ("answer_maybe", "answer_in_set"),
+        ("task_chess", "task_known"),
+        ("audio_outside_root", "audio_inside_root"),
+        ("unknown_kind", "kind_known"),
+    ],
+)
+def test_the_train_stage_checks_its_manifest_before_any_step(
+    world_copy: Path,
+    tiny_pipeline_params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+    capsys,
+    fault: str,
+    rule: str,
+) -> None:
+    def plant(rows: list[dict]) -> None:
+        row = next(r for r in rows if r["kind"] == "reasoning" and r["task"] == "navigate")
+        if fault == "missing_audio":
+            (world_copy / row["audio_path"]).unlink()
+        elif fault == "empty_transcript":
+            row["transcript"] = " "
+        elif fault == "answer_maybe":
+            row["answer"] = "maybe"
+        elif fault == "task_chess":
+            row["task"] = "chess"
+        elif fault == "audio_outside_root":
+            shutil.copy(world_copy / row["audio_path"], world_copy.parent / "outside.wav")
+            row["audio_path"] = "../outside.wav"  # a real audio file, outside the data root
+        else:
+            row["kind"] = "poetry"
+
+    edit_rows(world_copy, "train", plant)
+    params = params_with(tiny_pipeline_params, steps=1)
+    student, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
+    rc, out = cli_train(params, tmp_path, world_copy, student, teacher)
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "train.jsonl:" in err and f"[{rule}" in err
+    assert_nothing_written(out, tmp_path)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("fault", ["pickle_only", "truncated"])
+def test_the_train_stage_refuses_a_non_safetensors_checkpoint_naming_the_file(
+    tiny_world: Path,
+    tiny_pipeline_params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+    capsys,
+    which: str,
+    fault: str,
+) -> None:
+    given = {"student": tiny_student.summary.checkpoint, "teacher": tiny_teacher.checkpoint}
+    bad = tmp_path / which
+    shutil.copytree(given[which], bad)
+    weights = bad / "model.safetensors"
+    if fault == "pickle_only":
+        torch.save(load_file(str(weights)), bad / "pytorch_model.bin")
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    given[which] = bad
+    params = params_with(tiny_pipeline_params, steps=1)
+    rc, out = cli_train(params, tmp_path, tiny_world, given["student"], given["teacher"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{weights}: " in err
+    assert ("pytorch_model.bin" in err) if fault == "pickle_only" else ("truncated" in err)
+    assert_nothing_written(out, tmp_path)
+
+
+def test_a_leftover_resume_state_of_another_start_is_refused(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
+) -> None:
+    """The rerun names round 1 as its start; the state left in r1.state began at round 0."""
+    start = tiny_student.summary.checkpoint
+    params = params_with(tiny_pipeline_params, steps=2)
+
+    def stop(step, metrics):
+        raise Interrupted
+
+    out = tmp_path / "r1"
+    with pytest.raises(Interrupted):
+        train(params, tiny_world, start, tiny_teacher.checkpoint, out, tmp_path / "m.json",
+              on_step=stop)  # fmt: skip
+    other = tmp_path / "other"
+    shutil.copytree(start, other)
+    tensors = load_file(str(other / "model.safetensors"))
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, str(other / "model.safetensors"), metadata={"format": "pt"})
+    rc, _ = cli_train(params, tmp_path, tiny_world, other, tiny_teacher.checkpoint)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "r1.state: this resume state continues a run that started from weights" in err
+    assert not out.exists()
+    summary = train(params, tiny_world, start, tiny_teacher.checkpoint, out, tmp_path / "m.json")
+    assert summary.metrics["resumed_from_step"] == 1

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -106,10 +107,52 @@ def test_unreadable_or_malformed_files_name_the_file(tmp_path: Path) -> None:
         load_params(listy)
 
 
-def test_empty_file_means_all_defaults(tmp_path: Path) -> None:
+@pytest.mark.parametrize("text", ["", "\n  \n", "# only a comment\n"])
+def test_empty_params_file_is_refused_naming_it(tmp_path: Path, text: str) -> None:
     empty = tmp_path / "empty.yaml"
-    empty.write_text("")
-    assert load_params(empty) == Params()
+    empty.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty\.yaml: params file is empty") as err:
+        load_params(empty)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, key, shown",
+    [
+        ("train:\n  steps: true\n", "train.steps", "True"),
+        ("train:\n  steps: '40'\n", "train.steps", "'40'"),
+        ("train:\n  lr: '1e-4'\n", "train.lr", "'1e-4'"),
+        ("train:\n  train_audio_encoder: 'yes'\n", "train.train_audio_encoder", "'yes'"),
+        ("campaign:\n  rounds: 2.0\n", "campaign.rounds", "2.0"),
+    ],
+)
+def test_values_of_the_wrong_type_are_refused_not_coerced(
+    tmp_path: Path, text: str, key: str, shown: str
+) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(key)) as err:
+        load_params(path)
+    assert f"(got {shown})" in str(err.value) and "params.yaml" in str(err.value)
+
+
+def test_strict_types_still_accept_what_yaml_spells_natively(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1\n  steps: 7\n  train_audio_encoder: true\n")
+    p = load_params(path)
+    assert (p.train.lr, p.train.steps, p.train.train_audio_encoder) == (1.0, 7, True)
+
+
+def test_a_key_given_twice_is_refused_naming_it_and_its_lines(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  steps: 40\n  lr: 0.001\n  steps: 400\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: key 'steps' is given twice") as err:
+        load_params(path)
+    assert "lines 2 and 4" in str(err.value)
+    top = tmp_path / "top.yaml"
+    top.write_text("train: {}\ncampaign: {rounds: 1}\ntrain: {steps: 3}\n")
+    with pytest.raises(ConfigError, match="key 'train' is given twice"):
+        load_params(top)
 
 
 def test_params_are_immutable() -> None:

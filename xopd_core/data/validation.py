@@ -29,9 +29,19 @@ from xopd_core.data.manifest import (
     TEXT_FIELDS,
     TEXT_SPLITS,
     TRAIN_SPLITS,
+    manifest_path,
     read_manifest,
 )
+from xopd_core.data.reasoning import REASONING_TASKS
 from xopd_core.data.speech import sha256_file
+from xopd_core.data.world import PARA_TASKS
+from xopd_core.eval.metrics import ANSWER_SETS
+
+# What a row's `kind` may be, and the tasks of each kind.
+TASKS_OF_KIND: dict[str, tuple[str, ...]] = {
+    "reasoning": tuple(REASONING_TASKS),
+    "paralinguistic": tuple(PARA_TASKS),
+}
 
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
@@ -50,7 +60,7 @@ class DataValidationError(RuntimeError):
 class Rule:
     name: str
     description: str
-    expectation: str  # GX expectation class name
+    expectation: type[Any]  # a GX expectation class, built with `kwargs`
     kwargs: dict[str, Any]
     show: str | None = None  # column whose value a report shows as "found" (default: checked)
 
@@ -220,12 +230,24 @@ def _cross_split_overlap(df: pd.DataFrame) -> list[str]:
 # --- the suite --------------------------------------------------------------------------
 
 
+def _import_gx() -> Any:
+    """Great Expectations, imported on first use (~2 s) with its logging quietened."""
+    logging.getLogger("great_expectations").setLevel(logging.ERROR)
+    import great_expectations as gx
+
+    return gx
+
+
 def build_rules(p: ValidateParams) -> list[Rule]:
+    _import_gx()
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
     rules = [
         Rule(
             f"field_present:{f}",
             f"every row has a '{f}' value",
-            "ExpectColumnValuesToNotBeNull",
+            gxe.ExpectColumnValuesToNotBeNull,
             {"column": f},
         )
         for f in TEXT_FIELDS
@@ -234,7 +256,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         Rule(
             "audio_fields_present",
             f"rows of speech splits have {list(AUDIO_FIELDS)}",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "missing_audio_fields", "value_set": [""]},
         )
     )
@@ -242,58 +264,96 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         Rule(
             "id_unique",
             "ids are unique across the dataset",
-            "ExpectColumnValuesToBeUnique",
+            gxe.ExpectColumnValuesToBeUnique,
             {"column": "id"},
         ),
         Rule(
             "split_known",
             f"split is one of {list(SPLITS)}",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "split", "value_set": list(SPLITS)},
+        ),
+        Rule(
+            "kind_known",
+            f"kind is one of {list(TASKS_OF_KIND)}",
+            gxe.ExpectColumnValuesToBeInSet,
+            {"column": "kind", "value_set": list(TASKS_OF_KIND)},
+        ),
+        Rule(
+            "task_known",
+            f"task is one of {sorted(ANSWER_SETS)}",
+            gxe.ExpectColumnValuesToBeInSet,
+            {"column": "task", "value_set": sorted(ANSWER_SETS)},
+        ),
+        *(
+            Rule(
+                f"task_of_kind:{kind}",
+                f"a {kind} row's task is one of {list(tasks)}",
+                gxe.ExpectColumnValuesToBeInSet,
+                {
+                    "column": "task",
+                    "value_set": list(tasks),
+                    "row_condition": Column("kind") == kind,
+                },
+            )
+            for kind, tasks in TASKS_OF_KIND.items()
+        ),
+        *(
+            Rule(
+                f"answer_in_set:{task}",
+                f"a {task} row's answer is one of {sorted(answers)}",
+                gxe.ExpectColumnValuesToBeInSet,
+                {
+                    "column": "answer",
+                    "value_set": sorted(answers),
+                    "row_condition": Column("task") == task,
+                },
+            )
+            for task, answers in sorted(ANSWER_SETS.items())
         ),
         Rule(
             "transcript_not_blank",
             "transcript has visible text",
-            "ExpectColumnValuesToMatchRegex",
+            gxe.ExpectColumnValuesToMatchRegex,
             {"column": "transcript", "regex": r"\S"},
         ),
         Rule(
             "answer_not_blank",
             "answer has visible text",
-            "ExpectColumnValuesToMatchRegex",
+            gxe.ExpectColumnValuesToMatchRegex,
             {"column": "answer", "regex": r"\S"},
         ),
         Rule(
             "no_train_eval_overlap",
             "no prompt appears in both a training and an eval split",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "prompt_also_in", "value_set": [""]},
         ),
         Rule(
             "audio_inside_root",
             "audio_path stays inside the data root",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_inside_root", "value_set": [True]},
             show="audio_path",
         ),
         Rule(
             "audio_exists",
             "the audio file exists",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_exists", "value_set": [True]},
             show="audio_path",
         ),
         Rule(
             "audio_decodable",
             "the audio decodes completely",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_decodable", "value_set": [True]},
             show="audio_decode_error",
         ),
         Rule(
             "audio_sha256_matches",
             "the audio's sha256 equals the manifest's",
-            "ExpectColumnPairValuesToBeEqual",
+            gxe.ExpectColumnPairValuesToBeEqual,
             {
                 "column_A": "sha256",
                 "column_B": "audio_sha256",
@@ -303,25 +363,25 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         Rule(
             "audio_sample_rate",
             f"the audio is {p.sample_rate} Hz",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_sample_rate", "value_set": [p.sample_rate]},
         ),
         Rule(
             "manifest_sample_rate",
             f"the manifest declares {p.sample_rate} Hz",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "sample_rate", "value_set": [p.sample_rate]},
         ),
         Rule(
             "audio_channels",
             f"the audio has {p.channels} channel(s)",
-            "ExpectColumnValuesToBeInSet",
+            gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_channels", "value_set": [p.channels]},
         ),
         Rule(
             "audio_duration",
             f"duration within {p.min_duration_s}–{p.max_duration_s} s",
-            "ExpectColumnValuesToBeBetween",
+            gxe.ExpectColumnValuesToBeBetween,
             {
                 "column": "audio_duration_s",
                 "min_value": p.min_duration_s,
@@ -331,7 +391,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         Rule(
             "manifest_duration_matches",
             f"declared duration within {p.duration_tolerance_s} s of the audio's",
-            "ExpectColumnValuesToBeBetween",
+            gxe.ExpectColumnValuesToBeBetween,
             {
                 "column": "duration_mismatch_s",
                 "min_value": 0.0,
@@ -348,9 +408,7 @@ def _value_column(rule: Rule) -> str:
 
 def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, Any]]:
     """Run the rules as one GX checkpoint on an ephemeral context (no files, no network)."""
-    logging.getLogger("great_expectations").setLevel(logging.ERROR)
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
+    gx = _import_gx()
     from great_expectations.data_context.types.base import (
         DataContextConfig,
         InMemoryStoreBackendDefaults,
@@ -370,8 +428,7 @@ def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, A
     batch = asset.add_batch_definition_whole_dataframe("dataset")
     suite = context.suites.add(gx.ExpectationSuite(name="xopd-dataset"))
     for rule in rules:
-        cls = getattr(gxe, rule.expectation)
-        suite.add_expectation(cls(**rule.kwargs, meta={"rule": rule.name}))
+        suite.add_expectation(rule.expectation(**rule.kwargs, meta={"rule": rule.name}))
     vd = context.validation_definitions.add(
         gx.ValidationDefinition(name="xopd-dataset", data=batch, suite=suite)
     )
@@ -413,7 +470,13 @@ def _outcome(rule: Rule, res: Any, df: pd.DataFrame) -> RuleOutcome:
         )
     count = int(r.get("unexpected_count") or len(failures))
     return RuleOutcome(
-        rule.name, rule.description, rule.expectation, bool(res.success), count, failures, error
+        rule.name,
+        rule.description,
+        rule.expectation.__name__,
+        bool(res.success),
+        count,
+        failures,
+        error,
     )
 
 
@@ -447,6 +510,25 @@ def validate_dataset(
         seconds=round(time.perf_counter() - start, 3),
         gx_result=gx_dict,
     )
+
+
+def read_validated_manifests(
+    data_root: Path, splits: Sequence[str], params: ValidateParams
+) -> dict[str, list[dict[str, Any]]]:
+    """The rows of `data_root`'s manifests for `splits`, after the validate stage's suite
+    passed on them (audio probed too). Every stage that reads a manifest calls this before
+    its first step, so bad data stops a run before anything is trained or written.
+    Raises DataValidationError with one line naming the manifest, line and rule."""
+    root = Path(data_root)
+    manifests = [manifest_path(root, split) for split in splits]
+    report = validate_dataset(manifests, root, params)
+    if not report.success:
+        lines = report.failure_lines(per_rule=1)
+        first = lines[0] if lines else ""
+        more = sum(r.unexpected_count for r in report.failed_rules) - 1
+        tail = f" (and {more} more; `xopd validate {root}` reports them all)" if more > 0 else ""
+        raise DataValidationError(f"{report.summary_line()}: {first}{tail}", report)
+    return {split: read_manifest(m) for split, m in zip(splits, manifests, strict=True)}
 
 
 # --- the offline HTML page --------------------------------------------------------------

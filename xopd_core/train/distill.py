@@ -28,6 +28,7 @@ from xopd_core.config import TrainParams
 from xopd_core.engines.base import Modality, Prompt, Rollout, RolloutEngine, TeacherScorer
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
+from xopd_core.errors import ResumeStateError, require_finite
 from xopd_core.losses import (
     generalized_jsd,
     grpo_advantages,
@@ -131,9 +132,11 @@ def save_state(
     step: int,
     counters: dict[str, int],
     history: list[dict[str, float]],
+    start_weights_sha256: str | None = None,
 ) -> None:
     """Everything a resumed run needs, swapped in whole (a crash mid-write keeps the last
-    good state): trainable weights, Adam moments, step, counters, metric history."""
+    good state): trainable weights, Adam moments, step, counters, metric history, and the
+    hash of the checkpoint the run started from (a state only resumes that run)."""
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt_state = opt.state_dict()
     tensors = {f"{i}.{k}": v.clone() for i, s in opt_state["state"].items() for k, v in s.items()}
@@ -143,6 +146,7 @@ def save_state(
         "history": history,
         "param_groups": opt_state["param_groups"],
         "config": _config_fingerprint(cfg),
+        "from_weights_sha256": start_weights_sha256,
     }
     with atomic_directory(state_dir) as staging:
         save_file(trainable, str(staging / STATE_WEIGHTS))
@@ -151,18 +155,34 @@ def save_state(
 
 
 def load_state(
-    state_dir: Path, model: Any, opt: torch.optim.Optimizer, cfg: TrainParams
+    state_dir: Path,
+    model: Any,
+    opt: torch.optim.Optimizer,
+    cfg: TrainParams,
+    start_weights_sha256: str | None = None,
 ) -> tuple[int, dict[str, int], list[dict[str, float]]]:
-    meta = json.loads((state_dir / STATE_META).read_text())
+    try:
+        meta = json.loads((state_dir / STATE_META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ResumeStateError(
+            f"{state_dir / STATE_META}: unreadable resume state ({err})"
+        ) from None
+    saved_from = meta.get("from_weights_sha256")
+    if start_weights_sha256 is not None and saved_from != start_weights_sha256:
+        raise ResumeStateError(
+            f"{state_dir}: this resume state continues a run that started from weights "
+            f"{str(saved_from)[:12]}, not from this run's starting checkpoint "
+            f"({start_weights_sha256[:12]}); delete the folder to start this run fresh"
+        )
     if meta["config"] != _config_fingerprint(cfg):
-        raise ValueError(
+        raise ResumeStateError(
             f"{state_dir}: this training state was written with different train params; "
             "delete it to start over or restore the params it was written with"
         )
     weights = load_file(str(state_dir / STATE_WEIGHTS))
     params = dict(model.named_parameters())
     if set(weights) != {n for n, p in params.items() if p.requires_grad}:
-        raise ValueError(f"{state_dir}: saved trainable parameters do not match the model's")
+        raise ResumeStateError(f"{state_dir}: saved trainable parameters do not match the model's")
     with torch.no_grad():
         for name, t in weights.items():
             params[name].copy_(t)
@@ -189,6 +209,7 @@ def train(
     teacher_tokens_spent: int = 0,
     log: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    start_weights_sha256: str | None = None,
 ) -> TrainResult:
     """Run `cfg.steps` steps of `cfg.method` on `student` (in place), or fewer when the
     `cfg.student_tokens` budget is met first (exactly: see `within_budget`), resuming from
@@ -196,7 +217,11 @@ def train(
     (`engines.scoring.shared_vocab_size`); `reward(prompt, response_ids)` for GRPO;
     `teacher_tokens_spent`: teacher tokens used before the loop (offline KD's written
     responses), counted in the teacher's budget. `log(step, metrics)` is called for every step,
-    including (replayed first) the steps a resumed run restored."""
+    including (replayed first) the steps a resumed run restored. `start_weights_sha256`: the
+    hash of the checkpoint `student` was loaded from, bound into the resume state: a state
+    written from other weights is refused (ResumeStateError), never applied.
+    A non-finite teacher score, loss or gradient norm stops the run before the update
+    (NonFiniteTrainingError naming the step and the source)."""
     if not prompts:
         raise ValueError("training needs at least one prompt")
     mode = _score_mode(cfg)
@@ -213,7 +238,7 @@ def train(
     start, history = 0, list[dict[str, float]]()
     counters = {"student_tokens": 0, "teacher_tokens": teacher_tokens_spent}
     if state_dir is not None and (state_dir / STATE_META).is_file():
-        start, counters, history = load_state(state_dir, model, opt, cfg)
+        start, counters, history = load_state(state_dir, model, opt, cfg, start_weights_sha256)
         if log is not None:  # the log sees every step once, restored ones replayed
             for step, metrics in enumerate(history):
                 log(step, metrics)
@@ -265,6 +290,7 @@ def train(
                     top_k=cfg.top_k,
                 )
                 counters["teacher_tokens"] += sum(len(r.response_ids) for r in rollouts)
+                _require_finite_scores(scores, step)
 
             # 3. loss weights over the whole step's batch, so micro-batches sum to its objective
             tokens_all, mask_long = response_tokens(rollouts)
@@ -348,7 +374,9 @@ def train(
                     ratios.append(torch.exp(lp - old_mb).detach()[w != 0].cpu())
                 loss.backward()
                 loss_total += loss.item()
+            require_finite(loss_total, step, "loss")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            require_finite(float(grad_norm), step, "gradient norm")
             opt.step()
             counters["student_tokens"] += int(mask.sum().item())
 
@@ -393,7 +421,9 @@ def train(
                 budget is not None and counters["student_tokens"] >= budget
             )
             if state_dir is not None and (done % cfg.checkpoint_every == 0 or last):
-                save_state(state_dir, model, opt, cfg, done, counters, history)
+                save_state(
+                    state_dir, model, opt, cfg, done, counters, history, start_weights_sha256
+                )
             if on_step is not None:
                 on_step(step, metrics)
     finally:
@@ -406,6 +436,22 @@ def train(
         history=history,
         resumed_from=start,
     )
+
+
+def _require_finite_scores(scores: Sequence[Any], step: int) -> None:
+    """The teacher's scores of the step's tokens are log-probs: finite, or −inf at worst for
+    a top-k/full entry; a NaN or +inf (a broken teacher) stops the run."""
+    for s in scores:
+        if s.sampled and not all(math.isfinite(v) for v in s.sampled):
+            require_finite(
+                next(v for v in s.sampled if not math.isfinite(v)), step, "teacher score"
+            )
+        if s.full_T_V is not None and bool((s.full_T_V.isnan() | (s.full_T_V == math.inf)).any()):
+            require_finite(math.nan, step, "teacher score (full distribution)")
+        if s.topk_logprobs is not None and any(
+            v != v or v == math.inf for row in s.topk_logprobs for v in row
+        ):
+            require_finite(math.nan, step, "teacher score (top-k)")
 
 
 def _divergence_terms(

@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from xopd_core.config import MeanOver, Precision
+from xopd_core.errors import require_finite
 from xopd_core.parallel import GradientHelpers, share_parts
 
 IGNORE = -100
@@ -264,7 +265,9 @@ def train_steps(
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            require_finite(total * scale, step, "loss")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            require_finite(float(grad_norm), step, "gradient norm")
             opt.step()
             losses.append(total * scale)
             if on_step is not None:

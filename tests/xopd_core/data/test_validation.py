@@ -12,7 +12,11 @@ from tasks.validate import find_manifests, validate
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestError, manifest_path, read_manifest
 from xopd_core.data.speech import sha256_file
-from xopd_core.data.validation import DataValidationError, ValidationReport
+from xopd_core.data.validation import (
+    DataValidationError,
+    ValidationReport,
+    read_validated_manifests,
+)
 
 
 def edit_rows(root: Path, split: str, edit: Callable[[list[dict]], None]) -> None:
@@ -264,3 +268,73 @@ def test_text_corpus_is_checked_for_eval_leaks_too(world_copy: Path, tmp_path: P
     report = run(world_copy, tmp_path)
     assert_names_row(report, "no_train_eval_overlap", "text_train", 8)
     assert_names_row(report, "no_train_eval_overlap", "eval", 1)
+
+
+@pytest.mark.parametrize(
+    "split, field, value, rule",
+    [
+        ("train", "answer", "maybe", "answer_in_set:navigate"),
+        ("text_train", "answer", "maybe", "answer_in_set:navigate"),
+        ("train", "task", "chess", "task_known"),
+        ("train", "kind", "poetry", "kind_known"),
+        ("train", "task", "pitch", "task_of_kind:reasoning"),
+    ],
+)
+def test_wrong_answer_unknown_task_or_kind_is_rejected(
+    world_copy: Path, tmp_path: Path, split: str, field: str, value: str, rule: str
+) -> None:
+    hit: dict[str, int] = {}
+
+    def plant(rows: list[dict]) -> None:
+        row = next(r for r in rows if r["task"] == "navigate")
+        row[field] = value
+        hit["line"] = row["_line"]
+
+    edit_rows(world_copy, split, plant)
+    assert_names_row(run(world_copy, tmp_path), rule, split, hit["line"])
+
+
+def test_paralinguistic_row_with_a_reasoning_task_is_rejected(
+    world_copy: Path, tmp_path: Path
+) -> None:
+    hit: dict[str, int] = {}
+
+    def plant(rows: list[dict]) -> None:
+        row = next(r for r in rows if r["kind"] == "paralinguistic")
+        row["task"], row["answer"] = "navigate", "yes"
+        hit["line"] = row["_line"]
+
+    edit_rows(world_copy, "train", plant)
+    assert_names_row(run(world_copy, tmp_path), "task_of_kind:paralinguistic", "train", hit["line"])
+
+
+def test_read_validated_manifests_returns_rows_or_stops_in_one_line(
+    world_copy: Path,
+) -> None:
+    rows = read_validated_manifests(world_copy, ["train", "eval"], Params().validate_)
+    assert rows["train"] == read_manifest(manifest_path(world_copy, "train"))
+
+    def plant(rows: list[dict]) -> None:
+        rows[2]["answer"] = "maybe"
+
+    edit_rows(world_copy, "eval", plant)
+    with pytest.raises(DataValidationError) as err:
+        read_validated_manifests(world_copy, ["train", "eval"], Params().validate_)
+    message = str(err.value)
+    assert "\n" not in message and "eval.jsonl:3 (id " in message and "answer_in_set" in message
+
+
+def test_xopd_validate_reports_a_wrong_answer_unknown_task_and_unknown_kind(
+    world_copy: Path, tmp_path: Path, capsys
+) -> None:
+    from tasks.cli import main
+
+    def plant(rows: list[dict]) -> None:
+        rows[0]["answer"], rows[1]["task"], rows[2]["kind"] = "maybe", "chess", "poetry"
+
+    edit_rows(world_copy, "train", plant)
+    assert main(["validate", str(world_copy), "--out", str(tmp_path / "report")]) == 1
+    err = capsys.readouterr().err
+    assert "train.jsonl:1 (id " in err and "[answer_in_set:" in err
+    assert "train.jsonl:2 (id " in err and "[task_known]" in err
+    assert "train.jsonl:3 (id " in err and "[kind_known]" in err

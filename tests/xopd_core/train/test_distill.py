@@ -4,6 +4,7 @@ must leave alone, resume, accumulation, the baselines, and that X-OPD closes the
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from xopd_core.engines.base import Prompt
 from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.errors import NonFiniteTrainingError, ResumeStateError
 from xopd_core.losses import reverse_kl_full
 from xopd_core.models.student import build_student
 from xopd_core.train.distill import Interrupted, prompts_for_step, train, within_budget
@@ -266,3 +268,62 @@ def test_prompt_order_is_a_pure_function_of_seed_and_step() -> None:
     assert sorted(flat[:5]) == sorted(flat[5:]) == list(range(5))  # each epoch covers all
     assert steps == [prompts_for_step(5, 2, seed=3, step=s) for s in range(5)]
     assert steps != [prompts_for_step(5, 2, seed=4, step=s) for s in range(5)]
+
+
+def test_a_non_finite_teacher_score_stops_the_run_at_its_step_before_any_update(
+    trained, prompts, tmp_path: Path
+) -> None:
+    student, teacher, vocab = fresh(trained)
+    after_step_1: dict[str, torch.Tensor] = {}
+    real_score = teacher.score
+
+    def broken_at_step_2(rollouts, transcripts, **kw):
+        scores = real_score(rollouts, transcripts, **kw)
+        calls.append(1)
+        if len(calls) == 2:
+            scores[0].sampled[0] = float("nan")
+        return scores
+
+    calls: list[int] = []
+    teacher.score = broken_at_step_2  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteTrainingError, match=r"^step 2: non-finite teacher score"):
+        train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
+              state_dir=tmp_path / "state",
+              on_step=lambda step, m: after_step_1.update(weights(student.model)))  # fmt: skip
+    # Step 1's state is the resume point; step 2 changed nothing.
+    assert json.loads((tmp_path / "state" / "trainer.json").read_text())["step"] == 1
+    assert all(torch.equal(after_step_1[k], v) for k, v in weights(student.model).items())
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_loss(
+    trained, prompts, tmp_path: Path
+) -> None:
+    student, teacher, vocab = fresh(trained)
+    before = weights(student.model)
+    real_logits = student.response_logits
+    student.response_logits = lambda mb: real_logits(mb) * float("nan")  # type: ignore[method-assign]
+    with pytest.raises(NonFiniteTrainingError, match=r"^step 1: non-finite loss \(nan\)"):
+        train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
+              state_dir=tmp_path / "state")  # fmt: skip
+    assert all(torch.equal(before[k], v) for k, v in weights(student.model).items())
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_resume_state_only_resumes_the_run_from_its_starting_weights(
+    trained, prompts, tmp_path: Path
+) -> None:
+    def stop_after_one(step, metrics):
+        raise Interrupted
+
+    student, teacher, vocab = fresh(trained)
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
+              state_dir=state, on_step=stop_after_one, start_weights_sha256="a" * 64)  # fmt: skip
+    student, teacher, vocab = fresh(trained)
+    with pytest.raises(ResumeStateError, match=r"started from weights aaaaaaaaaaaa, not .*bbbb"):
+        train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
+              state_dir=state, start_weights_sha256="b" * 64)  # fmt: skip
+    result = train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
+                   state_dir=state, start_weights_sha256="a" * 64)  # fmt: skip
+    assert result.resumed_from == 1 and result.steps == TINY["steps"]

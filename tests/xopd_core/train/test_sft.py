@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from xopd_core.errors import NonFiniteTrainingError
 from xopd_core.train.sft import (
     IGNORE,
     LossTerms,
@@ -185,3 +186,28 @@ def test_weighted_by_group_names_missing_and_unknown_groups() -> None:
         weighted_by_group(["a", "b"], {"a": 1.0, "b": 1.0, "d": 1.0}, seed=0)
     with pytest.raises(ValueError, match="must be positive"):
         weighted_by_group(["a", "b"], {"a": 1.0, "b": 0.0}, seed=0)
+
+
+def test_a_non_finite_loss_stops_supervised_training_before_the_update() -> None:
+    """The teacher and student stages train through `train_steps`: a NaN (here in the data's
+    logits from step 3 on) stops them naming the step, with the weights of step 2."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8))
+    ids = torch.arange(6).repeat(8, 1) % 8
+    calls: list[int] = []
+    kept: dict[str, torch.Tensor] = {}
+
+    def loss_of(idx: list[int]) -> LossTerms:
+        calls.append(1)
+        logits = model(ids[idx])
+        if len(calls) > 2:
+            logits = logits * float("nan")
+        return response_nll_terms(logits, ids[idx])
+
+    def snapshot(step: int, loss: float) -> None:
+        kept.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    with pytest.raises(NonFiniteTrainingError, match=r"^step 3: non-finite loss \(nan\)"):
+        train_steps(list(model.parameters()), [6] * 8, loss_of, steps=5, batch_size=8,
+                    lr=0.05, warmup=0, seed=0, on_step=snapshot)  # fmt: skip
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())

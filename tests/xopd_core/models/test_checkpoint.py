@@ -1,0 +1,78 @@
+"""Checkpoint folders: only whole safetensors load, and no save writes non-finite weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from xopd_core.errors import CheckpointError
+from xopd_core.models.checkpoint import (
+    require_finite_weights,
+    require_safetensors_checkpoint,
+    save_checkpoint,
+    weights_sha256,
+)
+
+
+def tiny_lm() -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def test_a_save_refuses_non_finite_weights_and_keeps_the_previous_checkpoint(
+    tmp_path: Path,
+) -> None:
+    model = tiny_lm()
+    out = tmp_path / "ckpt"
+    good = save_checkpoint(model, out, savers=[], resolved_config={})
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"ckpt/model\.safetensors: 1 weight tensor"):
+        save_checkpoint(model, out, savers=[], resolved_config={})
+    assert weights_sha256(out) == good
+    assert json.loads((out / "xopd.json").read_text())["weights_sha256"] == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no staging left
+
+
+def test_only_a_whole_safetensors_checkpoint_is_accepted(tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    save_checkpoint(tiny_lm(), out, savers=[], resolved_config={})
+    weights = out / "model.safetensors"
+    assert require_safetensors_checkpoint(out) == weights
+    require_finite_weights(out)
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-10])
+    with pytest.raises(CheckpointError, match=rf"^{weights}: truncated or padded"):
+        weights_sha256(out)
+    weights.write_bytes(whole[:5])
+    with pytest.raises(CheckpointError, match=rf"^{weights}: not a readable safetensors"):
+        require_safetensors_checkpoint(out)
+    torch.save({"w": torch.zeros(2)}, out / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=r"no safetensors weights \(it holds pytorch_model"):
+        require_safetensors_checkpoint(out)
+    with pytest.raises(CheckpointError, match=r"nowhere: checkpoint folder not found"):
+        require_safetensors_checkpoint(tmp_path / "nowhere")
+
+
+def test_non_finite_weights_on_disk_are_found(tmp_path: Path) -> None:
+    tmp_path.joinpath("m").mkdir()
+    save_file({"a": torch.ones(2), "b": torch.tensor([1.0, -float("inf")])},
+              str(tmp_path / "m" / "model.safetensors"))  # fmt: skip
+    with pytest.raises(
+        CheckpointError, match=r"1 weight tensor\(s\) hold NaN or infinity \(e\.g\. b\)"
+    ):
+        require_finite_weights(tmp_path / "m")
