@@ -167,7 +167,7 @@ def xopd_campaign(
             promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
                 r = xopd_round(params=params, round=k, workdir=workdir, engine=engine, lock=False,
-                               check_data=False)  # fmt: skip
+                               check_data=False, record=False)  # fmt: skip
                 promoted.append(r["promoted"])
                 for name, s in r["seconds"].items():
                     seconds[name] = seconds.get(name, 0.0) + s

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
 
 from xopd_core.config import EvalParams, Params, TrainParams
@@ -50,3 +54,17 @@ def lay_out_work(root: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Pa
     scores = {f"text_accuracy_{t}": 0.9 for t in tasks}
     (root / "reports" / "teacher" / "metrics.json").write_text(json.dumps(scores))
     return root
+
+
+def logs_of(flow_run_id: UUID | None, *wanted: str) -> list[str]:
+    """The run's log messages, once messages starting with each of `wanted` have arrived
+    (logs reach the server in batches), or after 30 s."""
+    of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = [entry.message for entry in client.read_logs(of_run)]
+            arrived = all(any(m.startswith(w) for m in logs) for w in wanted)
+            if arrived or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.5)

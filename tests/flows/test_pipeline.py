@@ -21,9 +21,12 @@ import flows.publish
 from flows.campaign import changed_groups, due, xopd_campaign
 from flows.nightly import xopd_nightly
 from flows.publish import publish
+from flows.round import xopd_round
 from tasks.layout import PUSH_PENDING
+from tasks.record import dvc_command, git_to_commit
 from tasks.remote import RemoteError, dvc
 from tasks.validate import validate
+from tests.flows.conftest import logs_of
 from xopd_core.config import CampaignParams, Params, load_params
 from xopd_core.models.checkpoint import weights_sha256
 
@@ -185,3 +188,42 @@ def test_a_run_with_edited_params_reruns_the_stages_that_read_them(repo) -> None
     changed = changed_groups(root, edited)
     assert changed == {"train"}
     assert due(root, "rounds", [], 1, changed) and not due(root, "teacher", [], 1, changed)
+
+
+def test_a_round_started_on_its_own_leaves_dvc_consistent_and_says_what_to_commit(repo) -> None:
+    """What a deployment run of `xopd-round` does with its defaults: the next round, with
+    params.yaml's settings. DVC agrees with the folder afterwards (`dvc repro` would keep the
+    round), and the git line in its log, run as printed, commits dvc.lock and the rest."""
+    root = repo[0]
+    rounds_before = load_params(root / "params.yaml").campaign.rounds
+    state = xopd_round(workdir=str(root), return_state=True)
+    result = state.result()
+    k = result["round"]
+    assert k == rounds_before + 1 and result["recorded"]
+    assert load_params(root / "params.yaml").campaign.rounds == k
+    assert json.loads(_run(root, "status", "--json")) == {}
+    said = "to keep it in git: "
+    logs = logs_of(state.state_details.flow_run_id, f"round {k}: recorded in DVC")
+    (line,) = [m.split(said, 1)[1] for m in logs if said in m]
+    assert "dvc.lock" in line and "params.yaml" in line, line
+    subprocess.run(["bash", "-c", line], check=True, capture_output=True)
+    assert git_to_commit(root) == []
+
+
+def test_a_round_with_other_settings_says_what_to_run_to_make_dvc_consistent(repo) -> None:
+    """The form's `train` settings differ from params.yaml: dvc.lock stays as it was (it would
+    claim a round params.yaml did not make), and the log names the setting, why DVC is now
+    stale, and the exact `dvc repro` command. (Last in this module: it leaves DVC stale.)"""
+    root = repo[0]
+    on_disk = load_params(root / "params.yaml")
+    lock_before = (root / "dvc.lock").read_text()
+    steps = on_disk.train.steps + 1
+    train = on_disk.train.model_copy(update={"steps": steps})
+    state = xopd_round(workdir=str(root), train=train, return_state=True)
+    assert not state.result()["recorded"]
+    assert (root / "dvc.lock").read_text() == lock_before
+    assert "rounds" in json.loads(_run(root, "status", "--json"))
+    logs = logs_of(state.state_details.flow_run_id, "dvc.lock left as it was")
+    (advice,) = [m for m in logs if m.startswith("dvc.lock left as it was")]
+    assert f"train.steps: {steps} (params.yaml: {on_disk.train.steps})" in advice
+    assert dvc_command(root, "repro") in advice
