@@ -30,7 +30,15 @@ from prefect.runtime import flow_run
 
 from flows.publish import publish
 from tasks.gate import describe
-from tasks.layout import CHAMPION, DATA, LOCK, completed_rounds, round_eval, round_reports
+from tasks.layout import (
+    CHAMPION,
+    DATA,
+    LOCK,
+    completed_rounds,
+    round_checkpoint,
+    round_eval,
+    round_reports,
+)
 from tasks.record import (
     advance_rounds,
     git_commit_line,
@@ -182,6 +190,12 @@ def xopd_round(
     k = next_round(root) if round is None else round
     if k < 1:
         raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
+    start = round_checkpoint(root, k - 1)
+    if not (start / "model.safetensors").is_file():
+        raise ValueError(
+            f"round {k} starts from round {k - 1}'s student, which is not in {start}; "
+            f"the next round to run is {next_round(root)}"
+        )
     tag_run(f"round-{k}", f"method-{params.train.method}")
     with tags(f"round-{k}"):
         if lock:

@@ -90,3 +90,13 @@ def test_nightly_never_writes_beside_a_run_in_progress(
     with get_client(sync_client=True) as client:
         tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
     assert any({"nightly", "round-1", "method-xopd"} <= tags for tags in tagged), tagged
+
+
+def test_a_round_whose_start_is_missing_says_which_round_to_run(
+    prefect_server, flow_params: Params, work: Path
+) -> None:
+    """Round 3 from the form with no round 2 on disk: a message naming the missing student
+    and the round that can run, not the loader's error about a hub repo id."""
+    with pytest.raises(ValueError, match=r"round 3 starts from round 2's student, which is not"):
+        xopd_round(params=flow_params, round=3, workdir=str(work))
+    assert not (work / "models" / "rounds").exists()
