@@ -100,7 +100,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("data", layout.DATA),
     ):
         print(f"  {name:<18} {root / path}")
-    print("  plots page         `dvc plots show` (offline), metrics: `dvc metrics show`")
+    print("  plots page         `dvc plots show` (offline), headline metrics: `dvc metrics show`")
     return 0
 
 

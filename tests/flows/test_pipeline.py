@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,9 +113,23 @@ def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
 
 
 def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
-    root, _, _ = repo
+    root, _, result = repo
+    # `dvc metrics show`: the headline only, in two groups (champion, latest round).
     shown = json.loads(_run(root, "metrics", "show", "--json"))
-    rounds = next(iter(shown.values()))["data"]["reports/rounds.json"]["data"]
+    (files,) = [rev["data"] for rev in shown.values()]
+    assert list(files) == ["reports/metrics.json"]
+    headline = files["reports/metrics.json"]["data"]
+    keys = {"round", "avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy"}
+    assert set(headline) == {"champion", "latest"}
+    assert keys <= set(headline["champion"]) and keys | {"promoted"} <= set(headline["latest"])
+    assert headline["latest"]["round"] == 1
+    assert headline["champion"]["round"] == (1 if result["rounds"][1] else 0)
+    eval_wer = json.loads((root / "reports" / "eval" / "metrics.json").read_text()).get("asr_wer")
+    if headline["champion"]["round"] == 0 and eval_wer is not None:
+        assert headline["champion"]["asr_wer"] == eval_wer
+    # A stage's own metrics, by path.
+    rounds = json.loads(_run(root, "metrics", "show", "--json", "reports/rounds.json"))
+    rounds = next(iter(rounds.values()))["data"]["reports/rounds.json"]["data"]
     assert set(rounds) == {"round0", "round1"}
     on_disk = json.loads((root / "reports" / "rounds.json").read_text())
     for name, r in rounds.items():
@@ -122,10 +137,43 @@ def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
         assert isinstance(r["promoted"], bool)
         # DVC shows numbers and booleans only; the reasons are in the same file.
         assert on_disk[name]["reasons"] and on_disk[name]["promoted"] == r["promoted"]
+
+    # `dvc plots show`: the report's images and the latest round's per-step curves, read
+    # from the TSV files dvclive wrote while it trained (x: step).
+    plots = json.loads(_run(root, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    live = "reports/rounds/round1/train/live/plots/metrics"
+    steps = [str(s) for s in range(result_steps(root))]
+    for title, fields in (
+        ("training loss", ["loss"]),
+        ("reverse KL estimate (nats per token)", ["reverse_kl_speech", "reverse_kl_text"]),
+        ("response length (tokens)", ["response_length"]),
+    ):
+        (curve,) = plots["data"][title]
+        assert curve["type"] == "vega" and curve["content"]["encoding"]["x"]["field"] == "step"
+        values = curve["content"]["data"]["values"]
+        for field in fields:
+            rows = [v for v in values if field in v]
+            assert [v["step"] for v in rows] == steps, (title, field)
+            with open(root / live / f"{field}.tsv") as tsv:
+                assert [v[field] for v in rows] == [line.split("\t")[1].strip()
+                                                    for line in list(tsv)[1:]]  # fmt: skip
+    assert {"reports/plots/rounds.png", "reports/plots/train_kl.png"} <= set(plots["data"])
+
     _run(root, "plots", "show", "-o", "plots_page")
     page = (root / "plots_page" / "index.html").read_text()
-    assert "<script" not in page and "http" not in page  # nothing loaded from anywhere
-    assert page.count("<img") == 2
+    # Nothing loaded from anywhere (the specs' "$schema" names a URL; nothing fetches it).
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script src" not in page and "<link" not in page
+    assert page.count("<img") == 2 and page.count("vegaEmbed('#") == 3
+    assert "function vegaEmbed" in page  # drawn by the page's own script (infra/dvc_plots.html)
+
+
+def result_steps(root: Path) -> int:
+    """How many steps the newest round trained (its training metrics)."""
+    rounds = load_params(root / "params.yaml").campaign.rounds
+    metrics = root / "reports" / "rounds" / f"round{rounds}" / "train" / "metrics.json"
+    return int(json.loads(metrics.read_text())["steps"])
 
 
 def test_dvc_repro_from_scratch_rebuilds_the_recorded_checkpoint_hash(repo) -> None:
