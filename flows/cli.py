@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if "push" in result:
             print(f"Remote: {result['push']}")
     if result.get("recorded"):
-        _print_git_advice(root)
+        print_git_advice(root)
     print("\nResults:")
     for name, path in (
         ("campaign table", layout.CAMPAIGN_TABLE),
@@ -104,7 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_git_advice(root: Path) -> None:
+def print_git_advice(root: Path) -> None:
     """What of the recorded run belongs in git and is not committed, as the line to run."""
     from tasks.record import git_commit_line, git_to_commit
 

@@ -20,6 +20,7 @@ import yaml
 
 import flows.publish
 from flows.campaign import changed_groups, due, xopd_campaign
+from flows.cli import print_git_advice
 from flows.nightly import xopd_nightly
 from flows.publish import publish
 from flows.round import xopd_round
@@ -110,6 +111,22 @@ def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
     out = _run(root, "repro")
     assert "Data and pipelines are up to date" in out and "Running stage" not in out
     assert weights.stat().st_mtime_ns == before
+
+
+def test_after_the_run_the_printed_git_line_commits_the_record(repo, capsys) -> None:
+    """What `xopd run` prints after a recorded run: the git line for dvc.lock and
+    champion.json (new after the campaign), which, run as printed, leaves nothing owed."""
+    root = repo[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        print_git_advice(root)
+    printed = capsys.readouterr().out
+    (line,) = [x.strip() for x in printed.splitlines() if x.strip().startswith("git add ")]
+    assert line.startswith("git add champion.json dvc.lock ") and "git commit -m" in line
+    subprocess.run(["bash", "-c", line], cwd=root, check=True, capture_output=True)
+    assert git_to_commit(root) == []
+    print_git_advice(root)
+    assert "committed as they are" in capsys.readouterr().out
 
 
 def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
