@@ -6,57 +6,19 @@ to $XOPD_UI_SHOTS (default /tmp/ui_shots). Runs in `make test-ui` only (marker `
 
 from __future__ import annotations
 
-import os
 import re
 import time
-from collections.abc import Iterator
 from datetime import date
-from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from tests.browser import SHOTS
 from tests.flows.conftest import Served
 
 pytestmark = pytest.mark.ui
-
-CHROMIUM = Path("/usr/bin/chromium")
-# Headless, and nothing that reaches past loopback (updates, sync, QUIC, first-run pages).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SHOTS = Path(os.environ.get("XOPD_UI_SHOTS", "/tmp/ui_shots"))
 RUN_TIMEOUT_S = 420  # a 1-step round on the tiny world: ~20 s alone, minutes on a busy machine
-
-
-@pytest.fixture()
-def page(tmp_path: Path) -> Iterator:
-    sync_api = pytest.importorskip("playwright.sync_api", reason="make test-ui installs it")
-    if not CHROMIUM.is_file():
-        pytest.skip(f"no {CHROMIUM}: make test-ui installs Debian's chromium")
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch_persistent_context(
-            str(tmp_path / "user-data"),  # a fresh profile
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 900},
-        )
-        try:
-            tab = browser.new_page()
-            tab.set_default_timeout(120_000)  # the UI's first load on 2 busy cores
-            yield tab
-        finally:
-            browser.close()
 
 
 def form_input(page, label: str):
