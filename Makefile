@@ -7,7 +7,7 @@ export DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DVC_NO_ANALYTICS=1 
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_NO_USAGE_STATS=1 GX_ANALYTICS_ENABLED=false \
 	AWS_EC2_METADATA_DISABLED=true PYTHONDONTWRITEBYTECODE=1
 
-.PHONY: setup run study ui test test-slow lint typecheck bench lock clean
+.PHONY: setup run study ui test test-slow test-ui lint typecheck bench lock clean
 
 setup:
 	@XOPD_VENV=$(VENV) infra/setup_env.sh
@@ -33,10 +33,16 @@ typecheck: setup
 	@$(BIN)/mypy
 
 test: setup lint typecheck
-	@$(BIN)/pytest -m "not slow" -q
+	@$(BIN)/pytest -m "not slow and not ui" -q
 
 test-slow: setup
 	@$(BIN)/pytest -m slow -q
+
+# The browser test: headless Chromium (Debian's package) driven by Playwright through the
+# Prefect UI of `xopd serve`. The set-up installs both the first time (XOPD_UI_TEST=1).
+test-ui:
+	@XOPD_VENV=$(VENV) XOPD_UI_TEST=1 infra/setup_env.sh
+	@$(BIN)/pytest -m ui -q
 
 bench: setup
 	@$(BIN)/python -m benchmarks

@@ -176,7 +176,12 @@ def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
             promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
             for k in range(1, n + 1):
                 r = xopd_round(
-                    params=params, round=k, workdir=workdir, lock=False, check_data=False
+                    params=params,
+                    round=k,
+                    workdir=workdir,
+                    lock=False,
+                    check_data=False,
+                    record=False,
                 )
                 promoted.append(r["promoted"])
                 for name, s in r["seconds"].items():

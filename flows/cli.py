@@ -84,6 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Recorded in dvc.lock: {'yes' if result['recorded'] else 'no'}")
         if "push" in result:
             print(f"Remote: {result['push']}")
+    if result.get("recorded"):
+        print_git_advice(root)
     print("\nResults:")
     for name, path in (
         ("campaign table", layout.CAMPAIGN_TABLE),
@@ -100,8 +102,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("data", layout.DATA),
     ):
         print(f"  {name:<18} {root / path}")
-    print("  plots page         `dvc plots show` (offline), metrics: `dvc metrics show`")
+    print("  plots page         `dvc plots show` (offline), headline metrics: `dvc metrics show`")
     return 0
+
+
+def print_git_advice(root: Path) -> None:
+    """What of the recorded run belongs in git and is not committed, as the line to run."""
+    from tasks.record import git_commit_line, git_to_commit
+
+    files = git_to_commit(root)
+    if files:
+        message = f"xopd run: record the pipeline's results ({', '.join(files)})"
+        print(f"To keep the record in git (DVC tracks the data, git these files):\n  "
+              f"{git_commit_line(root, files, message)}")  # fmt: skip
+    elif files is not None:
+        print("git: dvc.lock and champion.json are committed as they are.")
 
 
 def add_flow_commands(sub: Any) -> None:

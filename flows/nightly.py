@@ -47,10 +47,11 @@ def xopd_nightly(
     with exclusive(root / LOCK, timeout_s=wait_s, what="xopd run"):
         k = next_round(root)
         tag_run("nightly", f"round-{k}", f"method-{params.train.method}")
-        result = xopd_round(params=params, round=k, workdir=workdir, lock=False)
+        result = xopd_round(params=params, round=k, workdir=workdir, lock=False, record=False)
         ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=k)})
         if is_dvc_repo(root) and params_in_sync(root, params, ignore_rounds=True):
             advance_rounds(root, k)
         promoted = bool(result["promoted"])
-        out = publish(ran_with, root, promoted, lineage_round=k if promoted else None)
+        lineage = k if promoted else None
+        out = publish(ran_with, root, promoted, lineage_round=lineage, one_round=True)
     return {**result, **out}

@@ -20,7 +20,15 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from tasks.layout import PUSH_PENDING
-from tasks.record import commit_lineage, default_remote, is_dvc_repo, params_in_sync, record
+from tasks.record import (
+    PIPELINE_STAGES,
+    commit_lineage,
+    default_remote,
+    is_dvc_repo,
+    not_recorded_advice,
+    params_in_sync,
+    record,
+)
 from tasks.remote import RemoteError, push
 from tasks.report import report
 from tasks.rounds import write_rounds_metrics
@@ -28,7 +36,6 @@ from xopd_core.config import Params
 
 PUSH_ATTEMPTS = 4
 PUSH_BACKOFF_S = 2.0  # waits 2, 4, 8 s between the attempts
-STAGES = ["synth", "validate", "teacher", "student", "eval", "rounds", "report"]
 
 
 @task(name="report")
@@ -43,20 +50,18 @@ def report_step(root: Path) -> dict[str, Any]:
 
 
 @task(name="record")
-def record_step(params: Params, root: Path, *, nightly: bool = False) -> bool:
-    """Write dvc.lock for what is on disk; False (and a warning) when it would not be true."""
+def record_step(params: Params, root: Path, *, one_round: bool = False) -> bool:
+    """Write dvc.lock for what is on disk; False, and a warning saying what to run, when it
+    would not be true. `one_round`: the run trained one round (round, nightly)."""
     log = get_run_logger()
     if not is_dvc_repo(root):
         log.info("%s is not a DVC repository: nothing recorded", root)
         return False
     if not params_in_sync(root, params):
-        log.warning(
-            "the run's params differ from %s/params.yaml: dvc.lock left as it was "
-            "(run `dvc repro` to rebuild under params.yaml)",
-            root,
-        )
+        log.warning(not_recorded_advice(root, params, one_round=one_round))
         return False
-    record(root, STAGES)
+    record(root, list(PIPELINE_STAGES))
+    log.info("recorded in %s (dvc commit %s)", root / "dvc.lock", " ".join(PIPELINE_STAGES))
     return True
 
 
@@ -92,11 +97,17 @@ def push_owed(root: Path) -> str | None:
 
 
 def publish(
-    params: Params, root: Path, promoted: bool, *, lineage_round: int | None = None
+    params: Params,
+    root: Path,
+    promoted: bool,
+    *,
+    lineage_round: int | None = None,
+    one_round: bool = False,
 ) -> dict[str, Any]:
-    """Report, then record; for nightly rounds the lineage; push when owed."""
+    """Report, then record; for nightly rounds the lineage; push when owed. `one_round`: the
+    run trained a single round (what to advise when it cannot be recorded)."""
     out = report_step(root)
-    recorded = record_step(params, root)
+    recorded = record_step(params, root, one_round=one_round)
     out["recorded"] = recorded
     if lineage_round is not None and recorded:
         out["lineage"] = lineage_step(root, params.nightly.lineage_branch, lineage_round)

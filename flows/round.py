@@ -7,6 +7,12 @@ round k−1's student (`models/student` for k = 1). With no champion yet, the st
 is evaluated and gated first, as round k−1, so the candidate is always compared with something.
 Its settings are the work folder's params.yaml unless given; the UI's form asks only for what
 a round needs (which round, `train`, `gate`) and leaves the rest to that file.
+
+Run on its own (a deployment run, `record`), a round leaves DVC consistent: with params.yaml's
+settings it sets `campaign.rounds` to the rounds on disk (else `dvc repro` would delete the
+new one), reports and records them (`dvc commit`) and logs the `git add … && git commit` line
+that keeps dvc.lock and champion.json; with other settings (the form's `train` or `gate`) it
+leaves dvc.lock alone and logs the exact commands that make DVC agree again.
 """
 
 from __future__ import annotations
@@ -22,11 +28,34 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
+from flows.publish import publish
 from tasks.gate import describe
-from tasks.layout import CHAMPION, DATA, LOCK, completed_rounds, round_eval, round_reports
+from tasks.layout import (
+    CHAMPION,
+    DATA,
+    LOCK,
+    completed_rounds,
+    round_checkpoint,
+    round_eval,
+    round_reports,
+)
+from tasks.record import (
+    advance_rounds,
+    git_commit_line,
+    git_to_commit,
+    is_dvc_repo,
+    params_in_sync,
+)
 from tasks.rounds import eval_round, gate_round, train_round
 from tasks.validate import validate
-from xopd_core.config import DEFAULT_PARAMS_FILE, GateParams, Params, TrainParams, load_params
+from xopd_core.config import (
+    DEFAULT_PARAMS_FILE,
+    CampaignParams,
+    GateParams,
+    Params,
+    TrainParams,
+    load_params,
+)
 from xopd_core.lock import exclusive
 
 
@@ -134,6 +163,7 @@ def xopd_round(
     params: Params | None = None,
     lock: bool = True,
     check_data: bool = True,
+    record: bool = True,
 ) -> dict[str, Any]:
     """Run one X-OPD round in `workdir`; returns the gate's decision, the round's metrics and
     the stage functions' own seconds.
@@ -148,6 +178,8 @@ def xopd_round(
         params: Every other setting. Empty: the work folder's params.yaml.
         lock: Take the work folder's lock. Off only for a caller that already holds it.
         check_data: Validate the data first. Off only for a caller that has just done so.
+        record: Afterwards report the rounds and record them in DVC (or log what to run to
+            make DVC consistent). Off only for a caller that does so itself.
     """
     root = Path(workdir)
     params = params if params is not None else load_params(root / DEFAULT_PARAMS_FILE)
@@ -156,12 +188,52 @@ def xopd_round(
     k = next_round(root) if round is None else round
     if k < 1:
         raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
+    start = round_checkpoint(root, k - 1)
+    if not (start / "model.safetensors").is_file():
+        raise ValueError(
+            f"round {k} starts from round {k - 1}'s student, which is not in {start}; "
+            f"the next round to run is {next_round(root)}"
+        )
     tag_run(f"round-{k}", f"method-{params.train.method}")
     with tags(f"round-{k}"):
         if lock:
             with exclusive(root / LOCK, what="xopd run"):
-                return _round(params, k, root, check_data)
-        return _round(params, k, root, check_data)
+                return _round_and_record(params, k, root, check_data, record)
+        return _round_and_record(params, k, root, check_data, record)
+
+
+def _round_and_record(
+    params: Params, k: int, root: Path, check: bool, record: bool
+) -> dict[str, Any]:
+    result = _round(params, k, root, check)
+    if record:
+        result["recorded"] = record_round(params, root, k, bool(result["promoted"]))
+    return result
+
+
+def record_round(params: Params, root: Path, k: int, promoted: bool) -> bool:
+    """Report the rounds and record them in DVC (push when owed); True when dvc.lock now
+    agrees with the folder. With params.yaml's settings, `campaign.rounds` first becomes the
+    rounds on disk, so that `dvc repro` keeps them."""
+    log = get_run_logger()
+    ran_with = params
+    if is_dvc_repo(root) and params_in_sync(root, params, ignore_rounds=True):
+        n = max(completed_rounds(root))
+        if load_params(root / DEFAULT_PARAMS_FILE).campaign.rounds != n:
+            advance_rounds(root, n)
+            log.info(
+                "round %d: campaign.rounds in params.yaml set to %d, the rounds on disk "
+                "(otherwise `dvc repro` would rebuild fewer and delete this one)",
+                k,
+                n,
+            )
+        ran_with = params.model_copy(update={"campaign": CampaignParams(rounds=n)})
+    recorded = bool(publish(ran_with, root, promoted, one_round=True)["recorded"])
+    files = git_to_commit(root) if recorded else None
+    if files:
+        line = git_commit_line(root, files, f"xopd round {k}: record it ({', '.join(files)})")
+        log.info("round %d: recorded in DVC; to keep it in git: %s", k, line)
+    return recorded
 
 
 def _round(params: Params, k: int, root: Path, check: bool) -> dict[str, Any]:

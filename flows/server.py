@@ -194,8 +194,15 @@ class ServeApi:
         self.started = False
         if not configured and not healthy(self.url):
             command = ["server", "start", "--host", "127.0.0.1", "--port", str(port)]
+            # The UI finds its API from these settings, not from the command line: without
+            # them a UI served on another port than 4200 asked 4200 and showed nothing.
+            env = {
+                **os.environ,
+                "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                "PREFECT_SERVER_API_PORT": str(port),
+            }
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", *command], preexec_fn=_die_with_parent
+                [sys.executable, "-m", "prefect", *command], env=env, preexec_fn=_die_with_parent
             )
             self.started = True
         os.environ["PREFECT_API_URL"] = self.url

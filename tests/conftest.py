@@ -76,6 +76,7 @@ def world_copy(tiny_world: Path, tmp_path: Path) -> Path:
     return dst
 
 
+from tests.browser import page  # noqa: E402
 from tests.pipeline_fixtures import tiny_pipeline_params, tiny_student, tiny_teacher  # noqa: E402
 
-__all__ = ["tiny_pipeline_params", "tiny_student", "tiny_teacher"]
+__all__ = ["page", "tiny_pipeline_params", "tiny_student", "tiny_teacher"]

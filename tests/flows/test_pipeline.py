@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,11 +20,15 @@ import yaml
 
 import flows.publish
 from flows.campaign import changed_groups, due, xopd_campaign
+from flows.cli import print_git_advice
 from flows.nightly import xopd_nightly
 from flows.publish import publish
+from flows.round import xopd_round
 from tasks.layout import PUSH_PENDING
+from tasks.record import dvc_command, git_to_commit
 from tasks.remote import RemoteError, dvc
 from tasks.validate import validate
+from tests.flows.conftest import logs_of
 from xopd_core.config import CampaignParams, Params, load_params
 from xopd_core.models.checkpoint import weights_sha256
 
@@ -126,10 +131,40 @@ def test_an_up_to_date_run_still_pushes_what_is_owed_and_says_so(repo) -> None:
     assert json.loads(_run(root, "status", "--cloud", "--json")) == {}
 
 
+def test_after_the_run_the_printed_git_line_commits_the_record(repo, capsys) -> None:
+    """What `xopd run` prints after a recorded run: the git line for dvc.lock and
+    champion.json (new after the campaign), which, run as printed, leaves nothing owed."""
+    root = repo[0]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        print_git_advice(root)
+    printed = capsys.readouterr().out
+    (line,) = [x.strip() for x in printed.splitlines() if x.strip().startswith("git add ")]
+    assert line.startswith("git add champion.json dvc.lock ") and "git commit -m" in line
+    subprocess.run(["bash", "-c", line], cwd=root, check=True, capture_output=True)
+    assert git_to_commit(root) == []
+    print_git_advice(root)
+    assert "committed as they are" in capsys.readouterr().out
+
+
 def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
-    root, _, _ = repo
+    root, _, result = repo
+    # `dvc metrics show`: the headline only, in two groups (champion, latest round).
     shown = json.loads(_run(root, "metrics", "show", "--json"))
-    rounds = next(iter(shown.values()))["data"]["reports/rounds.json"]["data"]
+    (files,) = [rev["data"] for rev in shown.values()]
+    assert list(files) == ["reports/metrics.json"]
+    headline = files["reports/metrics.json"]["data"]
+    keys = {"round", "avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy"}
+    assert set(headline) == {"champion", "latest"}
+    assert keys <= set(headline["champion"]) and keys | {"promoted"} <= set(headline["latest"])
+    assert headline["latest"]["round"] == 1
+    assert headline["champion"]["round"] == (1 if result["rounds"][1] else 0)
+    eval_wer = json.loads((root / "reports" / "eval" / "metrics.json").read_text()).get("asr_wer")
+    if headline["champion"]["round"] == 0 and eval_wer is not None:
+        assert headline["champion"]["asr_wer"] == eval_wer
+    # A stage's own metrics, by path.
+    rounds = json.loads(_run(root, "metrics", "show", "--json", "reports/rounds.json"))
+    rounds = next(iter(rounds.values()))["data"]["reports/rounds.json"]["data"]
     assert set(rounds) == {"round0", "round1"}
     on_disk = json.loads((root / "reports" / "rounds.json").read_text())
     for name, r in rounds.items():
@@ -137,10 +172,43 @@ def test_metrics_and_plots_follow_the_output_contract_offline(repo) -> None:
         assert isinstance(r["promoted"], bool)
         # DVC shows numbers and booleans only; the reasons are in the same file.
         assert on_disk[name]["reasons"] and on_disk[name]["promoted"] == r["promoted"]
+
+    # `dvc plots show`: the report's images and the latest round's per-step curves, read
+    # from the TSV files dvclive wrote while it trained (x: step).
+    plots = json.loads(_run(root, "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    live = "reports/rounds/round1/train/live/plots/metrics"
+    steps = [str(s) for s in range(result_steps(root))]
+    for title, fields in (
+        ("training loss", ["loss"]),
+        ("reverse KL estimate (nats per token)", ["reverse_kl_speech", "reverse_kl_text"]),
+        ("response length (tokens)", ["response_length"]),
+    ):
+        (curve,) = plots["data"][title]
+        assert curve["type"] == "vega" and curve["content"]["encoding"]["x"]["field"] == "step"
+        values = curve["content"]["data"]["values"]
+        for field in fields:
+            rows = [v for v in values if field in v]
+            assert [v["step"] for v in rows] == steps, (title, field)
+            with open(root / live / f"{field}.tsv") as tsv:
+                assert [v[field] for v in rows] == [line.split("\t")[1].strip()
+                                                    for line in list(tsv)[1:]]  # fmt: skip
+    assert {"reports/plots/rounds.png", "reports/plots/train_kl.png"} <= set(plots["data"])
+
     _run(root, "plots", "show", "-o", "plots_page")
     page = (root / "plots_page" / "index.html").read_text()
-    assert "<script" not in page and "http" not in page  # nothing loaded from anywhere
-    assert page.count("<img") == 2
+    # Nothing loaded from anywhere (the specs' "$schema" names a URL; nothing fetches it).
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script src" not in page and "<link" not in page
+    assert page.count("<img") == 2 and page.count("vegaEmbed('#") == 3
+    assert "function vegaEmbed" in page  # drawn by the page's own script (infra/dvc_plots.html)
+
+
+def result_steps(root: Path) -> int:
+    """How many steps the newest round trained (its training metrics)."""
+    rounds = load_params(root / "params.yaml").campaign.rounds
+    metrics = root / "reports" / "rounds" / f"round{rounds}" / "train" / "metrics.json"
+    return int(json.loads(metrics.read_text())["steps"])
 
 
 def test_dvc_repro_from_scratch_rebuilds_the_recorded_checkpoint_hash(repo) -> None:
@@ -203,3 +271,42 @@ def test_a_run_with_edited_params_reruns_the_stages_that_read_them(repo) -> None
     changed = changed_groups(root, edited)
     assert changed == {"train"}
     assert due(root, "rounds", [], 1, changed) and not due(root, "teacher", [], 1, changed)
+
+
+def test_a_round_started_on_its_own_leaves_dvc_consistent_and_says_what_to_commit(repo) -> None:
+    """What a deployment run of `xopd-round` does with its defaults: the next round, with
+    params.yaml's settings. DVC agrees with the folder afterwards (`dvc repro` would keep the
+    round), and the git line in its log, run as printed, commits dvc.lock and the rest."""
+    root = repo[0]
+    rounds_before = load_params(root / "params.yaml").campaign.rounds
+    state = xopd_round(workdir=str(root), return_state=True)
+    result = state.result()
+    k = result["round"]
+    assert k == rounds_before + 1 and result["recorded"]
+    assert load_params(root / "params.yaml").campaign.rounds == k
+    assert json.loads(_run(root, "status", "--json")) == {}
+    said = "to keep it in git: "
+    logs = logs_of(state.state_details.flow_run_id, f"round {k}: recorded in DVC")
+    (line,) = [m.split(said, 1)[1] for m in logs if said in m]
+    assert "dvc.lock" in line and "params.yaml" in line, line
+    subprocess.run(["bash", "-c", line], check=True, capture_output=True)
+    assert git_to_commit(root) == []
+
+
+def test_a_round_with_other_settings_says_what_to_run_to_make_dvc_consistent(repo) -> None:
+    """The form's `train` settings differ from params.yaml: dvc.lock stays as it was (it would
+    claim a round params.yaml did not make), and the log names the setting, why DVC is now
+    stale, and the exact `dvc repro` command. (Last in this module: it leaves DVC stale.)"""
+    root = repo[0]
+    on_disk = load_params(root / "params.yaml")
+    lock_before = (root / "dvc.lock").read_text()
+    steps = on_disk.train.steps + 1
+    train = on_disk.train.model_copy(update={"steps": steps})
+    state = xopd_round(workdir=str(root), train=train, return_state=True)
+    assert not state.result()["recorded"]
+    assert (root / "dvc.lock").read_text() == lock_before
+    assert "rounds" in json.loads(_run(root, "status", "--json"))
+    logs = logs_of(state.state_details.flow_run_id, "dvc.lock left as it was")
+    (advice,) = [m for m in logs if m.startswith("dvc.lock left as it was")]
+    assert f"train.steps: {steps} (params.yaml: {on_disk.train.steps})" in advice
+    assert dvc_command(root, "repro") in advice

@@ -6,35 +6,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
-from uuid import UUID
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
 from flows.campaign import xopd_campaign
 from flows.nightly import next_round, xopd_nightly
 from flows.round import xopd_round
 from tasks.layout import round_checkpoint, round_gate
+from tests.flows.conftest import logs_of
 from xopd_core.config import CampaignParams, Params
 from xopd_core.gate import read_champion
 from xopd_core.lock import Busy
 from xopd_core.models.checkpoint import RESOLVED_CONFIG, weights_sha256
-
-
-def _logs_of(flow_run_id: UUID | None, *wanted: str) -> list[str]:
-    """The run's log messages, once `wanted` have arrived (logs reach the server in batches)."""
-    of_run = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
-    deadline = time.monotonic() + 30
-    with get_client(sync_client=True) as client:
-        while True:
-            logs = [entry.message for entry in client.read_logs(of_run)]
-            if set(wanted) <= set(logs) or time.monotonic() > deadline:
-                return logs
-            time.sleep(0.5)
 
 
 def test_round_flow_trains_evaluates_gates_and_publishes_artifacts(
@@ -60,9 +46,7 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     state = xopd_campaign(params, workdir=str(work), return_state=True)
     result = state.result()
     # Its log says which stages ran and which were skipped.
-    logs = _logs_of(
-        state.state_details.flow_run_id, "synth: up to date, skipped", "rounds: running"
-    )
+    logs = logs_of(state.state_details.flow_run_id, "synth: up to date, skipped", "rounds: running")
     assert "teacher: up to date, skipped" in logs and "eval: running" in logs
     # The bootstrap's outputs were all there (no DVC here: presence decides).
     assert result["ran"] == ["validate", "eval", "rounds", "report"]
@@ -106,3 +90,13 @@ def test_nightly_never_writes_beside_a_run_in_progress(
     with get_client(sync_client=True) as client:
         tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
     assert any({"nightly", "round-1", "method-xopd"} <= tags for tags in tagged), tagged
+
+
+def test_a_round_whose_start_is_missing_says_which_round_to_run(
+    prefect_server, flow_params: Params, work: Path
+) -> None:
+    """Round 3 from the form with no round 2 on disk: a message naming the missing student
+    and the round that can run, not the loader's error about a hub repo id."""
+    with pytest.raises(ValueError, match=r"round 3 starts from round 2's student, which is not"):
+        xopd_round(params=flow_params, round=3, workdir=str(work))
+    assert not (work / "models" / "rounds").exists()

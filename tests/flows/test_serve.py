@@ -5,19 +5,17 @@ profile, prefect.toml) used instead of a server of its own."""
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import urllib.request
 from datetime import UTC, date, datetime
 from pathlib import Path
 
 import psutil
 import pytest
-import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -30,7 +28,6 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
-from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.callables import parameter_schema
 
@@ -38,8 +35,8 @@ from flows.nightly import xopd_nightly
 from flows.round import xopd_round
 from flows.serve import deployments
 from flows.server import healthy
-from tests.flows.conftest import lay_out_work
-from xopd_core.config import NightlyParams, Params
+from tests.flows.conftest import Served, free_port
+from xopd_core.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -67,83 +64,13 @@ def test_deployments_carry_the_schedule_params_and_a_concurrency_limit(tmp_path:
     assert "TrainParams" in schema["definitions"] and "lmbda" in str(schema["definitions"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Served:
-    proc: subprocess.Popen[bytes]
-    port: int
-    api: str
-    work: Path
-    log: Path
-    registered_at: float  # time.monotonic() when the deployments were first readable
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-@pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory,
-    flow_params: Params,
-    tiny_world: Path,
-    tiny_teacher,
-    tiny_student,
-) -> Iterator[Served]:
-    """`xopd serve` in its own process with nothing configured: it starts the server."""
-    tmp = tmp_path_factory.mktemp("serve")
-    work = lay_out_work(tmp / "work", tiny_world, tiny_teacher, tiny_student)
-    params = flow_params.model_copy(update={"nightly": NightlyParams(timezone="Europe/Berlin")})
-    (work / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict()))
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env |= {
-        "PREFECT_HOME": str(tmp / "prefect-home"),  # this server's own database
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick a triggered run up within a second
-        "PYTHONPATH": str(REPO),
-    }
-    log = tmp / "serve.log"
-    command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(work / "params.yaml")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [*command, "--workdir", str(work), "--port", str(port)],
-            cwd=tmp,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        deadline = time.monotonic() + 240
-        while not healthy(api):
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no server came up"
-            time.sleep(0.5)
-        with (
-            temporary_settings(updates={PREFECT_API_URL: api}),
-            get_client(sync_client=True) as client,
-        ):
-            while True:  # the serve loop registers the deployments once the flows import
-                assert proc.poll() is None, log.read_text()[-3000:]
-                try:
-                    client.read_deployment_by_name("xopd-campaign/campaign")
-                    break
-                except ObjectNotFound:
-                    assert time.monotonic() < deadline, "the deployments never registered"
-                    time.sleep(0.2)
-        yield Served(proc, port, api, work, log, time.monotonic())
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert not healthy(api), "the server xopd serve started outlived it"
+def test_the_ui_talks_to_the_server_it_is_served_by(served: Served) -> None:
+    """On a port other than 4200 the UI asked 127.0.0.1:4200 for its API and showed no
+    deployments: the server must tell the UI its own address."""
+    ui = served.api.removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings", timeout=30) as r:
+        settings = json.load(r)
+    assert served.port != 4200 and settings["api_url"] == served.api
 
 
 def test_the_nightly_cron_has_runs_scheduled_within_seconds(served: Served) -> None:
@@ -240,7 +167,7 @@ def test_serve_uses_the_api_a_user_configured(source: str, tmp_path: Path) -> No
         )
     else:
         (tmp_path / "prefect.toml").write_text(f'[api]\nurl = "{configured}"\n')
-    port = _free_port()
+    port = free_port()
     out = subprocess.run(
         [sys.executable, "-c", PROBE, str(port)],
         cwd=tmp_path,
