@@ -40,6 +40,7 @@ from xopd_core.train.bootstrap import (
     character_targets,
     instruct,
     instruction_mix,
+    learn_to_read,
     phoneme_targets,
     pretrain_encoder_ctc,
     transcription_examples,
@@ -152,8 +153,27 @@ def student(
             speaker_weight=p.speaker_loss_weight,
         )
     lap("align")
-    del heard_feats
-    states = cache_encoder_states(model, feats)
+    read_losses: list[float] = []
+    if p.read.steps > 0:
+        # The train split's utterances come first among those heard: their states serve
+        # phase 3 too.
+        heard_states = cache_encoder_states(model, heard_feats)
+        del heard_feats
+        read_losses = learn_to_read(
+            model,
+            heard_states,
+            transcription_examples(tokenizer, transcripts, [len(s) for s in heard_states]),
+            pad,
+            p.read,
+            seed=p.seed,
+            on_step=reporter("read"),
+        )
+        states = heard_states[: len(rows)]
+        del heard_states
+    else:
+        del heard_feats
+        states = cache_encoder_states(model, feats)
+    lap("read")
     examples, mix = instruction_mix(
         tokenizer,
         rows,
@@ -182,6 +202,7 @@ def student(
     metrics: dict[str, Any] = {
         "ctc_final_loss": _mean_tail(ctc_losses),
         "align_final_loss": _mean_tail(align_losses),
+        "read_final_loss": _mean_tail(read_losses),
         "instruct_final_loss": _mean_tail(instruct_losses),
         "parameters": sum(t.numel() for t in model.parameters()),
         "audio_parameters": sum(

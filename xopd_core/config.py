@@ -398,6 +398,18 @@ class InstructPhase(Phase):
         return self
 
 
+class ReadPhase(Phase):
+    """Learning to read the audio: projector + LM transcribe every heard utterance."""
+
+    micro_batch_size: MicroBatchSize = 8
+    processes: Processes = 2
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> ReadPhase:
+        _check_processes(self.processes, self.micro_batch_size, "student.read")
+        return self
+
+
 class StudentParams(_Strict):
     """The `student` stage: a tiny Qwen2-Audio whose language model starts as the teacher,
     bootstrapped in three phases (README: "How the round-0 student is made")."""
@@ -438,6 +450,12 @@ class StudentParams(_Strict):
         description="Phases 1-2: weight of the encoder's speaker-attribute loss (each "
         "training utterance's voice variant, pitch and speaking rate, read from one linear "
         "head on its mean encoder state); 0 turns it off.",
+    )
+    read: ReadPhase = Field(
+        default=ReadPhase(steps=0, lr=1e-3),
+        description="Phase 2b, after alignment: the projector and the LM learn to read the "
+        "audio in order by transcribing every utterance phases 1-2 heard (the train split and "
+        "the pre-training corpus; encoder frozen, its outputs cached). 0 steps skips it.",
     )
     instruct: InstructPhase = Field(
         default=InstructPhase(steps=300, lr=1e-3),

@@ -18,7 +18,7 @@ from xopd_core.models.tokenizer import AUDIO, token_id
 
 
 def test_student_stage_learns_in_every_phase(tiny_student: TinyStudent) -> None:
-    assert set(tiny_student.losses) == {"ctc", "align", "instruct"}
+    assert set(tiny_student.losses) == {"ctc", "align", "read", "instruct"}
     for phase, losses in tiny_student.losses.items():
         assert len(losses) == getattr(TINY_STUDENT, phase).steps
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, phase

@@ -10,6 +10,8 @@ Three phases on the speech train split (README, "How the round-0 student is made
    language model's own embedding of each spoken token (CTC against the embedding table):
    the audio lands where the LM reads text; the LM is not touched. The speaker head keeps
    training, so alignment does not wash the speaker information out of the encoder.
+   2b. **Reading** (opt-in, `student.read`) — the encoder frozen, projector and LM learn
+   to transcribe every heard utterance, which teaches the LM to follow the audio in order.
 3. **Speech instruction tuning** — the encoder is frozen (its outputs are cached once), the
    projector and the LM learn from a speech instruction mix: spoken reasoning questions with
    worked solutions (optionally some answered directly), paralinguistic questions, some
@@ -30,7 +32,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGeneration
 
-from xopd_core.config import InstructPhase, Phase
+from xopd_core.config import InstructPhase, MeanOver, Phase, ReadPhase
 from xopd_core.data.speech import word_phonemes
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids
@@ -363,6 +365,62 @@ def cache_encoder_states(
     return [by_index[i] for i in range(len(feats))]
 
 
+def _train_lm_on_cached_audio(
+    model: Qwen2AudioForConditionalGeneration,
+    states: Sequence[torch.Tensor],
+    examples: Sequence[SpeechExample],
+    pad_id: int,
+    phase: InstructPhase | ReadPhase,
+    seed: int,
+    on_step: Callable[[int, float], None] | None,
+    mean_over: MeanOver,
+    bucketed: bool,
+) -> list[float]:
+    projector = model.model.multi_modal_projector
+
+    def loss_of(idx: list[int]) -> LossTerms:
+        batch = [examples[i] for i in idx]
+        tensors = collate(batch, pad_id)
+        audio = [projector(states[e.audio]) for e in batch if e.audio is not None]
+        embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
+        logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
+        return response_nll_terms(logits, tensors["labels_B_T"], mean_over)
+
+    with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
+        lengths = [e.length for e in examples]
+        return _run(
+            params,
+            lengths,
+            loss_of,
+            phase,
+            seed,
+            on_step,
+            bucketed=bucketed,
+            micro_batch_size=phase.micro_batch_size,
+            processes=phase.processes,
+        )
+
+
+def learn_to_read(
+    model: Qwen2AudioForConditionalGeneration,
+    states: Sequence[torch.Tensor],
+    examples: Sequence[SpeechExample],
+    pad_id: int,
+    phase: ReadPhase,
+    seed: int,
+    on_step: Callable[[int, float], None] | None = None,
+) -> list[float]:
+    """Phase 2b: projector + language model learn to transcribe (`examples`: one
+    transcription example per utterance, `transcription_examples`); the encoder is frozen,
+    its cached outputs `states` stand in for it. Alignment leaves a frozen LM that hears
+    which words were said but not in what order (it repeats one clause of the template);
+    transcribing many utterances teaches it to follow the audio position by position
+    (docs/hearing.md). The loss averages over tokens, batches are length-bucketed."""
+    return _train_lm_on_cached_audio(
+        model, states, examples, pad_id, phase, seed, on_step, "tokens", True
+    )
+
+
 def instruct(
     model: Qwen2AudioForConditionalGeneration,
     states: Sequence[torch.Tensor],
@@ -375,28 +433,9 @@ def instruct(
     """Phase 3: projector + language model (embeddings and head included) on the
     instruction mix; the encoder is frozen, its cached outputs `states` stand in for it.
     The loss averages over tokens or over examples (`phase.loss_mean_over`)."""
-    projector = model.model.multi_modal_projector
-
-    def loss_of(idx: list[int]) -> LossTerms:
-        batch = [examples[i] for i in idx]
-        tensors = collate(batch, pad_id)
-        audio = [projector(states[e.audio]) for e in batch if e.audio is not None]
-        embeds = merge_audio(model, tensors["input_ids_B_T"], audio)
-        logits = model(inputs_embeds=embeds, attention_mask=tensors["attention_mask_B_T"]).logits
-        return response_nll_terms(logits, tensors["labels_B_T"], phase.loss_mean_over)
-
-    with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
-        lengths = [e.length for e in examples]
-        return _run(
-            params,
-            lengths,
-            loss_of,
-            phase,
-            seed,
-            on_step,
-            micro_batch_size=phase.micro_batch_size,
-            processes=phase.processes,
-        )
+    return _train_lm_on_cached_audio(
+        model, states, examples, pad_id, phase, seed, on_step, phase.loss_mean_over, False
+    )
 
 
 def instruction_mix(

@@ -6,7 +6,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from xopd_core.config import InstructPhase, Phase
+from xopd_core.config import InstructPhase, Phase, ReadPhase
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.audio import encoder_states, extract_features
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
@@ -21,6 +21,7 @@ from xopd_core.train.bootstrap import (
     character_targets,
     instruct,
     instruction_mix,
+    learn_to_read,
     phoneme_targets,
     pretrain_encoder_ctc,
     transcription_examples,
@@ -146,6 +147,12 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
     tower_before = _state(tower)
     states = cache_encoder_states(model, feats)
     assert [s.shape[0] for s in states] == n_tokens
+    # Phase 2b: the projector and the LM learn to transcribe; the encoder stays as it is.
+    proj_before = _state(projector)
+    read = ReadPhase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2)
+    assert falls(learn_to_read(model, states, asr, pad, read, seed=0))
+    assert _changed(lm_before, lm) and _changed(proj_before, projector)
+    assert not _changed(tower_before, tower)
     text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
     phase = InstructPhase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, asr_items=4)
     mix, _ = instruction_mix(
