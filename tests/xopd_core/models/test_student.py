@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 import torch
 from safetensors import safe_open
@@ -70,6 +71,9 @@ def _hf_logprobs(model, inputs: dict[str, torch.Tensor], new: list[int]) -> list
     return logp.gather(-1, torch.tensor(new)[:, None]).squeeze(-1).tolist()
 
 
+# Its own vLLM engine (~80 s on 2 cores); the HF/vLLM agreement on speech prompts is also in
+# CI through the engines (tests/xopd_core/engines/test_vllm.py). Here: vLLM's own prompt path.
+@pytest.mark.slow
 def test_vllm_serves_the_saved_student_like_transformers(
     parts, tiny_world: Path, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import soundfile as sf
 import torch
 
@@ -220,6 +221,8 @@ def test_speaker_head_trains_with_the_encoder(parts, tiny_world: Path) -> None:
     assert after < 0.9 * before and after < 0.9 * off_after
 
 
+# bf16 is opt-in; the generic loop's autocast is in CI (test_sft.py), this one in make test-slow.
+@pytest.mark.slow
 def test_phases_train_under_bf16_autocast(parts, tiny_world: Path) -> None:
     """`precision: bf16` on every phase: each loss still falls, and the weights (and the
     audio embeddings the LM reads) stay float32."""
