@@ -9,6 +9,7 @@ alignment through the frozen LM, speech instruction tuning. Saves a checkpoint f
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from xopd_core.models.tokenizer import PAD, load_tokenizer, token_id
 from xopd_core.train.bootstrap import (
     SpeakerHead,
     SpeakerTargets,
+    SpeechExample,
     align_through_lm,
     align_to_embeddings,
     cache_encoder_states,
@@ -43,6 +45,7 @@ from xopd_core.train.bootstrap import (
     learn_to_read,
     phoneme_targets,
     pretrain_encoder_ctc,
+    text_replay,
     transcription_examples,
 )
 
@@ -154,15 +157,24 @@ def student(
         )
     lap("align")
     read_losses: list[float] = []
+    replay: list[SpeechExample] = []
     if p.read.steps > 0:
         # The train split's utterances come first among those heard: their states serve
         # phase 3 too.
         heard_states = cache_encoder_states(model, heard_feats)
         del heard_feats
+        reading = transcription_examples(tokenizer, transcripts, [len(s) for s in heard_states])
+        replay = text_replay(
+            tokenizer,
+            text_rows,
+            lambda text: text_prompt_ids(tokenizer, text),
+            p.read.text_replay_items,
+            random.Random(p.seed),
+        )
         read_losses = learn_to_read(
             model,
             heard_states,
-            transcription_examples(tokenizer, transcripts, [len(s) for s in heard_states]),
+            [*reading, *replay],
             pad,
             p.read,
             seed=p.seed,
@@ -213,6 +225,7 @@ def student(
         "train_utterances": len(rows),
         "pretrain_utterances": p.pretrain_utterances,
         "ctc_units": len(inventory),
+        "read_text_replay": len(replay),
         **{f"mix_{k}": v for k, v in mix.items()},
         **{f"seconds_{k}": v for k, v in seconds.items()},
         "total_seconds": round(sum(seconds.values()), 1),

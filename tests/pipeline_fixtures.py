@@ -35,7 +35,7 @@ TINY_STUDENT = StudentParams(
     pretrain_utterances=6,
     ctc=Phase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2),
     align=Phase(steps=15, batch_size=4, lr=3e-3, warmup_steps=2),
-    read=ReadPhase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2),
+    read=ReadPhase(steps=15, batch_size=8, lr=3e-3, warmup_steps=2, text_replay_items=6),
     instruct=InstructPhase(
         steps=15, batch_size=8, lr=2e-3, warmup_steps=2, asr_items=8, text_replay_items=16
     ),

@@ -401,6 +401,13 @@ class InstructPhase(Phase):
 class ReadPhase(Phase):
     """Learning to read the audio: projector + LM transcribe every heard utterance."""
 
+    text_replay_items: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Text-only worked solutions from text_train mixed into the reading "
+        "examples, so the LM keeps its text ability while it learns to read.",
+    )
     micro_batch_size: MicroBatchSize = 8
     processes: Processes = 2
 

@@ -39,6 +39,7 @@ def test_student_checkpoint_reloads_with_its_processor(
     assert metrics["pretrain_utterances"] == TINY_STUDENT.pretrain_utterances > 0
     assert metrics["ctc_units"] > 20  # phonemes and the word boundary
     assert metrics["mix_asr"] == TINY_STUDENT.instruct.asr_items
+    assert metrics["read_text_replay"] == TINY_STUDENT.read.text_replay_items > 0
     assert metrics["weights_sha256"] == summary.weights_sha256
 
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(out)).eval()

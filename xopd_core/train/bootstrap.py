@@ -411,7 +411,8 @@ def learn_to_read(
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Phase 2b: projector + language model learn to transcribe (`examples`: one
-    transcription example per utterance, `transcription_examples`); the encoder is frozen,
+    transcription example per utterance, `transcription_examples`, plus any text replay,
+    `text_replay`); the encoder is frozen,
     its cached outputs `states` stand in for it. Alignment leaves a frozen LM that hears
     which words were said but not in what order (it repeats one clause of the template);
     transcribing many utterances teaches it to follow the audio position by position
@@ -475,7 +476,24 @@ def instruction_mix(
         prompt = speech_prompt_ids(tokenizer, audio_tokens[i], TRANSCRIBE)
         examples.append(SpeechExample(prompt, said(speech_rows[i]["transcript"]), i))
         counts["asr"] += 1
-    for r in rng.sample(list(text_rows), min(phase.text_replay_items, len(text_rows))):
-        examples.append(SpeechExample(text_prompt(r["transcript"]), said(r["solution"]), None))
-        counts["text"] += 1
-    return examples, counts
+    text = text_replay(tokenizer, text_rows, text_prompt, phase.text_replay_items, rng)
+    counts["text"] = len(text)
+    return [*examples, *text], counts
+
+
+def text_replay(
+    tokenizer: PreTrainedTokenizerFast,
+    text_rows: Sequence[dict[str, Any]],
+    text_prompt: Callable[[str], list[int]],
+    n: int,
+    rng: random.Random,
+) -> list[SpeechExample]:
+    """`n` text-only examples (question as text → worked solution) drawn from `text_rows`
+    without replacement: replayed beside speech so the LM keeps its text ability."""
+    eos = token_id(tokenizer, IM_END)
+    return [
+        SpeechExample(
+            text_prompt(r["transcript"]), [*tokenizer(r["solution"])["input_ids"], eos], None
+        )
+        for r in rng.sample(list(text_rows), min(n, len(text_rows)))
+    ]

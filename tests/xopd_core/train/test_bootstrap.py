@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from random import Random
 
 import pytest
 import soundfile as sf
@@ -11,11 +12,12 @@ from xopd_core.config import InstructPhase, Phase, ReadPhase
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.audio import encoder_states, extract_features
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
-from xopd_core.models.tokenizer import AUDIO, PAD, token_id
+from xopd_core.models.tokenizer import AUDIO, IM_END, PAD, token_id
 from xopd_core.train.bootstrap import (
     WORD_BOUNDARY,
     SpeakerHead,
     SpeakerTargets,
+    SpeechExample,
     align_through_lm,
     align_to_embeddings,
     cache_encoder_states,
@@ -25,6 +27,7 @@ from xopd_core.train.bootstrap import (
     learn_to_read,
     phoneme_targets,
     pretrain_encoder_ctc,
+    text_replay,
     transcription_examples,
 )
 
@@ -100,6 +103,26 @@ def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
     assert again == examples
     other, _ = mix(1)
     assert other != examples
+
+
+def test_text_replay_draws_distinct_text_rows_with_their_solutions(parts, tiny_world: Path) -> None:
+    tok = parts[0]
+    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+
+    def replay(n: int, seed: int) -> list[SpeechExample]:
+        return text_replay(tok, text_rows, lambda t: text_prompt_ids(tok, t), n, Random(seed))
+
+    picked = replay(5, 0)
+    assert len(picked) == 5 and all(e.audio is None for e in picked)
+    by_prompt = {tuple(text_prompt_ids(tok, r["transcript"])): r for r in text_rows}
+    eos = token_id(tok, IM_END)
+    for e in picked:
+        row = by_prompt[tuple(e.prompt_ids)]
+        assert e.response_ids == [*tok(row["solution"])["input_ids"], eos]
+    assert len({tuple(e.prompt_ids) for e in picked}) == 5
+    assert replay(5, 0) == picked and replay(5, 1) != picked
+    assert len(replay(10 * len(text_rows), 0)) == len(text_rows)  # capped, no repeats
+    assert replay(0, 0) == []
 
 
 def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world: Path) -> None:
