@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2ForCausalLM,
+)
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
@@ -132,8 +137,13 @@ def train(
     model.to(device)
     processor = AutoProcessor.from_pretrained(str(student_dir))
     teacher_tok = load_tokenizer(teacher_dir)
-    vocab = shared_vocab_size(processor.tokenizer, teacher_tok)
-    student = HfStudent(model, processor)
+    vocab = shared_vocab_size(  # the vocabulary contract: refuses a mismatched pair
+        processor.tokenizer,
+        teacher_tok,
+        student_rows=model.get_output_embeddings().weight.shape[0],
+        teacher_rows=AutoConfig.from_pretrained(str(teacher_dir)).vocab_size,
+    )
+    student = HfStudent(model, processor, vocab_size=vocab)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
     snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
     closers: list[Any] = []
@@ -148,11 +158,11 @@ def train(
         if p.engine == "vllm" and p.method in ("xopd", "grpo"):
             from xopd_core.engines.vllm_engine import VllmEngine
 
-            vllm_student = VllmEngine(student_dir, audio=True)
+            vllm_student = VllmEngine(student_dir, audio=True, vocab_size=vocab)
             closers.append(vllm_student)
             rollout = vllm_student
             if p.method == "xopd" and p.loss != "full":  # vLLM returns no full distributions
-                vllm_teacher = VllmEngine(teacher_dir, audio=False)
+                vllm_teacher = VllmEngine(teacher_dir, audio=False, vocab_size=vocab)
                 closers.append(vllm_teacher)
                 scorer = vllm_teacher
         if scorer is None and p.method in ("xopd", "gkd"):

@@ -3,8 +3,8 @@
 
 The student's audio goes through the cropped encoder pass (`models.audio`, proved equal to
 the 30 s window), and rollouts are sampled from input embeddings by `engines.sampler`'s
-loop, so HF needs no full-window features. Sampling policy = softmax(logits / temperature),
-no top-k/top-p.
+loop, so HF needs no full-window features. Sampling policy = softmax(logits / temperature)
+over the vocabulary shared with the teacher, no top-k/top-p.
 """
 
 from __future__ import annotations
@@ -32,15 +32,21 @@ class HfStudent:
 
     Audio is read once per prompt; while the encoder is frozen its outputs are cached (call
     `clear_audio_cache` after loading other encoder weights). The model's attention is
-    switched to `models.attention`'s grouped-query SDPA (same results, no K/V copies)."""
+    switched to `models.attention`'s grouped-query SDPA (same results, no K/V copies).
+    `vocab_size`: the vocabulary shared with the teacher (`scoring.shared_vocab_size`,
+    default every id of the student's tokenizer); rollouts hold only ids below it, and
+    log-probs, sampled and teacher-forced, are over those logits alone."""
 
-    def __init__(self, model: Any, processor: Any, *, batch_size: int = 16) -> None:
+    def __init__(
+        self, model: Any, processor: Any, *, batch_size: int = 16, vocab_size: int | None = None
+    ) -> None:
         self.model = use_gqa_sdpa(model)
         self.processor = processor
         # A text-only causal LM (with its tokenizer as `processor`) works for text prompts.
         self.hears = hasattr(getattr(model, "model", None), "audio_tower")
         self.tokenizer: PreTrainedTokenizerFast = getattr(processor, "tokenizer", processor)
         self.batch_size = batch_size
+        self.vocab_size = vocab_size if vocab_size is not None else len(self.tokenizer.get_vocab())
         self.pad_id = token_id(self.tokenizer, PAD)
         self.eos_id = token_id(self.tokenizer, IM_END)
         self._features: dict[str, Any] = {}
@@ -155,6 +161,7 @@ class HfStudent:
                 eos_id=self.eos_id,
                 pad_id=self.pad_id,
                 generator=generator,
+                vocab_size=self.vocab_size,
             )
             tokens_BG_T, logprobs_BG_T = out.tokens_BG_T.tolist(), out.logprobs_BG_T.tolist()
             lengths, finished = out.lengths_BG.tolist(), out.finished_BG.tolist()
@@ -174,7 +181,7 @@ class HfStudent:
 
     # -- teacher-forced ----------------------------------------------------------------
     def response_logits(self, rollouts: Sequence[Rollout]) -> torch.Tensor:
-        """`[B, T, V]` logits predicting each rollout's response tokens (zeros past its
+        """`[B, T, V_shared]` logits predicting each rollout's response tokens (zeros past its
         end); each distinct prompt is read once for all its rollouts
         (`scoring.response_logits`). Gradients flow when enabled."""
         first, prompt_of = prompt_groups(
@@ -190,7 +197,7 @@ class HfStudent:
             [r.response_ids for r in rollouts],
             pad_id=self.pad_id,
             prompt_embeds_U_L_D=self._embed(ids, speech, mask),
-        )
+        )[..., : self.vocab_size]
 
     def response_logprobs(
         self, rollouts: Sequence[Rollout], temperature: float = 1.0

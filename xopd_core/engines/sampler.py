@@ -132,11 +132,13 @@ def sample_from_embeds(
     eos_id: int,
     pad_id: int,
     generator: torch.Generator,
+    vocab_size: int | None = None,
 ) -> Samples:
     """Sample `n` responses of at most `max_new_tokens` tokens for each of the left-padded
     prompts `embeds_B_L_D` (`mask_B_L`: 1 on prompt tokens, 0 on padding). A row stops at
     its first `eos_id`; the loop stops when every row has. Fixed `generator` state ⇒ same
-    samples (the global RNG is not used)."""
+    samples (the global RNG is not used). `vocab_size`: only ids below it are drawn, from
+    the softmax over those logits alone (the shared vocabulary; None: every output row)."""
     if temperature <= 0:
         raise ValueError("sampling needs temperature > 0")
 
@@ -150,7 +152,9 @@ def sample_from_embeds(
         picked = draw(logp.exp(), uniform_R[rows_A])
         return picked, logp.gather(1, picked[:, None]).squeeze(1)
 
-    return _decode(model, embeds_B_L_D, mask_B_L, n, max_new_tokens, eos_id, pad_id, pick)
+    return _decode(
+        model, embeds_B_L_D, mask_B_L, n, max_new_tokens, eos_id, pad_id, pick, vocab_size
+    )
 
 
 @torch.no_grad()
@@ -162,17 +166,20 @@ def greedy_from_embeds(
     max_new_tokens: int,
     eos_id: int,
     pad_id: int,
+    vocab_size: int | None = None,
 ) -> Samples:
     """The greedy response (highest logit at each step, the first on a tie, as `generate`'s
     greedy search) to each left-padded prompt, with the chosen tokens' log-probs at
-    temperature 1."""
+    temperature 1; `vocab_size` as in `sample_from_embeds`."""
 
     def pick(logits_A_V: torch.Tensor, rows_A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         picked = logits_A_V.argmax(-1)
         logp = torch.log_softmax(logits_A_V.float(), dim=-1)
         return picked, logp.gather(1, picked[:, None]).squeeze(1)
 
-    return _decode(model, embeds_B_L_D, mask_B_L, 1, max_new_tokens, eos_id, pad_id, pick)
+    return _decode(
+        model, embeds_B_L_D, mask_B_L, 1, max_new_tokens, eos_id, pad_id, pick, vocab_size
+    )
 
 
 # Rows leave the batch when at least this share of those in it have ended: each leave
@@ -189,10 +196,12 @@ def _decode(
     eos_id: int,
     pad_id: int,
     pick: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    vocab_size: int | None,
 ) -> Samples:
     """The loop both entry points share; `pick(logits_A_V, rows_A)` chooses the next token
     of each of the batch's rows (`rows_A`: their indices among all rows) and returns it with
-    its log-prob."""
+    its log-prob. Logits are cut to `vocab_size` first: a checkpoint's padded rows and a
+    speech model's own markers are no tokens of a response (`scoring.shared_vocab_size`)."""
     inner = model.model
     backbone = getattr(inner, "language_model", inner)  # Qwen2-Audio wraps a Qwen2Model
     embed = model.get_input_embeddings()
@@ -231,7 +240,7 @@ def _decode(
     rows_A = torch.arange(rows, device=device)  # the rows in the batch, in batch order
     steps = 0
     for t in range(max_new_tokens):
-        picked_A, logp_A = pick(model.lm_head(hidden_A_D), rows_A)
+        picked_A, logp_A = pick(model.lm_head(hidden_A_D)[:, :vocab_size], rows_A)
         live_A = ~done[rows_A]  # an ended row still in the batch: its picks are dropped
         live_rows = rows_A[live_A]
         tokens[live_rows, t] = picked_A[live_A]

@@ -3,6 +3,7 @@
 The student's prompt holds audio placeholders, the teacher's the transcript, so one response
 starts at different offsets; both sides read their log-probs through `response_positions`.
 Pure functions; the classic bug they guard is the off-by-one at the first response token.
+`shared_vocab_size` is the vocabulary contract between a speech student and its text teacher.
 """
 
 from __future__ import annotations
@@ -12,6 +13,12 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedTokenizerBase
+
+from xopd_core.models.tokenizer import IM_END, PAD
+
+# Special tokens a response may hold besides the regular vocabulary: the end of turn that
+# ends it, and the end-of-text/padding token (a base model's end).
+RESPONSE_SPECIALS = (IM_END, PAD)
 
 
 def response_positions(prompt_len: int, response_len: int) -> slice:
@@ -127,19 +134,78 @@ def response_logits(
     return model.lm_head(states_B_T_E[:, :width] * inside_B_T[..., None])
 
 
+def response_vocabulary(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The tokens a response can hold, with their ids: the regular (non-added) vocabulary,
+    `RESPONSE_SPECIALS` and the tokenizer's own end-of-sequence token. Audio, vision and
+    tool markers are added tokens outside it."""
+    vocab = tokenizer.get_vocab()
+    added = tokenizer.get_added_vocab()
+    usable = {tok: i for tok, i in vocab.items() if tok not in added}
+    for tok in (*RESPONSE_SPECIALS, tokenizer.eos_token):
+        if isinstance(tok, str) and tok in vocab:
+            usable[tok] = vocab[tok]
+    return usable
+
+
 def shared_vocab_size(
-    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    *,
+    student_rows: int | None = None,
+    teacher_rows: int | None = None,
 ) -> int:
-    """Entries both models' logits must be sliced to before any KL. Checkpoints of one
-    tokenizer pad their embedding tables to different sizes (Qwen: 151936 vs 152064); the
-    padded rows are not tokens. Different tokenizers cannot be distilled token by token."""
-    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if s != t:
-        only_s = sorted(set(s.items()) - set(t.items()))[:3]
-        only_t = sorted(set(t.items()) - set(s.items()))[:3]
+    """The vocabulary contract, checked before training: V, the entries both models' logits
+    are sliced to before any KL and the ids the student may sample (0..V−1).
+
+    Every token a response can hold (`response_vocabulary` of either side) must have one id
+    in both tokenizers; otherwise the pair is refused, naming the lowest such token and its
+    two ids. V is the length of the run of ids from 0 on which both tokenizers hold the same
+    token. Qwen tokenizers lay out the regular BPE vocabulary first, then added tokens
+    (<|endoftext|>, <|im_start|>, <|im_end|>, ...); a speech model's audio and vision markers
+    come after the ones it shares with its text model (Qwen2-Audio's <|AUDIO|>,
+    <|audio_bos|>, <|audio_eos|> at 151646–151648 after Qwen2's 151646 tokens: V = 151646)
+    or take the ids of text-only ones. So below V an id is one token to both; from V up are
+    the student's markers, the teacher's other added tokens and the padded embedding rows
+    (Qwen pads to 156032, 152064 or 151936), none of which a response holds or the teacher
+    scores alike. A response token at or past V is refused too: slicing would cut it.
+    `student_rows`/`teacher_rows`: the models' embedding rows, which must cover V."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    usable = (
+        response_vocabulary(student_tokenizer).keys()
+        | response_vocabulary(teacher_tokenizer).keys()
+    )
+
+    def ids(tok: str) -> tuple[int | None, int | None]:
+        return s_vocab.get(tok), t_vocab.get(tok)
+
+    def lowest_id(tok: str) -> tuple[int, str]:
+        return min(i for i in ids(tok) if i is not None), tok
+
+    differing = [tok for tok in usable if s_vocab.get(tok) != t_vocab.get(tok)]
+    if differing:
+        tok = min(differing, key=lowest_id)
+        s_id, t_id = ("absent" if i is None else f"id {i}" for i in ids(tok))
         raise ValueError(
-            f"student and teacher tokenizers differ ({len(s)} vs {len(t)} entries; "
-            f"student-only e.g. {only_s}, teacher-only e.g. {only_t}): token-level "
-            "distillation needs one shared tokenizer"
+            f"student and teacher tokenizers differ at {tok!r}: {s_id} in the student's, "
+            f"{t_id} in the teacher's ({len(differing)} response tokens differ); token-level "
+            "distillation needs one id for every token a response can hold"
         )
-    return len(s)
+    s_token, t_token = ({i: tok for tok, i in v.items()} for v in (s_vocab, t_vocab))
+    v = 0
+    while v in s_token and s_token[v] == t_token.get(v):
+        v += 1
+    past = [tok for tok in usable if s_vocab[tok] >= v]
+    if past:
+        tok = min(past, key=lowest_id)
+        raise ValueError(
+            f"student and teacher tokenizers differ at id {v} ({s_token.get(v)!r} in the "
+            f"student's, {t_token.get(v)!r} in the teacher's), below the response token "
+            f"{tok!r} (id {s_vocab[tok]} in both): the shared vocabulary would cut it"
+        )
+    for side, rows in (("student", student_rows), ("teacher", teacher_rows)):
+        if rows is not None and rows < v:
+            raise ValueError(
+                f"the {side}'s embedding table has {rows} rows, fewer than the {v} tokens the "
+                "two tokenizers share"
+            )
+    return v

