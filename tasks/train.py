@@ -41,7 +41,9 @@ from xopd_core.models.checkpoint import (
     save_checkpoint,
     weights_sha256,
 )
-from xopd_core.models.tokenizer import decode, load_tokenizer
+from xopd_core.models.prompts import TRANSCRIBE
+from xopd_core.models.tokenizer import IM_END, decode, load_tokenizer, token_id
+from xopd_core.train.distill import AnchorItem
 from xopd_core.train.distill import train as run_trainer
 
 
@@ -66,6 +68,24 @@ class TrainSummary:
 def read_snapshot(path: Path) -> Snapshot:
     meta = json.loads((path / RESOLVED_CONFIG).read_text())
     return Snapshot(path, int(meta["step"]), int(meta["student_tokens"]))
+
+
+def anchor_items(data_root: Path, rows: list[dict[str, Any]], tokenizer: Any) -> list[AnchorItem]:
+    """The anchor's items (`train.anchor_items`): every paralinguistic train item with its gold
+    answer, and every reasoning item's transcription."""
+    eos = token_id(tokenizer, IM_END)
+
+    def said(text: str) -> list[int]:
+        return [*tokenizer(text)["input_ids"], eos]
+
+    items = []
+    for r in rows:
+        prompt = Prompt(r["id"], r["transcript"], data_root / r["audio_path"], r["task"])
+        if r["kind"] == "reasoning":
+            items.append(AnchorItem(prompt, TRANSCRIBE, said(r["transcript"])))
+        else:
+            items.append(AnchorItem(prompt, None, said(r["solution"])))
+    return items
 
 
 def distillation_prompts(data_root: Path, rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
@@ -216,6 +236,7 @@ def train(
             log=log,
             on_step=after_step if on_step or snapshot_tokens else None,
             start_weights_sha256=base_hash,
+            anchors=anchor_items(data_root, rows, processor.tokenizer) if p.anchor_items else (),
         )
     finally:
         for c in closers:

@@ -555,6 +555,21 @@ class TrainParams(_Strict):
     )
     train_audio_encoder: bool = Field(default=False, description="Paper: frozen.")
     train_projector: bool = Field(default=False, description="Paper: frozen (the adapter).")
+    anchor_items: int = Field(
+        default=0,
+        ge=0,
+        le=100_000,
+        description="Anchor (opt-in, not in the paper): each step also trains on this many "
+        "train-split speech items that only the audio can answer (paralinguistic questions and "
+        "transcription) with their gold responses, by cross-entropy, so what the teacher cannot "
+        "see is kept. 0 = off. Anchor tokens are not counted in student_tokens.",
+    )
+    anchor_weight: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        description="Weight of the anchor's token-mean cross-entropy beside the method's loss.",
+    )
     checkpoint_every: int = Field(
         default=20, ge=1, le=1_000_000, description="Steps between resumable checkpoints."
     )

@@ -13,10 +13,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.cli import main
-from tasks.train import distillation_prompts, train, training_device
+from tasks.train import anchor_items, distillation_prompts, train, training_device
 from tests.xopd_core.data.test_validation import edit_rows
 from xopd_core.config import Params, TrainParams
+from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.checkpoint import weights_sha256
+from xopd_core.models.prompts import TRANSCRIBE
+from xopd_core.models.tokenizer import load_tokenizer
 from xopd_core.train.distill import Interrupted
 
 TINY_TRAIN = TrainParams(
@@ -273,3 +276,17 @@ def test_a_leftover_resume_state_of_another_start_is_refused(
     assert not out.exists()
     summary = train(params, tiny_world, start, tiny_teacher.checkpoint, out, tmp_path / "m.json")
     assert summary.metrics["resumed_from_step"] == 1
+
+
+def test_anchor_items_are_each_train_items_gold_audio_only_answer(tiny_world, tiny_teacher) -> None:
+    rows = read_manifest(manifest_path(tiny_world, "train"))
+    tok = load_tokenizer(tiny_teacher.checkpoint)
+    items = anchor_items(tiny_world, rows, tok)
+    assert len(items) == len(rows)
+    for r, a in zip(rows, items, strict=True):
+        assert a.prompt.id == r["id"] and a.prompt.audio_path == tiny_world / r["audio_path"]
+        said = tok.decode(a.response_ids, skip_special_tokens=True).strip()
+        if r["kind"] == "reasoning":
+            assert a.instruction == TRANSCRIBE and said == r["transcript"]
+        else:
+            assert a.instruction is None and said == r["solution"]

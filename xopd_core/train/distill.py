@@ -42,6 +42,7 @@ from xopd_core.losses import (
     weighted_sum,
     xopd_loss,
 )
+from xopd_core.models.prompts import speech_prompt_ids
 
 STATE_WEIGHTS = "trainable.safetensors"
 STATE_OPTIMIZER = "optimizer.safetensors"
@@ -195,6 +196,40 @@ def load_state(
     return int(meta["step"]), dict(meta["counters"]), list(meta["history"])
 
 
+# -- the anchor (opt-in) -------------------------------------------------------------------
+@dataclass(frozen=True)
+class AnchorItem:
+    """A speech item only the audio can answer and its gold response: a paralinguistic
+    question (`instruction` None: the default speech instruction) or a transcription."""
+
+    prompt: Prompt
+    instruction: str | None
+    response_ids: list[int]
+
+
+def anchor_loss(student: HfStudent, items: Sequence[AnchorItem], vocab_size: int) -> torch.Tensor:
+    """Token-mean cross-entropy of the items' gold responses after their speech prompts.
+    Teacher-scored objectives never ask what only audio carries, so rounds erode it
+    (docs/rounds.md); `train.anchor_items` trains on it beside the objective."""
+    student.load_audio([a.prompt for a in items])
+    rollouts = [
+        Rollout(
+            a.prompt.id,
+            "speech",
+            0,
+            speech_prompt_ids(student.tokenizer, student.audio_tokens(a.prompt.id), a.instruction),
+            a.response_ids,
+            [],
+            True,
+        )
+        for a in items
+    ]
+    tokens_B_T, mask_B_T = response_tokens(rollouts)
+    logits_B_T_V = student.response_logits(rollouts)[..., :vocab_size]
+    weights_B_T = mask_B_T.float() / mask_B_T.sum().clamp_min(1)
+    return weighted_sum(token_cross_entropy(logits_B_T_V, tokens_B_T), weights_B_T)
+
+
 # -- the loop ----------------------------------------------------------------------------
 def train(
     student: HfStudent,
@@ -210,6 +245,7 @@ def train(
     log: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
     start_weights_sha256: str | None = None,
+    anchors: Sequence[AnchorItem] = (),
 ) -> TrainResult:
     """Run `cfg.steps` steps of `cfg.method` on `student` (in place), or fewer when the
     `cfg.student_tokens` budget is met first (exactly: see `within_budget`), resuming from
@@ -220,6 +256,7 @@ def train(
     including (replayed first) the steps a resumed run restored. `start_weights_sha256`: the
     hash of the checkpoint `student` was loaded from, bound into the resume state: a state
     written from other weights is refused (ResumeStateError), never applied.
+    `anchors`: the items `cfg.anchor_items` draws from each step (`anchor_loss`).
     A non-finite teacher score, loss or gradient norm stops the run before the update
     (NonFiniteTrainingError naming the step and the source)."""
     if not prompts:
@@ -229,6 +266,8 @@ def train(
         raise ValueError(f"method {cfg.method} needs a teacher scorer")
     if cfg.method == "grpo" and reward is None:
         raise ValueError("method grpo needs a reward function")
+    if cfg.anchor_items and not anchors:
+        raise ValueError("train.anchor_items > 0 needs anchor items (paralinguistic or speech)")
     model = student.model
     params = set_trainable(
         model, audio_encoder=cfg.train_audio_encoder, projector=cfg.train_projector
@@ -374,6 +413,13 @@ def train(
                     ratios.append(torch.exp(lp - old_mb).detach()[w != 0].cpu())
                 loss.backward()
                 loss_total += loss.item()
+            anchor_total = None
+            if cfg.anchor_items:
+                drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
+                anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
+                (cfg.anchor_weight * anchor).backward()
+                anchor_total = anchor.item()
+                loss_total += cfg.anchor_weight * anchor_total
             require_finite(loss_total, step, "loss")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             require_finite(float(grad_norm), step, "gradient norm")
@@ -401,6 +447,8 @@ def train(
                         metrics[f"reverse_kl_{name}"] = float(
                             est[sel].sum() / mask[sel].sum().clamp_min(1)
                         )
+            if anchor_total is not None:
+                metrics["anchor_loss"] = anchor_total
             if ratios:
                 r_all = torch.cat(ratios)
                 metrics |= {

@@ -15,14 +15,24 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen
 from tests.xopd_core.conftest import TINY_AUDIO
 from tests.xopd_core.engines.conftest import prompts_of
 from xopd_core.config import TrainParams
+from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.errors import NonFiniteTrainingError, ResumeStateError
 from xopd_core.losses import reverse_kl_full
+from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.student import build_student
-from xopd_core.train.distill import Interrupted, prompts_for_step, train, within_budget
+from xopd_core.models.tokenizer import IM_END, token_id
+from xopd_core.train.distill import (
+    AnchorItem,
+    Interrupted,
+    anchor_loss,
+    prompts_for_step,
+    train,
+    within_budget,
+)
 
 TINY = {
     "steps": 4,
@@ -61,7 +71,7 @@ def fresh(parts) -> tuple[HfStudent, HfTeacher, int]:
     )
 
 
-def run(trained, prompts, state_dir=None, on_step=None, log=None, **overrides):
+def run(trained, prompts, state_dir=None, on_step=None, log=None, anchors=(), **overrides):
     student, teacher, vocab = fresh(trained)
     cfg = TrainParams(**(TINY | overrides))
     result = train(
@@ -74,6 +84,7 @@ def run(trained, prompts, state_dir=None, on_step=None, log=None, **overrides):
         state_dir=state_dir,
         on_step=on_step,
         log=log,
+        anchors=anchors,
     )
     return student.model, result
 
@@ -329,3 +340,43 @@ def test_a_resume_state_only_resumes_the_run_from_its_starting_weights(
     result = train(student, student, teacher, prompts, TrainParams(**TINY), vocab_size=vocab,
                    state_dir=state, start_weights_sha256="a" * 64)  # fmt: skip
     assert result.resumed_from == 1 and result.steps == TINY["steps"]
+
+
+def test_the_anchor_trains_what_only_audio_carries_beside_xopd(
+    trained, prompts, tiny_world: Path
+) -> None:
+    tok = trained[0]
+    eos = token_id(tok, IM_END)
+    rows = read_manifest(manifest_path(tiny_world, "train"))
+    rows = [r for r in rows if r["kind"] == "paralinguistic"][:6] + [
+        r for r in rows if r["kind"] == "reasoning"
+    ][:6]
+    anchors = [
+        AnchorItem(
+            Prompt(r["id"], r["transcript"], tiny_world / r["audio_path"], r["task"]),
+            None if r["kind"] == "paralinguistic" else TRANSCRIBE,
+            [
+                *tok(r["solution"] if r["kind"] == "paralinguistic" else r["transcript"])[
+                    "input_ids"
+                ],
+                eos,
+            ],
+        )
+        for r in rows
+    ]
+    assert {a.instruction for a in anchors} == {None, TRANSCRIBE}
+
+    def anchor_nll(model) -> float:
+        student = HfStudent(model, trained[3], batch_size=4)
+        with torch.no_grad():
+            return float(anchor_loss(student, anchors, shared_vocab_size(tok, tok)))
+
+    plain_model, plain = run(trained, prompts)
+    anchored_model, anchored = run(trained, prompts, anchors=anchors, anchor_items=6)
+    assert all("anchor_loss" not in m for m in plain.history)
+    assert all(math.isfinite(m["anchor_loss"]) for m in anchored.history)
+    assert anchor_nll(anchored_model) < anchor_nll(plain_model) < anchor_nll(trained[2]) + 1.0
+    # The anchor's tokens are not the method's: the token budget's count is unchanged.
+    assert anchored.student_tokens == sum(m["response_length"] * 8 for m in anchored.history)
+    with pytest.raises(ValueError, match="anchor"):
+        run(trained, prompts, anchor_items=2)
