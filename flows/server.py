@@ -21,6 +21,7 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from xopd_core.runtime import die_with_parent
 
 # What Prefect's own temporary server runs with (prefect.server.api.server.SubprocessASGIServer).
 SERVER_ENV = {
@@ -38,17 +41,10 @@ SERVER_ENV = {
 PORT_IN_USE = 3  # uvicorn's exit status when it cannot bind
 
 
-def _die_with_parent() -> None:
-    """In the server child, before exec: ask Linux to SIGTERM it when its parent dies, so a
-    killed `xopd run` (kill -9: no atexit) leaves no orphaned server. No-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
-    pr_set_pdeathsig = 1  # <linux/prctl.h>
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+def _server_dies_with_parent() -> None:
+    """In the server child, before exec: SIGTERM it when its parent dies, so a killed
+    `xopd run` (kill -9: no atexit) leaves no orphaned server."""
+    die_with_parent(signal.SIGTERM)
 
 
 def healthy(api: str, timeout_s: float = 2.0) -> bool:
@@ -90,7 +86,7 @@ class EarlyServer:
             "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            command, env={**os.environ, **SERVER_ENV}, preexec_fn=_die_with_parent
+            command, env={**os.environ, **SERVER_ENV}, preexec_fn=_server_dies_with_parent
         )
 
     def wait(self, timeout_s: float) -> None:
@@ -202,7 +198,9 @@ class ServeApi:
                 "PREFECT_SERVER_API_PORT": str(port),
             }
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "prefect", *command], env=env, preexec_fn=_die_with_parent
+                [sys.executable, "-m", "prefect", *command],
+                env=env,
+                preexec_fn=_server_dies_with_parent,
             )
             self.started = True
         os.environ["PREFECT_API_URL"] = self.url

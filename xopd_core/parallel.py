@@ -21,6 +21,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from xopd_core.runtime import die_with_parent
+
 Part = list[int]
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,6 +39,7 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def _map_share(conn: Connection, fn: Callable[[Any], Any], share: list[Any], threads: int) -> None:
+    die_with_parent()
     torch.set_num_threads(threads)
     try:
         conn.send([fn(x) for x in share])
@@ -119,7 +122,11 @@ def _serve(
     threads: int,
 ) -> None:
     """A helper's loop: for each list of parts received, their summed gradients into the
-    shared `grads` (with which parameters got one) and (loss total, count); None ends it."""
+    shared `grads` (with which parameters got one) and (loss total, count); None ends it.
+    A helper holds a copy of the model and data: if the trainer is killed (the OOM killer),
+    it must not stay behind. The pipe cannot tell it (the fork holds the trainer's end too),
+    so it asks the kernel for SIGKILL when the trainer goes."""
+    die_with_parent()
     torch.set_num_threads(threads)
     try:
         while (parts := conn.recv()) is not None:

@@ -7,6 +7,8 @@ libraries we use behave accordingly. Existing values win, so a user can still op
 from __future__ import annotations
 
 import os
+import signal
+import sys
 
 OFFLINE_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "1",
@@ -26,3 +28,19 @@ OFFLINE_ENV: dict[str, str] = {
 def apply_offline_env() -> None:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """In a child process: ask Linux to send it `sig` when the thread that forked it exits,
+    so a parent killed without clean-up (kill -9, the OOM killer) leaves no orphan holding
+    its memory. Exits at once if the parent is already gone. No-op off Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # it died before the request took hold
+        os._exit(1)
