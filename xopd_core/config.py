@@ -424,7 +424,7 @@ class StudentParams(_Strict):
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
     audio: AudioEncoderShape = Field(default=AudioEncoderShape(), description="Audio encoder.")
     pretrain_utterances: int = Field(
-        default=0,
+        default=6000,
         ge=0,
         le=10_000_000,
         description="Extra utterances spoken for phases 1-2 only: texts of the teacher's "
@@ -437,11 +437,11 @@ class StudentParams(_Strict):
         "transcript's characters.",
     )
     ctc: Phase = Field(
-        default=Phase(steps=400, batch_size=8, lr=2e-3, warmup_steps=40),
+        default=Phase(steps=400, batch_size=16, lr=2e-3, warmup_steps=40),
         description="Phase 1: encoder pre-training, CTC on the transcripts' phonemes.",
     )
     align: Phase = Field(
-        default=Phase(steps=400, batch_size=16, lr=2e-3),
+        default=Phase(steps=0, batch_size=16, lr=2e-3),
         description="Phase 2: encoder + projector learn to feed the frozen LM.",
     )
     align_objective: Literal["embedding_ctc", "lm"] = Field(
@@ -459,13 +459,13 @@ class StudentParams(_Strict):
         "head on its mean encoder state); 0 turns it off.",
     )
     read: ReadPhase = Field(
-        default=ReadPhase(steps=0, lr=1e-3),
+        default=ReadPhase(steps=2000, lr=3e-3, text_replay_items=4000),
         description="Phase 2b, after alignment: the projector and the LM learn to read the "
         "audio in order by transcribing every utterance phases 1-2 heard (the train split and "
         "the pre-training corpus; encoder frozen, its outputs cached). 0 steps skips it.",
     )
     instruct: InstructPhase = Field(
-        default=InstructPhase(steps=300, lr=1e-3),
+        default=InstructPhase(steps=800, lr=1e-3, asr_items=3500),
         description="Phase 3: LM + projector on speech instruction data (encoder frozen).",
     )
 
@@ -501,7 +501,7 @@ class TrainParams(_Strict):
     )
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Prompt order and sampling seed.")
     steps: int = Field(
-        default=40,
+        default=300,
         ge=0,
         le=1_000_000,
         description="Optimizer steps per round; with `student_tokens` set, the most it may take.",
@@ -529,9 +529,10 @@ class TrainParams(_Strict):
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature.")
     max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Response length cap.")
     loss: Literal["sampled", "full", "topk"] = Field(
-        default="sampled",
-        description="X-OPD divergence: sampled-token log-ratio (paper), exact full-vocabulary "
-        "reverse KL, or reverse KL over the teacher's top-k (+ a rest bucket).",
+        default="full",
+        description="X-OPD divergence: sampled-token log-ratio (the paper's), exact "
+        "full-vocabulary reverse KL (the mini world's default: it learns faster at this scale, "
+        "docs/rounds.md), or reverse KL over the teacher's top-k (+ a rest bucket).",
     )
     top_k: int = Field(default=20, ge=1, le=1024, description="k for loss: topk.")
     clip_eps: float | None = Field(
@@ -541,11 +542,11 @@ class TrainParams(_Strict):
         default=0.0, ge=0, le=1, description="GKD's β: 0 forward KL, 1 reverse KL."
     )
     lr: float = Field(
-        default=1e-4,
+        default=5e-4,
         gt=0,
         le=1,
         description="Adam learning rate (paper 2e-6 at 256 prompts on 7B; the mini world's "
-        "1M-param LM moves at 1e-4, DESIGN.md §4).",
+        "1M-param LM needs 5e-4, docs/rounds.md).",
     )
     warmup_steps: int = Field(default=0, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -556,10 +557,10 @@ class TrainParams(_Strict):
     train_audio_encoder: bool = Field(default=False, description="Paper: frozen.")
     train_projector: bool = Field(default=False, description="Paper: frozen (the adapter).")
     anchor_items: int = Field(
-        default=0,
+        default=8,
         ge=0,
         le=100_000,
-        description="Anchor (opt-in, not in the paper): each step also trains on this many "
+        description="Anchor (not in the paper): each step also trains on this many "
         "train-split speech items that only the audio can answer (paralinguistic questions and "
         "transcription) with their gold responses, by cross-entropy, so what the teacher cannot "
         "see is kept. 0 = off. Anchor tokens are not counted in student_tokens.",

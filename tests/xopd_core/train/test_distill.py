@@ -42,6 +42,9 @@ TINY = {
     "lr": 1e-3,
     "micro_batch_size": 3,
     "checkpoint_every": 1,
+    # The paper's objective alone; the mini world's defaults (full, anchored) have own tests.
+    "loss": "sampled",
+    "anchor_items": 0,
 }
 
 
