@@ -678,15 +678,15 @@ class StudyParams(_Strict):
         description="train.seed of each repeat of every arm (prompt order, sampling).",
     )
     student_tokens: int = Field(
-        default=115_000,
+        default=950_000,
         ge=1,
         le=10**12,
         description="Each run's budget of student response tokens trained (train."
-        "student_tokens), met exactly. Default: about one default X-OPD round (40 steps of "
-        "64 rollouts of ~45 tokens).",
+        "student_tokens), met exactly. Default: about one default X-OPD round (300 steps of "
+        "64 rollouts of ~50 tokens).",
     )
     max_steps: int = Field(
-        default=400,
+        default=1200,
         ge=1,
         le=1_000_000,
         description="train.steps of each run: a cap. A run that reaches it under budget "
