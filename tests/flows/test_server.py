@@ -4,11 +4,9 @@ campaign when nothing else is configured, left alone when something is, always s
 from __future__ import annotations
 
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 from uuid import UUID
 
@@ -19,6 +17,7 @@ from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.server import EarlyServer, healthy
+from tests.orphans import child_outlives_a_killed_parent
 
 
 @flow(name="early-server-probe")
@@ -112,15 +111,6 @@ def test_a_server_that_dies_is_a_clear_error(monkeypatch) -> None:
     assert server.proc is None
 
 
-def _gone(pid: int) -> bool:
-    """Exited (a zombie waiting for a reaper counts: it runs nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_run_takes_its_server_with_it() -> None:
     """kill -9 of `xopd run` runs no atexit: the server must not stay behind, orphaned."""
@@ -131,23 +121,6 @@ def test_a_killed_run_takes_its_server_with_it() -> None:
         "print(s.proc.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    repo = Path(__file__).resolve().parents[2]
-    run = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=repo,
-        env={**os.environ, "PREFECT_API_URL": "", "PYTHONPATH": str(repo)},
-        stdout=subprocess.PIPE,
-        text=True,
+    assert not child_outlives_a_killed_parent(code, {"PREFECT_API_URL": ""}), (
+        "the server outlived the run that started it"
     )
-    assert run.stdout is not None
-    server = int(run.stdout.readline())
-    try:
-        run.kill()
-        run.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while not _gone(server) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _gone(server), "the server outlived the run that started it"
-    finally:
-        if not _gone(server):
-            os.kill(server, signal.SIGKILL)

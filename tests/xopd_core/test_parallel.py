@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.orphans import child_outlives_a_killed_parent
 from xopd_core.parallel import forked_map, share_parts
 from xopd_core.train.sft import LossTerms, response_nll_terms, train_steps
 
@@ -144,15 +141,6 @@ def test_forked_map_raises_a_helpers_error() -> None:
     assert not multiprocessing.active_children()
 
 
-def _gone(pid: int) -> bool:
-    """Exited (a zombie waiting for a reaper counts: it runs nothing)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_trainer_takes_its_gradient_helpers_with_it() -> None:
     """The OOM killer's SIGKILL runs no clean-up: a helper (a copy of the model and data)
@@ -165,24 +153,6 @@ def test_a_killed_trainer_takes_its_gradient_helpers_with_it() -> None:
         "print(h._procs[0].pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    repo = Path(__file__).resolve().parents[2]
-    trainer = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=repo,
-        env={**os.environ, "PYTHONPATH": str(repo)},
-        stdout=subprocess.PIPE,
-        text=True,
+    assert not child_outlives_a_killed_parent(code), (
+        "the gradient helper outlived the trainer that forked it"
     )
-    assert trainer.stdout is not None
-    helper = int(trainer.stdout.readline())
-    try:
-        assert not _gone(helper)
-        trainer.kill()
-        trainer.wait(timeout=30)
-        deadline = time.monotonic() + 20
-        while not _gone(helper) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert _gone(helper), "the gradient helper outlived the trainer that forked it"
-    finally:
-        if not _gone(helper):
-            os.kill(helper, signal.SIGKILL)
