@@ -125,6 +125,7 @@ def ours(
         lr=LR,
         loss=loss,  # type: ignore[arg-type]
         micro_batch_size=PROMPTS * GENERATIONS,
+        anchor_items=0,  # TRL has none: the same objective on both sides
     )
     s = HfStudent(student, tok, batch_size=PROMPTS)
     with tempfile.TemporaryDirectory() as tmp:

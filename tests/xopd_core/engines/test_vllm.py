@@ -143,7 +143,13 @@ def test_trainer_runs_on_vllm_rollouts_and_vllm_teacher_scores(
     step 0 is on-policy (r = 1), later steps are corrected by the importance ratio."""
     hf = hf_student(student_dir)
     cfg = TrainParams(
-        steps=3, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=12, lr=1e-3
+        steps=3,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=12,
+        lr=1e-3,
+        loss="sampled",  # the vLLM teacher's sampled-token scores
+        anchor_items=0,
     )
     result = train(hf, vllm_student, vllm_teacher, prompts, cfg, vocab_size=vllm_teacher.vocab_size)
     h = result.history

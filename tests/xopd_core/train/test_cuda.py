@@ -131,6 +131,7 @@ def test_xopd_steps_on_cuda_equal_cpu(world, loss: str) -> None:
         loss=loss,  # type: ignore[arg-type]
         lr=1e-3,
         micro_batch_size=5,
+        anchor_items=0,
     )
     runs = {}
     for device in ("cpu", "cuda"):
@@ -204,6 +205,8 @@ def test_an_interrupted_cuda_run_resumes_from_its_state(world, tmp_path) -> None
         lr=1e-3,
         micro_batch_size=4,
         checkpoint_every=1,
+        loss="sampled",
+        anchor_items=0,
     )
 
     def run(state: Any = None, on_step: Any = None) -> tuple[Any, Any]:
