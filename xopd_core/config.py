@@ -427,7 +427,7 @@ class StudentParams(_Strict):
         default=6000,
         ge=0,
         le=10_000_000,
-        description="Extra utterances spoken for phases 1-2 only: texts of the teacher's "
+        description="Extra utterances spoken for phases 1, 2 and 2b only: texts of the teacher's "
         "corpus, read by voices drawn like the world's (synth.voices), synthesised in memory "
         "with synth.workers processes and never stored.",
     )

@@ -386,7 +386,7 @@ def train(
                 tokens, w = tokens_all[rows, :t].to(dev), weights[rows, :t].to(dev)
                 if cfg.method in ("sft", "offline_kd"):
                     loss = weighted_sum(token_cross_entropy(logits, tokens), w)
-                elif _score_mode(cfg) in ("full", "topk"):  # gkd, or X-OPD scored over a vocabulary
+                elif mode in ("full", "topk"):  # gkd, or X-OPD scored over a vocabulary
                     assert scores is not None
                     mb_scores = [scores[j] for j in picked]
                     loss = weighted_sum(_divergence_terms(logits, mb_scores, cfg), w)
