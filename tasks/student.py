@@ -50,6 +50,7 @@ from xopd_core.train.bootstrap import (
 )
 
 CORPUS_PART = 1000  # pre-training utterances spoken at a time
+_SPOKEN_FIELDS = ("transcript", "answer", "solution")  # what phase 3 reads of a corpus item
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,6 @@ def student(
     processor = build_processor(tokenizer, p.audio)
     waves = [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
     feats = extract_features(processor, waves)
-    audio_tokens = [f.audio_tokens for f in feats]
     lap("features")
     # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus,
     # spoken in parts so only one part's waveforms are held (features are a third their size).
@@ -109,6 +109,13 @@ def student(
         heard_feats += extract_features(processor, [c.waveform for c in part])
     lap("pretrain_speech")
 
+    # Phase 3's spoken items: the train split, then the first corpus utterances as reasoning
+    # items with their text_train answers and solutions (their states follow the split's).
+    solved = {r["transcript"]: r for r in reversed(text_rows)}
+    spoken = rows + [
+        {"kind": "reasoning", **{k: solved[c["transcript"]][k] for k in _SPOKEN_FIELDS}}
+        for c in heard_rows[len(rows) : len(rows) + p.instruct.corpus_items]
+    ]
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)
     pad = token_id(tokenizer, PAD)
     transcripts = [r["transcript"] for r in heard_rows]
@@ -159,8 +166,8 @@ def student(
     read_losses: list[float] = []
     replay: list[SpeechExample] = []
     if p.read.steps > 0:
-        # The train split's utterances come first among those heard: their states serve
-        # phase 3 too.
+        # The train split's utterances come first among those heard, then the corpus: the
+        # states of `spoken` serve phase 3 too.
         heard_states = cache_encoder_states(model, heard_feats)
         del heard_feats
         reading = transcription_examples(tokenizer, transcripts, [len(s) for s in heard_states])
@@ -180,16 +187,16 @@ def student(
             seed=p.seed,
             on_step=reporter("read"),
         )
-        states = heard_states[: len(rows)]
+        states = heard_states[: len(spoken)]
         del heard_states
     else:
+        states = cache_encoder_states(model, heard_feats[: len(spoken)])
         del heard_feats
-        states = cache_encoder_states(model, feats)
     lap("read")
     examples, mix = instruction_mix(
         tokenizer,
-        rows,
-        audio_tokens,
+        spoken,
+        [len(s) for s in states],
         text_rows,
         lambda text: text_prompt_ids(tokenizer, text),
         p.instruct,

@@ -384,6 +384,15 @@ class InstructPhase(Phase):
         le=1_000_000,
         description="Text-only worked solutions replayed from text_train (keeps text ability).",
     )
+    corpus_items: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Spoken prompts of the pre-training corpus (the first this many of "
+        "student.pretrain_utterances) that join the train split's spoken reasoning items, "
+        "answered like them (speech_solution_fraction) from text_train's solutions; they may "
+        "also be drawn for transcription. 0: only the train split's.",
+    )
     micro_batch_size: MicroBatchSize = 8
     processes: Processes = 2
     loss_mean_over: MeanOver = Field(
@@ -468,6 +477,16 @@ class StudentParams(_Strict):
         default=InstructPhase(steps=800, lr=1e-3, asr_items=3500),
         description="Phase 3: LM + projector on speech instruction data (encoder frozen).",
     )
+
+    @model_validator(mode="after")
+    def _check_corpus_solutions(self) -> StudentParams:
+        if self.instruct.corpus_items > self.pretrain_utterances:
+            raise ValueError(
+                f"student.instruct.corpus_items ({self.instruct.corpus_items}) "
+                f"is more than student.pretrain_utterances ({self.pretrain_utterances}): phase 3 "
+                "can answer only utterances the corpus has"
+            )
+        return self
 
 
 class EvalParams(_Strict):

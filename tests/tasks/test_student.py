@@ -78,3 +78,29 @@ def test_student_stage_is_deterministic(
         for run in ("a", "b")
     ]
     assert digests[0] == digests[1]
+
+
+def test_corpus_prompts_join_the_spoken_reasoning_items_of_the_instruction_phase(
+    tiny_world: Path, tiny_teacher: TeacherSummary, tmp_path: Path
+) -> None:
+    def run(corpus_items: int, read_steps: int) -> dict:
+        short = TINY_STUDENT.model_copy(
+            update={
+                "ctc": TINY_STUDENT.ctc.model_copy(update={"steps": 2}),
+                "align": TINY_STUDENT.align.model_copy(update={"steps": 2}),
+                "read": TINY_STUDENT.read.model_copy(update={"steps": read_steps}),
+                "instruct": TINY_STUDENT.instruct.model_copy(
+                    update={"steps": 2, "corpus_items": corpus_items}
+                ),
+            }
+        )
+        out = tmp_path / f"{corpus_items}-{read_steps}"
+        student(Params(student=short), tiny_world, tiny_teacher.checkpoint, out / "s", out / "m")
+        return json.loads((out / "m").read_text())
+
+    plain, more = run(0, 2), run(4, 2)
+    assert more["mix_speech_solution"] == plain["mix_speech_solution"] + 4
+    assert more["mix_paralinguistic"] == plain["mix_paralinguistic"]
+    assert more["weights_sha256"] != plain["weights_sha256"]
+    no_reading = run(4, 0)  # the corpus states are cached without the reading phase too
+    assert no_reading["mix_speech_solution"] == more["mix_speech_solution"]

@@ -83,6 +83,15 @@ def test_out_of_range_value_is_rejected_by_name(data: dict, key: str, shown: str
             "synth.voices: Value error, high_pitch.max must be ≤ 99",
         ),
         (
+            {
+                "student": {
+                    "pretrain_utterances": 10,
+                    "instruct": {"steps": 1, "lr": 1e-3, "corpus_items": 11},
+                }
+            },
+            "student.instruct.corpus_items (11) is more than student.pretrain_utterances (10)",
+        ),
+        (
             {"nightly": {"timezone": "CET+1"}},
             "timezone must be an IANA time zone name such as UTC or Europe/Berlin (got 'CET+1')",
         ),
