@@ -50,7 +50,6 @@ from xopd_core.train.bootstrap import (
 )
 
 CORPUS_PART = 1000  # pre-training utterances spoken at a time
-_SPOKEN_FIELDS = ("transcript", "answer", "solution")  # what phase 3 reads of a corpus item
 
 
 @dataclass(frozen=True)
@@ -109,11 +108,11 @@ def student(
         heard_feats += extract_features(processor, [c.waveform for c in part])
     lap("pretrain_speech")
 
-    # Phase 3's spoken items: the train split, then the first corpus utterances as reasoning
-    # items with their text_train answers and solutions (their states follow the split's).
-    solved = {r["transcript"]: r for r in reversed(text_rows)}
+    # Phase 3's spoken items: the train split, then the first corpus utterances as the
+    # text_train reasoning rows they speak (their states follow the split's).
+    text_row_of = {r["transcript"]: r for r in reversed(text_rows)}
     spoken = rows + [
-        {"kind": "reasoning", **{k: solved[c["transcript"]][k] for k in _SPOKEN_FIELDS}}
+        text_row_of[c["transcript"]]
         for c in heard_rows[len(rows) : len(rows) + p.instruct.corpus_items]
     ]
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)

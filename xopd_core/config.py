@@ -479,7 +479,7 @@ class StudentParams(_Strict):
     )
 
     @model_validator(mode="after")
-    def _check_corpus_solutions(self) -> StudentParams:
+    def _check_corpus_items(self) -> StudentParams:
         if self.instruct.corpus_items > self.pretrain_utterances:
             raise ValueError(
                 f"student.instruct.corpus_items ({self.instruct.corpus_items}) "
