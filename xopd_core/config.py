@@ -335,17 +335,29 @@ class AudioEncoderShape(_Strict):
     num_heads: int = Field(default=4, ge=1, le=64, description="Encoder attention heads.")
     ffn_dim: int = Field(default=512, ge=16, le=16384, description="Encoder MLP width.")
     num_mel_bins: int = Field(default=80, ge=16, le=256, description="Log-mel features.")
+    hop_length: Literal[160, 320] = Field(
+        default=160,
+        description="Samples between mel frames at 16 kHz: 160 (Whisper's 100 frames/s, 25 "
+        "audio positions per second of speech in the LM) or 320 (50 frames/s, 12.5 positions/s).",
+    )
     chunk_length_s: int = Field(
         default=30,
         ge=1,
-        le=30,
-        description="Feature window (s). vLLM 0.31 accepts only 30 (3000 mel frames).",
+        le=60,
+        description="Feature window (s); at most 3000 mel frames. vLLM 0.31 accepts only "
+        "3000 frames: 30 s at hop 160, 60 s at hop 320.",
     )
 
     @model_validator(mode="after")
     def _check_heads(self) -> AudioEncoderShape:
         if self.d_model % self.num_heads:
             raise ValueError("d_model must be a multiple of num_heads")
+        frames = self.chunk_length_s * 16_000 // self.hop_length
+        if frames > 3000:
+            raise ValueError(
+                f"chunk_length_s {self.chunk_length_s} at hop_length {self.hop_length} is "
+                f"{frames} mel frames; the encoder takes at most 3000"
+            )
         return self
 
 

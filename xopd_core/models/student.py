@@ -26,8 +26,6 @@ from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.tokenizer import AUDIO, token_id
 
 SAMPLE_RATE = 16_000
-HOP_LENGTH = 160  # 100 mel frames per second
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH
 
 
 def build_processor(
@@ -36,7 +34,7 @@ def build_processor(
     features = WhisperFeatureExtractor(
         feature_size=shape.num_mel_bins,
         sampling_rate=SAMPLE_RATE,
-        hop_length=HOP_LENGTH,
+        hop_length=shape.hop_length,
         chunk_length=shape.chunk_length_s,
         n_fft=400,
         padding_value=0.0,
@@ -47,9 +45,10 @@ def build_processor(
     )
 
 
-def audio_tokens_for(n_samples: int) -> int:
-    """Placeholder tokens one utterance expands to: conv stride 2, then avg-pool 2 (~25/s)."""
-    frames = math.ceil(n_samples / HOP_LENGTH)
+def audio_tokens_for(n_samples: int, hop_length: int) -> int:
+    """Placeholder tokens one utterance expands to: conv stride 2, then avg-pool 2 (25/s at
+    hop 160, 12.5/s at hop 320)."""
+    frames = math.ceil(n_samples / hop_length)
     return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
@@ -77,7 +76,7 @@ def build_student(
         encoder_ffn_dim=shape.ffn_dim,
         num_mel_bins=shape.num_mel_bins,
         # The encoder insists on exactly 2 × max_source_positions input frames.
-        max_source_positions=shape.chunk_length_s * FRAMES_PER_SECOND // 2,
+        max_source_positions=shape.chunk_length_s * SAMPLE_RATE // shape.hop_length // 2,
     )
     config = Qwen2AudioConfig(
         audio_config=audio_config,

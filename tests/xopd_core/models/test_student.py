@@ -11,10 +11,11 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from tests.xopd_core.conftest import speech_inputs
+from tests.xopd_core.conftest import TINY_AUDIO, speech_inputs
+from xopd_core.config import AudioEncoderShape
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.checkpoint import WEIGHTS, save_checkpoint
-from xopd_core.models.student import audio_tokens_for
+from xopd_core.models.student import audio_tokens_for, build_processor, build_student
 from xopd_core.models.tokenizer import AUDIO, load_tokenizer, token_id
 
 
@@ -32,9 +33,33 @@ def test_processor_expands_one_utterance_to_25_tokens_per_second(parts, tiny_wor
     inputs = speech_inputs(processor, tiny_world, row)
     n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
     n_samples = sf.info(str(tiny_world / row["audio_path"])).frames
-    assert n_audio == audio_tokens_for(n_samples)
+    assert n_audio == audio_tokens_for(n_samples, 160)
     assert abs(n_audio / row["duration_s"] - 25) < 1
     assert inputs["input_features"].shape[-1] == 3000  # the 30 s window vLLM requires
+
+
+def test_hop_320_halves_the_audio_positions_in_the_same_3000_frames(
+    parts, tiny_world: Path
+) -> None:
+    tok, teacher, _, _ = parts
+    shape = TINY_AUDIO.model_copy(update={"hop_length": 320, "chunk_length_s": 60})
+    processor = build_processor(tok, shape)
+    student = build_student(teacher, tok, shape, seed=2)
+    row = read_manifest(manifest_path(tiny_world, "eval"))[0]
+    inputs = speech_inputs(processor, tiny_world, row)
+    n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
+    n_samples = sf.info(str(tiny_world / row["audio_path"])).frames
+    assert n_audio == audio_tokens_for(n_samples, 320)
+    assert abs(n_audio / row["duration_s"] - 12.5) < 1
+    assert inputs["input_features"].shape[-1] == 3000
+    with torch.no_grad():  # the encoder takes the window and the placeholders match its output
+        out = student(**inputs)
+    assert out.logits.shape[1] == inputs["input_ids"].shape[1]
+
+
+def test_a_window_over_3000_frames_is_refused() -> None:
+    with pytest.raises(ValueError, match="6000 mel frames"):
+        AudioEncoderShape(hop_length=160, chunk_length_s=60)
 
 
 def test_saved_student_reloads_with_identical_outputs(
@@ -74,10 +99,16 @@ def _hf_logprobs(model, inputs: dict[str, torch.Tensor], new: list[int]) -> list
 # Its own vLLM engine (~80 s on 2 cores); the HF/vLLM agreement on speech prompts is also in
 # CI through the engines (tests/xopd_core/engines/test_vllm.py). Here: vLLM's own prompt path.
 @pytest.mark.slow
+@pytest.mark.parametrize("hop", [160, 320])
 def test_vllm_serves_the_saved_student_like_transformers(
-    parts, tiny_world: Path, tmp_path: Path
+    parts, tiny_world: Path, tmp_path: Path, hop: int
 ) -> None:
-    tok, _, student, processor = parts
+    tok, teacher, student, processor = parts
+    if hop != 160:
+        shape = TINY_AUDIO.model_copy(
+            update={"hop_length": hop, "chunk_length_s": 3000 * hop // 16_000}
+        )
+        student, processor = build_student(teacher, tok, shape, seed=2), build_processor(tok, shape)
     folder = tmp_path / "student"
     save_checkpoint(student, folder, savers=[processor], resolved_config={"stage": "test"})
     row = read_manifest(manifest_path(tiny_world, "eval"))[1]
