@@ -1,20 +1,20 @@
 """An exclusive lock on a work folder, so two runs never write the same outputs.
 
-`flock` on a lock file: held per open file, released by the kernel when the holder exits
-(a crashed run leaves no stale lock). The second run waits up to `timeout_s`, then stops
-with a message naming the holder (its pid, since when, and what it is, written in the file).
-Not the `filelock` package: it truncates the lock file on open, which would erase the
-holder's note before a waiter could read it.
+`filelock`'s `FileLock` (`flock` on Unix: released by the kernel when the holder exits, so a
+crashed run leaves no stale lock). The holder writes who it is (pid, since when, what) into
+the lock file; filelock opens the file without truncating it, so a run that waits past
+`timeout_s` stops with a message naming the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 
 class Busy(RuntimeError):
@@ -29,23 +29,20 @@ def exclusive(
     <what> holds …"); `note`: what this holder writes about itself (default `what`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(path, timeout=timeout_s, poll_interval=0.2)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                    raise Busy(
-                        f"another {what} holds {path} ({holder}); waited {timeout_s:.0f} s"
-                    ) from None
-                time.sleep(0.2)
-        os.ftruncate(fd, 0)
+        lock.acquire()
+    except Timeout:
+        try:
+            holder = path.read_text(errors="replace")[:200].strip() or "unknown"
+        except FileNotFoundError:
+            holder = "unknown"
+        raise Busy(f"another {what} holds {path} ({holder}); waited {timeout_s:.0f} s") from None
+    try:
         since = time.strftime("%Y-%m-%d %H:%M:%S")
-        os.pwrite(fd, f"pid {os.getpid()} since {since}, {note or what}".encode(), 0)
+        with path.open("r+") as f:  # the holder's note; the lock stays on filelock's descriptor
+            f.truncate()
+            f.write(f"pid {os.getpid()} since {since}, {note or what}")
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()
