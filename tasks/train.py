@@ -10,6 +10,7 @@ Optional snapshots (loadable checkpoints at given student-token counts) trace a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -23,18 +24,15 @@ from transformers import (
     AutoConfig,
     AutoProcessor,
     Qwen2AudioForConditionalGeneration,
-    Qwen2ForCausalLM,
 )
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.engines.base import Prompt, RolloutEngine, TeacherScorer
-from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
-from xopd_core.engines.hf import HfStudent, HfTeacher
+from xopd_core.engines.base import Prompt
+from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import shared_vocab_size
-from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.checkpoint import (
     RESOLVED_CONFIG,
     require_safetensors_checkpoint,
@@ -42,9 +40,10 @@ from xopd_core.models.checkpoint import (
     weights_sha256,
 )
 from xopd_core.models.prompts import TRANSCRIBE
-from xopd_core.models.tokenizer import IM_END, decode, load_tokenizer, token_id
+from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
 from xopd_core.train.distill import AnchorItem
 from xopd_core.train.distill import train as run_trainer
+from xopd_core.train.methods import method_engines
 
 
 @dataclass(frozen=True)
@@ -166,81 +165,49 @@ def train(
     student = HfStudent(model, processor, vocab_size=vocab)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
     snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
-    closers: list[Any] = []
-    try:
-        rollout: RolloutEngine = student
-        scorer: TeacherScorer | None = None
-        spent = 0
+    solutions = {r["id"]: r["solution"] for r in rows}
 
-        def hf_teacher_model(on: torch.device) -> Any:  # loaded only when an HF teacher is used
-            return Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval().to(on)
+    def save_snapshots(step: int, metrics: dict[str, float]) -> None:
+        tokens = int(metrics["student_tokens"])
+        for i, wanted in enumerate(snapshot_tokens):
+            out = snapshot_dir / f"point{i}"
+            if tokens >= wanted and not out.is_dir():
+                save_checkpoint(
+                    model,
+                    out,
+                    savers=[processor],
+                    resolved_config={"step": step + 1, "student_tokens": tokens},
+                )
 
-        if p.engine == "vllm" and p.method in ("xopd", "grpo"):
-            from xopd_core.engines.vllm_engine import VllmEngine
+    def after_step(step: int, metrics: dict[str, float]) -> None:
+        if snapshot_tokens:
+            save_snapshots(step, metrics)
+        if on_step is not None:
+            on_step(step, metrics)
 
-            vllm_student = VllmEngine(student_dir, audio=True, vocab_size=vocab)
-            closers.append(vllm_student)
-            rollout = vllm_student
-            if p.method == "xopd" and p.loss != "full":  # vLLM returns no full distributions
-                vllm_teacher = VllmEngine(teacher_dir, audio=False, vocab_size=vocab)
-                closers.append(vllm_teacher)
-                scorer = vllm_teacher
-        if scorer is None and p.method in ("xopd", "gkd"):
-            scorer = HfTeacher(hf_teacher_model(device), teacher_tok, vocab)
-        if p.method == "sft":
-            rollout = FixedResponses(
-                student, reference_responses(teacher_tok, {r["id"]: r["solution"] for r in rows})
-            )
-        elif p.method == "offline_kd":
-            written = teacher_written_responses(  # greedy, once, on the CPU
-                hf_teacher_model(torch.device("cpu")), teacher_tok, prompts, p.max_new_tokens
-            )
-            spent = sum(len(v) for v in written.values())
-            rollout = FixedResponses(student, written)
-
-        def reward(prompt: Prompt, ids: list[int]) -> float:
-            return float(extract_answer(decode(teacher_tok, ids), prompt.task) == prompt.answer)
-
-        def save_snapshots(step: int, metrics: dict[str, float]) -> None:
-            tokens = int(metrics["student_tokens"])
-            for i, wanted in enumerate(snapshot_tokens):
-                out = snapshot_dir / f"point{i}"
-                if tokens >= wanted and not out.is_dir():
-                    save_checkpoint(
-                        model,
-                        out,
-                        savers=[processor],
-                        resolved_config={"step": step + 1, "student_tokens": tokens},
-                    )
-
-        def after_step(step: int, metrics: dict[str, float]) -> None:
-            if snapshot_tokens:
-                save_snapshots(step, metrics)
-            if on_step is not None:
-                on_step(step, metrics)
-
-        # A fresh series each time: on resume the trainer replays the steps it restored.
-        log = _DvcLiveLog(live_dir) if live_dir else None
-        if log is not None:
-            closers.append(log)
+    # A fresh series each time: on resume the trainer replays the steps it restored.
+    log = _DvcLiveLog(live_dir) if live_dir else None
+    with (
+        method_engines(
+            p, student, student_dir, teacher_dir, teacher_tok, vocab, prompts, solutions, device
+        ) as engines,
+        contextlib.closing(log) if log is not None else contextlib.nullcontext(),
+    ):
         result = run_trainer(
             student,
-            rollout,
-            scorer,
+            engines.rollout,
+            engines.scorer,
             prompts,
             p,
             vocab_size=vocab,
             state_dir=state_dir,
-            reward=reward,
-            teacher_tokens_spent=spent,
+            reward=engines.reward,
+            teacher_tokens_spent=engines.teacher_tokens_spent,
             log=log,
             on_step=after_step if on_step or snapshot_tokens else None,
             start_weights_sha256=base_hash,
             anchors=anchor_items(data_root, rows, processor.tokenizer) if p.anchor_items else (),
         )
-    finally:
-        for c in closers:
-            c.close()
     digest = save_checkpoint(
         model,
         out_dir,

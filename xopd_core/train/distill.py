@@ -25,31 +25,23 @@ from tqdm import tqdm
 
 from xopd_core.atomic import atomic_directory
 from xopd_core.config import TrainParams
-from xopd_core.engines.base import Modality, Prompt, Rollout, RolloutEngine, TeacherScorer
+from xopd_core.engines.base import Prompt, Rollout, RolloutEngine, TeacherScorer, TeacherScores
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
 from xopd_core.errors import ResumeStateError, require_finite
-from xopd_core.losses import (
-    generalized_jsd,
-    grpo_advantages,
-    policy_gradient_terms,
-    reverse_kl_full,
-    reverse_kl_topk,
-    sequence_mean_weights,
-    token_cross_entropy,
-    token_logprobs,
-    token_mean_weights,
-    weighted_sum,
-    xopd_loss,
-)
+from xopd_core.losses import token_cross_entropy, weighted_sum
 from xopd_core.models.prompts import speech_prompt_ids
+from xopd_core.train.objectives import (
+    Objective,
+    Part,
+    Reward,
+    StepBatch,
+    objective_for,
+)
 
 STATE_WEIGHTS = "trainable.safetensors"
 STATE_OPTIMIZER = "optimizer.safetensors"
 STATE_META = "trainer.json"
-TEXT, SPEECH = 0, 1  # group index of in-modal / cross-modal rollouts
-
-Reward = Callable[[Prompt, list[int]], float]
 
 
 class Interrupted(Exception):
@@ -104,19 +96,6 @@ def _padded(rows: Sequence[Sequence[float]], width: int, fill: float) -> torch.T
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(list(r), dtype=torch.float32)
     return out
-
-
-def _modalities(cfg: TrainParams) -> list[Modality]:
-    if cfg.method != "xopd":
-        return ["speech"]
-    both: list[tuple[Modality, bool]] = [("text", cfg.lmbda > 0), ("speech", cfg.lmbda < 1)]
-    return [m for m, on in both if on]
-
-
-def _score_mode(cfg: TrainParams) -> str | None:
-    if cfg.method == "xopd":
-        return cfg.loss
-    return "full" if cfg.method == "gkd" else None
 
 
 # -- resumable state ---------------------------------------------------------------------
@@ -261,11 +240,9 @@ def train(
     (NonFiniteTrainingError naming the step and the source)."""
     if not prompts:
         raise ValueError("training needs at least one prompt")
-    mode = _score_mode(cfg)
-    if mode is not None and scorer is None:
+    objective = objective_for(cfg, reward)
+    if objective.score_mode is not None and scorer is None:
         raise ValueError(f"method {cfg.method} needs a teacher scorer")
-    if cfg.method == "grpo" and reward is None:
-        raise ValueError("method grpo needs a reward function")
     if cfg.anchor_items and not anchors:
         raise ValueError("train.anchor_items > 0 needs anchor items (paralinguistic or speech)")
     model = student.model
@@ -282,7 +259,6 @@ def train(
             for step, metrics in enumerate(history):
                 log(step, metrics)
     student.clear_audio_cache()
-    hears = "speech" in _modalities(cfg)
     by_id = {p.id: p for p in prompts}
     budget = cfg.student_tokens
     done = start
@@ -298,19 +274,19 @@ def train(
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
             for param_group in opt.param_groups:
                 param_group["lr"] = lr
-            batch = [
+            prompts_now = [
                 prompts[i]
                 for i in prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
             ]
-            if hears:  # the step's audio, for the student's forward (rollouts may be vLLM's)
-                student.load_audio(batch)
+            if "speech" in objective.modalities:  # the student's forward reads the audio
+                student.load_audio(prompts_now)
 
-            # 1. rollout: m responses per prompt, from the text prompt T and/or the speech prompt S
+            # 1. sample: m responses per prompt, from the transcript T and/or the speech S
             model.eval()
             rollouts: list[Rollout] = []
-            for modality in _modalities(cfg):
+            for modality in objective.modalities:
                 rollouts += engine.sample(
-                    batch,
+                    prompts_now,
                     modality,
                     n=cfg.rollouts_per_prompt,
                     temperature=cfg.temperature,
@@ -321,143 +297,46 @@ def train(
 
             # 2. score: the teacher reads the transcript and scores the same tokens
             scores = None
-            if mode is not None and scorer is not None:
+            if objective.score_mode is not None and scorer is not None:
+                transcripts = [by_id[r.prompt_id].transcript for r in rollouts]
                 scores = scorer.score(
-                    rollouts,
-                    [by_id[r.prompt_id].transcript for r in rollouts],
-                    mode=mode,  # type: ignore[arg-type]
-                    top_k=cfg.top_k,
+                    rollouts, transcripts, mode=objective.score_mode, top_k=cfg.top_k
                 )
                 counters["teacher_tokens"] += sum(len(r.response_ids) for r in rollouts)
                 _require_finite_scores(scores, step)
 
-            # 3. loss weights over the whole step's batch, so micro-batches sum to its objective
-            tokens_all, mask_long = response_tokens(rollouts)
-            sampled = mask_long.float()
-            mask = sampled
-            if budget is not None:  # the last step of a budget trains on what is left of it
-                mask = within_budget(sampled, budget - counters["student_tokens"])
-            width = mask.shape[1]
-            group_B = torch.tensor([TEXT if r.modality == "text" else SPEECH for r in rollouts])
-            if cfg.method == "xopd":  # paper: length mean per rollout, mean over rollouts
-                weights = sequence_mean_weights(mask, group_B, (cfg.lmbda, 1 - cfg.lmbda))
-            elif cfg.method == "grpo":
-                weights = sequence_mean_weights(mask, torch.zeros_like(group_B), (1.0,))
-            else:  # SFT / KD / GKD: token mean over the global batch
-                weights = token_mean_weights(mask)
-            old = _padded([r.logprobs for r in rollouts], width, 0.0)
-            teacher_lp = (
-                _padded([s.sampled for s in scores], width, 0.0) if scores is not None else None
-            )
-            advantages = None
-            rewards = None
-            if cfg.method == "grpo" and reward is not None:
-                rewards = torch.tensor(
-                    [reward(by_id[r.prompt_id], r.response_ids) for r in rollouts]
-                ).view(-1, cfg.rollouts_per_prompt)
-                advantages = grpo_advantages(rewards).view(-1, 1).expand(-1, width)
-
-            # 4. step: accumulate micro-batch gradients, clip, update
+            # 3. loss: weights over the whole step, so the micro-batches sum to its objective
+            batch = step_batch(rollouts, scores, objective, budget, counters["student_tokens"])
+            extra = objective.begin_step(batch, lambda r: by_id[r.prompt_id])
             opt.zero_grad(set_to_none=True)
             loss_total, ratios = 0.0, []
-            # Micro-batches hold a prompt's rollouts together (the forward reads each prompt
-            # once for all of them) and prompts of similar length (a part pads its prompts
-            # to the longest, its responses to the longest). The weights are global, so
-            # grouping does not change the objective.
-            order = sorted(
-                range(len(rollouts)),
-                key=lambda j: (
-                    len(rollouts[j].prompt_ids),
-                    rollouts[j].modality,
-                    rollouts[j].prompt_id,
-                    j,
-                ),
-            )
-            for i in range(0, len(order), cfg.micro_batch_size):
-                picked = order[i : i + cfg.micro_batch_size]
-                mb = [rollouts[j] for j in picked]
-                t = max(len(r.response_ids) for r in mb)
-                rows = torch.tensor(picked)
-                logits = student.response_logits(mb)[..., :vocab_size]
+            for rows in micro_batches(rollouts, cfg.micro_batch_size):
+                logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
+                logits_B_T_V = logits_B_T_V[..., :vocab_size]
                 if cfg.temperature != 1.0:
-                    logits = logits / cfg.temperature
-                # The step's bookkeeping lives on the CPU; a part's slice goes to the model.
-                dev = logits.device
-                tokens, w = tokens_all[rows, :t].to(dev), weights[rows, :t].to(dev)
-                if cfg.method in ("sft", "offline_kd"):
-                    loss = weighted_sum(token_cross_entropy(logits, tokens), w)
-                elif mode in ("full", "topk"):  # gkd, or X-OPD scored over a vocabulary
-                    assert scores is not None
-                    mb_scores = [scores[j] for j in picked]
-                    loss = weighted_sum(_divergence_terms(logits, mb_scores, cfg), w)
-                else:  # the policy-gradient objectives: −r·A
-                    lp, old_mb = token_logprobs(logits, tokens), old[rows, :t].to(dev)
-                    if cfg.method == "xopd":
-                        assert teacher_lp is not None
-                        loss = xopd_loss(
-                            lp,
-                            old_mb,
-                            teacher_lp[rows, :t].to(dev),
-                            mask[rows, :t].to(dev),
-                            (group_B[rows] == SPEECH).to(dev),
-                            cfg.lmbda,
-                            cfg.clip_eps,
-                            weights_B_T=w,
-                        )
-                    else:
-                        assert advantages is not None
-                        terms = policy_gradient_terms(
-                            lp, old_mb, advantages[rows, :t].to(dev), cfg.clip_eps
-                        )
-                        loss = weighted_sum(terms, w)
-                    ratios.append(torch.exp(lp - old_mb).detach()[w != 0].cpu())
+                    logits_B_T_V = logits_B_T_V / cfg.temperature
+                loss, ratio = objective.loss(Part(batch, rows, logits_B_T_V))
                 loss.backward()
                 loss_total += loss.item()
-            anchor_total = None
+                if ratio is not None:
+                    ratios.append(ratio)
             if cfg.anchor_items:
                 drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
                 anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
                 (cfg.anchor_weight * anchor).backward()
-                anchor_total = anchor.item()
-                loss_total += cfg.anchor_weight * anchor_total
+                extra["anchor_loss"] = anchor.item()
+                loss_total += cfg.anchor_weight * extra["anchor_loss"]
+
+            # 4. step: clip, update
             require_finite(loss_total, step, "loss")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             require_finite(float(grad_norm), step, "gradient norm")
             opt.step()
-            counters["student_tokens"] += int(mask.sum().item())
+            counters["student_tokens"] += int(batch.mask_B_T.sum().item())
 
             # 5. log
-            metrics = {
-                "loss": loss_total,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "response_length": float(sampled.sum(-1).mean()),
-                "finished": sum(r.finished for r in rollouts) / len(rollouts),
-                "student_tokens": float(counters["student_tokens"]),
-                "teacher_tokens": float(counters["teacher_tokens"]),
-                "seconds": time.perf_counter() - t0,
-            }
-            if teacher_lp is not None:
-                # Mean sampled-token reverse-KL estimate log π_old − log π_φ, per modality.
-                est = (old - teacher_lp) * mask
-                metrics["reverse_kl"] = float(est.sum() / mask.sum().clamp_min(1))
-                for g, name in ((TEXT, "text"), (SPEECH, "speech")):
-                    sel = group_B == g
-                    if sel.any():
-                        metrics[f"reverse_kl_{name}"] = float(
-                            est[sel].sum() / mask[sel].sum().clamp_min(1)
-                        )
-            if anchor_total is not None:
-                metrics["anchor_loss"] = anchor_total
-            if ratios:
-                r_all = torch.cat(ratios)
-                metrics |= {
-                    "ratio_mean": float(r_all.mean()),
-                    "ratio_min": float(r_all.min()),
-                    "ratio_max": float(r_all.max()),
-                }
-            if rewards is not None:
-                metrics["reward"] = float(rewards.float().mean())
+            metrics = step_metrics(batch, loss_total, lr, float(grad_norm), counters, ratios)
+            metrics |= extra | {"seconds": time.perf_counter() - t0}
             history.append(metrics)
             bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
             if log is not None:
@@ -486,6 +365,87 @@ def train(
     )
 
 
+def step_batch(
+    rollouts: list[Rollout],
+    scores: list[TeacherScores] | None,
+    objective: Objective,
+    budget: int | None,
+    tokens_trained: int,
+) -> StepBatch:
+    """The step's rollouts as padded tensors with the objective's weights; under a token
+    budget the last step trains on what is left of it."""
+    tokens_B_T, mask_long_B_T = response_tokens(rollouts)
+    mask_B_T = mask_long_B_T.float()
+    if budget is not None:
+        mask_B_T = within_budget(mask_B_T, budget - tokens_trained)
+    width = mask_B_T.shape[1]
+    speech_B = torch.tensor([r.modality == "speech" for r in rollouts])
+    return StepBatch(
+        rollouts=rollouts,
+        scores=scores,
+        tokens_B_T=tokens_B_T,
+        mask_B_T=mask_B_T,
+        weights_B_T=objective.weights(mask_B_T, speech_B),
+        old_B_T=_padded([r.logprobs for r in rollouts], width, 0.0),
+        teacher_B_T=_padded([s.sampled for s in scores], width, 0.0)
+        if scores is not None
+        else None,
+        speech_B=speech_B,
+        sampled_B_T=mask_long_B_T.float(),
+    )
+
+
+def micro_batches(rollouts: Sequence[Rollout], size: int) -> list[list[int]]:
+    """Row indices of the step's micro-batches. A micro-batch holds a prompt's rollouts together
+    (the forward reads each prompt once for all of them) and prompts of similar length (a part
+    pads its prompts to the longest, its responses to the longest). The weights are global,
+    so the grouping does not change the objective."""
+    order = sorted(
+        range(len(rollouts)),
+        key=lambda j: (len(rollouts[j].prompt_ids), rollouts[j].modality, rollouts[j].prompt_id, j),
+    )
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def step_metrics(
+    batch: StepBatch,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    counters: dict[str, int],
+    ratios: list[torch.Tensor],
+) -> dict[str, float]:
+    """What a step logs: loss, optimiser state, lengths, budgets, the sampled-token reverse-KL
+    estimate log π_old − log π_teacher per modality, and the importance ratios."""
+    rollouts = batch.rollouts
+    metrics = {
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "response_length": float(batch.sampled_B_T.sum(-1).mean()),
+        "finished": sum(r.finished for r in rollouts) / len(rollouts),
+        "student_tokens": float(counters["student_tokens"]),
+        "teacher_tokens": float(counters["teacher_tokens"]),
+    }
+    if batch.teacher_B_T is not None:
+        mask_B_T = batch.mask_B_T
+        est_B_T = (batch.old_B_T - batch.teacher_B_T) * mask_B_T
+        metrics["reverse_kl"] = float(est_B_T.sum() / mask_B_T.sum().clamp_min(1))
+        for sel_B, name in ((~batch.speech_B, "text"), (batch.speech_B, "speech")):
+            if sel_B.any():
+                metrics[f"reverse_kl_{name}"] = float(
+                    est_B_T[sel_B].sum() / mask_B_T[sel_B].sum().clamp_min(1)
+                )
+    if ratios:
+        r_all = torch.cat(ratios)
+        metrics |= {
+            "ratio_mean": float(r_all.mean()),
+            "ratio_min": float(r_all.min()),
+            "ratio_max": float(r_all.max()),
+        }
+    return metrics
+
+
 def _require_finite_scores(scores: Sequence[Any], step: int) -> None:
     """The teacher's scores of the step's tokens are log-probs: finite, or −inf at worst for
     a top-k/full entry; a NaN or +inf (a broken teacher) stops the run."""
@@ -500,27 +460,3 @@ def _require_finite_scores(scores: Sequence[Any], step: int) -> None:
             v != v or v == math.inf for row in s.topk_logprobs for v in row
         ):
             require_finite(math.nan, step, "teacher score (top-k)")
-
-
-def _divergence_terms(
-    logits: torch.Tensor, scores: Sequence[Any], cfg: TrainParams
-) -> torch.Tensor:
-    """Per-token divergence of the student's distribution from the teacher's stored one:
-    GKD's generalised JSD, or X-OPD's full-vocabulary / top-k reverse KL."""
-    b, t, v = logits.shape
-    dev = logits.device
-    if cfg.method == "gkd" or cfg.loss == "full":
-        teacher = torch.full((b, t, v), -math.log(v), device=dev)
-        for i, s in enumerate(scores):
-            teacher[i, : s.full_T_V.shape[0]] = s.full_T_V
-        if cfg.method == "gkd":
-            return generalized_jsd(logits, teacher, cfg.gkd_beta)
-        return reverse_kl_full(logits, teacher)
-    k = cfg.top_k
-    ids = torch.zeros((b, t, k), dtype=torch.long)
-    lps = torch.full((b, t, k), -math.log(k))
-    for i, s in enumerate(scores):
-        n = len(s.topk_ids)
-        ids[i, :n] = torch.tensor(s.topk_ids, dtype=torch.long)
-        lps[i, :n] = torch.tensor(s.topk_logprobs)
-    return reverse_kl_topk(logits, ids.to(dev), lps.to(dev))
