@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import soundfile as sf
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.layout import EVAL_METRICS as METRICS
@@ -22,6 +21,7 @@ from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.validation import read_validated_manifests
+from xopd_core.data.waveform import read_waveform
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
 from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
 from xopd_core.models.checkpoint import weights_sha256
@@ -117,7 +117,8 @@ def evaluate(
     processor = AutoProcessor.from_pretrained(str(student_dir))
 
     def waves(rows: list[dict[str, Any]]) -> list[Any]:
-        return [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
+        rate = processor.feature_extractor.sampling_rate
+        return [read_waveform(data_root / r["audio_path"], rate) for r in rows]
 
     speech = evaluate_speech(
         model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import soundfile as sf
 from transformers import Qwen2ForCausalLM
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.validation import read_validated_manifests
+from xopd_core.data.waveform import read_waveform
 from xopd_core.data.world import speak_corpus
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import (
@@ -94,7 +94,8 @@ def student(
     tokenizer = load_tokenizer(Path(teacher_dir))
     teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
     processor = build_processor(tokenizer, p.audio)
-    waves = [sf.read(str(data_root / r["audio_path"]), dtype="float32")[0] for r in rows]
+    rate = processor.feature_extractor.sampling_rate
+    waves = [read_waveform(data_root / r["audio_path"], rate) for r in rows]
     feats = extract_features(processor, waves)
     lap("features")
     # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import soundfile as sf
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from xopd_core.data.waveform import read_waveform
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.engines.sampler import sample_from_embeds
 from xopd_core.engines.scoring import left_padded, prompt_groups, response_logits, response_tokens
@@ -61,12 +61,7 @@ class HfStudent:
         if not self.hears:
             raise ValueError("this student is a text-only model: it has no audio encoder")
         rate = self.processor.feature_extractor.sampling_rate
-        waves = []
-        for p in new:
-            wave, sr = sf.read(str(p.audio_path), dtype="float32")
-            if sr != rate or wave.ndim != 1:
-                raise ValueError(f"{p.audio_path}: expected mono {rate} Hz audio, got {sr} Hz")
-            waves.append(wave)
+        waves = [read_waveform(p.audio_path, rate) for p in new]
         for p, f in zip(new, extract_features(self.processor, waves), strict=True):
             self._features[p.id] = f
 

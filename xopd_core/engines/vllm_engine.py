@@ -26,6 +26,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+from transformers import AutoFeatureExtractor
+
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
@@ -101,11 +103,10 @@ def _serve(model_dir: str, settings: VllmSettings, audio: bool, conn: Connection
         conn.send(("ok", None))
 
 
-def _read_audio(path: str) -> tuple[Any, int]:
-    import soundfile as sf
+def _read_audio(path: str, rate: int) -> tuple[Any, int]:
+    from xopd_core.data.waveform import read_waveform
 
-    wave, rate = sf.read(path, dtype="float32")
-    return wave, rate
+    return read_waveform(path, rate), rate
 
 
 def _sample(
@@ -129,7 +130,8 @@ def _sample(
     for i, r in enumerate(requests):
         prompt = TokensPrompt(prompt_token_ids=r["prompt_ids"])
         if r.get("audio_path"):
-            prompt["multi_modal_data"] = {"audio": _read_audio(r["audio_path"])}
+            audio = _read_audio(r["audio_path"], r["sample_rate"])
+            prompt["multi_modal_data"] = {"audio": audio}
         inputs.append(prompt)
         params.append(
             SamplingParams(
@@ -211,6 +213,10 @@ class VllmEngine:
         self.tokenizer = load_tokenizer(Path(model_dir))
         self.eos_id = token_id(self.tokenizer, IM_END)
         self.vocab_size = vocab_size if vocab_size is not None else len(self.tokenizer.get_vocab())
+        # The rate the student's feature extractor expects (its processor's saved config).
+        self.sample_rate = (
+            AutoFeatureExtractor.from_pretrained(str(model_dir)).sampling_rate if audio else 0
+        )
         ctx = mp.get_context("spawn")  # vLLM must not be forked from a process using torch
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
@@ -266,6 +272,7 @@ class VllmEngine:
             {
                 "prompt_ids": self.vllm_prompt_ids(p, modality),
                 "audio_path": str(p.audio_path) if modality == "speech" else None,
+                "sample_rate": self.sample_rate,
             }
             for p in prompts
         ]
