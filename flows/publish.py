@@ -18,6 +18,7 @@ from typing import Any
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
+from prefect.runtime import task_run
 
 from tasks.layout import PUSH_PENDING
 from tasks.record import (
@@ -34,8 +35,15 @@ from tasks.report import report
 from tasks.rounds import write_rounds_metrics
 from xopd_core.config import Params
 
-PUSH_ATTEMPTS = 4
-PUSH_BACKOFF_S = 2.0  # waits 2, 4, 8 s between the attempts
+PUSH_RETRY_DELAYS_S = [2.0, 4.0, 8.0]  # up to 4 attempts, backing off between them
+
+
+@task(name="dvc-push", retries=len(PUSH_RETRY_DELAYS_S), retry_delay_seconds=PUSH_RETRY_DELAYS_S)
+def dvc_push(root: Path) -> tuple[str, int]:
+    """`dvc push` to the default remote, retried by Prefect; the remote and the attempt
+    that went through."""
+    summary = push(root)
+    return summary.remote, int(task_run.run_count)
 
 
 @task(name="report")
@@ -78,14 +86,15 @@ def push_step(root: Path) -> str:
     owed = marker.exists()
     marker.touch()  # cleared only once a push has gone through
     try:
-        summary = push(root, attempts=PUSH_ATTEMPTS, backoff_s=PUSH_BACKOFF_S)
+        remote, attempts = dvc_push(root)
     except RemoteError as err:
         raise RemoteError(
-            f"{err} (promotion recorded locally; {marker} marks the push owed)"
+            f"{err} (after {len(PUSH_RETRY_DELAYS_S) + 1} attempts; promotion recorded "
+            f"locally; {marker} marks the push owed)"
         ) from err
     marker.unlink()
     what = f"the data owed since an earlier run ({PUSH_PENDING}) " if owed else ""
-    return f"pushed {what}to {summary.remote} in {summary.attempts} attempt(s)"
+    return f"pushed {what}to {remote} in {attempts} attempt(s)"
 
 
 def push_owed(root: Path) -> str | None:

@@ -1,11 +1,11 @@
-"""The DVC remote: where promoted checkpoints and their data go, and the retrying push.
+"""The DVC remote: where promoted checkpoints and their data go, and the push.
 
 Default remote: a local directory (`.dvc/config`). S3 through dvc-s3/s3fs with a configurable
 endpoint (`configure_s3_remote`); credentials only from the environment or
-`.dvc/config.local`, never written here or logged. `push` runs real `dvc push`, retrying
-with exponential backoff: DVC uploads content-addressed objects and skips those already
-there, so a failed push leaves the local cache and workspace untouched and a later push
-sends exactly what is missing.
+`.dvc/config.local`, never written here or logged. `push` runs real `dvc push` once (the
+flows retry it with Prefect's task retries, flows/publish.py): DVC uploads content-addressed
+objects and skips those already there, so a failed push leaves the local cache and workspace
+untouched and a later push sends exactly what is missing.
 """
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ TEMP_GRACE_S = 60.0  # a live upload keeps writing its temp file; a killed one s
 
 
 class RemoteError(RuntimeError):
-    """The remote could not be reached or written after every retry."""
+    """The remote could not be reached or written."""
 
 
 @dataclass(frozen=True)
 class PushSummary:
     remote: str
-    attempts: int
     output: str
 
 
@@ -114,27 +113,22 @@ def push(
     targets: list[str] | None = None,
     *,
     remote: str | None = None,
-    attempts: int = 4,
-    backoff_s: float = 2.0,
     timeout_s: float = 600,
 ) -> PushSummary:
-    """`dvc push` with up to `attempts` tries, waiting backoff_s · 2^k between them."""
+    """One `dvc push`; a failure raises RemoteError with the remote's real cause."""
     args = ["push", *(["--remote", remote] if remote else []), *(targets or [])]
-    last_line = ""
     local = local_remote_path(repo, remote)
-    for attempt in range(1, attempts + 1):
-        if local is not None:
-            clear_stale_temp_objects(local)
-        try:
-            out = dvc(repo, *args, timeout_s=timeout_s)
-            if out.returncode == 0:
-                return PushSummary(remote or "default", attempt, out.stdout.strip())
-            last_line = failure_cause(f"{out.stdout}\n{out.stderr}")
-        except subprocess.TimeoutExpired:
-            last_line = f"timed out after {timeout_s:.0f} s"
-        if attempt < attempts:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
+    if local is not None:
+        clear_stale_temp_objects(local)
+    try:
+        out = dvc(repo, *args, timeout_s=timeout_s)
+    except subprocess.TimeoutExpired:
+        cause = f"timed out after {timeout_s:.0f} s"
+    else:
+        if out.returncode == 0:
+            return PushSummary(remote or "default", out.stdout.strip())
+        cause = failure_cause(f"{out.stdout}\n{out.stderr}")
     raise RemoteError(
-        f"dvc push to remote {remote or 'default'} failed {attempts} times; the local cache "
-        f"is unchanged and a later push sends what is missing. Last error: {last_line}"
+        f"dvc push to remote {remote or 'default'} failed; the local cache is unchanged and "
+        f"a later push sends what is missing. Cause: {cause}"
     )
