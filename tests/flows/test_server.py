@@ -4,6 +4,7 @@ campaign when nothing else is configured, left alone when something is, always s
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+import flows.server
 from flows.server import EarlyServer, healthy
 from tests.orphans import child_outlives_a_killed_parent
 
@@ -109,6 +111,26 @@ def test_a_server_that_dies_is_a_clear_error(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match=r"did not come up .*exit status 1.*PREFECT_API_URL"):
         server.wait(timeout_s=30)
     assert server.proc is None
+
+
+def test_a_port_taken_before_the_server_binds_it_is_exchanged_for_another(monkeypatch) -> None:
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = [taken.getsockname()[1]]
+    real_free_port = flows.server._free_port
+    monkeypatch.setattr(
+        flows.server, "_free_port", lambda: ports.pop() if ports else real_free_port()
+    )
+    server = EarlyServer()
+    try:
+        assert server.api.endswith(f":{taken.getsockname()[1]}/api")
+        server.wait(timeout_s=120)  # the first start fails on the taken port; the second binds
+        assert healthy(server.api) and not server.api.endswith(f":{taken.getsockname()[1]}/api")
+    finally:
+        server.stop()
+        taken.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
