@@ -82,8 +82,9 @@ class EarlyServer:
         self.port = _free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
         command = ["server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(
+        self.proc = subprocess.Popen(  # stdout: its banner, which is not for `xopd run`'s user
             [sys.executable, "-m", "prefect", *command, *SERVER_OPTIONS],
+            stdout=subprocess.DEVNULL,
             preexec_fn=_server_dies_with_parent,
         )
 
