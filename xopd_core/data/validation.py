@@ -56,15 +56,6 @@ class DataValidationError(RuntimeError):
         self.report = report
 
 
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    description: str
-    expectation: type[Any]  # a GX expectation class, built with `kwargs`
-    kwargs: dict[str, Any]
-    show: str | None = None  # column whose value a report shows as "found" (default: checked)
-
-
 @dataclass
 class RuleOutcome:
     rule: str
@@ -238,13 +229,27 @@ def _import_gx() -> Any:
     return gx
 
 
-def build_rules(p: ValidateParams) -> list[Rule]:
+def _rule(
+    name: str,
+    description: str,
+    expectation: type[Any],
+    kwargs: dict[str, Any],
+    show: str | None = None,
+) -> Any:
+    """A GX expectation carrying its rule's name, what it requires and the column a report
+    shows as "found" (default: the one it checks) in its `meta`."""
+    meta = {"rule": name, "description": description, "show": show}
+    return expectation(**kwargs, meta=meta)
+
+
+def build_rules(p: ValidateParams) -> list[Any]:
+    """The suite's expectations (GX objects), one per rule."""
     _import_gx()
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
     rules = [
-        Rule(
+        _rule(
             f"field_present:{f}",
             f"every row has a '{f}' value",
             gxe.ExpectColumnValuesToNotBeNull,
@@ -253,7 +258,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         for f in TEXT_FIELDS
     ]
     rules.append(
-        Rule(
+        _rule(
             "audio_fields_present",
             f"rows of speech splits have {list(AUDIO_FIELDS)}",
             gxe.ExpectColumnValuesToBeInSet,
@@ -261,32 +266,32 @@ def build_rules(p: ValidateParams) -> list[Rule]:
         )
     )
     rules += [
-        Rule(
+        _rule(
             "id_unique",
             "ids are unique across the dataset",
             gxe.ExpectColumnValuesToBeUnique,
             {"column": "id"},
         ),
-        Rule(
+        _rule(
             "split_known",
             f"split is one of {list(SPLITS)}",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "split", "value_set": list(SPLITS)},
         ),
-        Rule(
+        _rule(
             "kind_known",
             f"kind is one of {list(TASKS_OF_KIND)}",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "kind", "value_set": list(TASKS_OF_KIND)},
         ),
-        Rule(
+        _rule(
             "task_known",
             f"task is one of {sorted(ANSWER_SETS)}",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "task", "value_set": sorted(ANSWER_SETS)},
         ),
         *(
-            Rule(
+            _rule(
                 f"task_of_kind:{kind}",
                 f"a {kind} row's task is one of {list(tasks)}",
                 gxe.ExpectColumnValuesToBeInSet,
@@ -299,7 +304,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
             for kind, tasks in TASKS_OF_KIND.items()
         ),
         *(
-            Rule(
+            _rule(
                 f"answer_in_set:{task}",
                 f"a {task} row's answer is one of {sorted(answers)}",
                 gxe.ExpectColumnValuesToBeInSet,
@@ -311,46 +316,46 @@ def build_rules(p: ValidateParams) -> list[Rule]:
             )
             for task, answers in sorted(ANSWER_SETS.items())
         ),
-        Rule(
+        _rule(
             "transcript_not_blank",
             "transcript has visible text",
             gxe.ExpectColumnValuesToMatchRegex,
             {"column": "transcript", "regex": r"\S"},
         ),
-        Rule(
+        _rule(
             "answer_not_blank",
             "answer has visible text",
             gxe.ExpectColumnValuesToMatchRegex,
             {"column": "answer", "regex": r"\S"},
         ),
-        Rule(
+        _rule(
             "no_train_eval_overlap",
             "no prompt appears in both a training and an eval split",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "prompt_also_in", "value_set": [""]},
         ),
-        Rule(
+        _rule(
             "audio_inside_root",
             "audio_path stays inside the data root",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_inside_root", "value_set": [True]},
             show="audio_path",
         ),
-        Rule(
+        _rule(
             "audio_exists",
             "the audio file exists",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_exists", "value_set": [True]},
             show="audio_path",
         ),
-        Rule(
+        _rule(
             "audio_decodable",
             "the audio decodes completely",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_decodable", "value_set": [True]},
             show="audio_decode_error",
         ),
-        Rule(
+        _rule(
             "audio_sha256_matches",
             "the audio's sha256 equals the manifest's",
             gxe.ExpectColumnPairValuesToBeEqual,
@@ -360,25 +365,25 @@ def build_rules(p: ValidateParams) -> list[Rule]:
                 "ignore_row_if": "either_value_is_missing",
             },
         ),
-        Rule(
+        _rule(
             "audio_sample_rate",
             f"the audio is {p.sample_rate} Hz",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_sample_rate", "value_set": [p.sample_rate]},
         ),
-        Rule(
+        _rule(
             "manifest_sample_rate",
             f"the manifest declares {p.sample_rate} Hz",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "sample_rate", "value_set": [p.sample_rate]},
         ),
-        Rule(
+        _rule(
             "audio_channels",
             f"the audio has {p.channels} channel(s)",
             gxe.ExpectColumnValuesToBeInSet,
             {"column": "audio_channels", "value_set": [p.channels]},
         ),
-        Rule(
+        _rule(
             "audio_duration",
             f"duration within {p.min_duration_s}–{p.max_duration_s} s",
             gxe.ExpectColumnValuesToBeBetween,
@@ -388,7 +393,7 @@ def build_rules(p: ValidateParams) -> list[Rule]:
                 "max_value": p.max_duration_s,
             },
         ),
-        Rule(
+        _rule(
             "manifest_duration_matches",
             f"declared duration within {p.duration_tolerance_s} s of the audio's",
             gxe.ExpectColumnValuesToBeBetween,
@@ -402,11 +407,12 @@ def build_rules(p: ValidateParams) -> list[Rule]:
     return rules
 
 
-def _value_column(rule: Rule) -> str:
-    return rule.show or rule.kwargs.get("column") or rule.kwargs["column_B"]
+def _value_column(rule: Any) -> str:
+    show = rule.meta["show"]
+    return str(show or getattr(rule, "column", None) or rule.column_B)
 
 
-def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, Any]]:
+def _run_gx(df: pd.DataFrame, rules: list[Any]) -> tuple[list[Any], dict[str, Any]]:
     """Run the rules as one GX checkpoint on an ephemeral context (no files, no network)."""
     gx = _import_gx()
     from great_expectations.data_context.types.base import (
@@ -428,7 +434,7 @@ def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, A
     batch = asset.add_batch_definition_whole_dataframe("dataset")
     suite = context.suites.add(gx.ExpectationSuite(name="xopd-dataset"))
     for rule in rules:
-        suite.add_expectation(rule.expectation(**rule.kwargs, meta={"rule": rule.name}))
+        suite.add_expectation(rule)
     vd = context.validation_definitions.add(
         gx.ValidationDefinition(name="xopd-dataset", data=batch, suite=suite)
     )
@@ -448,7 +454,8 @@ def _run_gx(df: pd.DataFrame, rules: list[Rule]) -> tuple[list[Any], dict[str, A
     return list(vres.results), dict(result.describe_dict())
 
 
-def _outcome(rule: Rule, res: Any, df: pd.DataFrame) -> RuleOutcome:
+def _outcome(rule: Any, res: Any, df: pd.DataFrame) -> RuleOutcome:
+    """GX's result of one expectation, with each failing row named by manifest and line."""
     r = res.result or {}
     error = None
     if res.exception_info and res.exception_info.get("raised_exception"):
@@ -470,9 +477,9 @@ def _outcome(rule: Rule, res: Any, df: pd.DataFrame) -> RuleOutcome:
         )
     count = int(r.get("unexpected_count") or len(failures))
     return RuleOutcome(
-        rule.name,
-        rule.description,
-        rule.expectation.__name__,
+        rule.meta["rule"],
+        rule.meta["description"],
+        type(rule).__name__,
         bool(res.success),
         count,
         failures,
@@ -500,7 +507,7 @@ def validate_dataset(
     rules = build_rules(params)
     results, gx_dict = _run_gx(df, rules)
     by_rule = {res.expectation_config.meta["rule"]: res for res in results}
-    outcomes = [_outcome(rule, by_rule[rule.name], df) for rule in rules]
+    outcomes = [_outcome(rule, by_rule[rule.meta["rule"]], df) for rule in rules]
     return ValidationReport(
         success=all(o.success for o in outcomes),
         data_root=str(data_root),
