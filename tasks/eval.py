@@ -20,6 +20,7 @@ from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
+from xopd_core.data.manifest import ManifestRow
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.waveform import read_waveform
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
@@ -116,9 +117,9 @@ def evaluate(
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(student_dir))
 
-    def waves(rows: list[dict[str, Any]]) -> list[Any]:
+    def waves(rows: list[ManifestRow]) -> list[Any]:
         rate = processor.feature_extractor.sampling_rate
-        return [read_waveform(data_root / r["audio_path"], rate) for r in rows]
+        return [read_waveform(data_root / str(r.audio_path), rate) for r in rows]
 
     speech = evaluate_speech(
         model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes
@@ -133,7 +134,7 @@ def evaluate(
     heard = transcribe(
         model, processor, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes
     )
-    asr_wer = word_error_rate(heard, [r["transcript"] for r in eval_rows])
+    asr_wer = word_error_rate(heard, [r.transcript for r in eval_rows])
     speech_acc, text_acc, para_acc = (accuracy_by_task(r) for r in (speech, text, para))
     missing = sorted(set(teacher) - set(speech_acc))
     if missing:
@@ -165,7 +166,7 @@ def evaluate(
     )
     write_text_atomic(out_dir / RESPONSES, responses)
     transcripts = "".join(
-        json.dumps({"id": r["id"], "transcript": r["transcript"], "heard": h}) + "\n"
+        json.dumps({"id": r.id, "transcript": r.transcript, "heard": h}) + "\n"
         for r, h in zip(eval_rows, heard, strict=True)
     )
     write_text_atomic(out_dir / TRANSCRIPTS, transcripts)

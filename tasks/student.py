@@ -22,7 +22,7 @@ from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.waveform import read_waveform
-from xopd_core.data.world import speak_corpus
+from xopd_core.data.world import HeardUtterance, speak_corpus
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import (
     require_safetensors_checkpoint,
@@ -95,32 +95,32 @@ def student(
     teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
     processor = build_processor(tokenizer, p.audio)
     rate = processor.feature_extractor.sampling_rate
-    waves = [read_waveform(data_root / r["audio_path"], rate) for r in rows]
+    waves = [read_waveform(data_root / str(r.audio_path), rate) for r in rows]
     feats = extract_features(processor, waves)
     lap("features")
     # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus,
     # spoken in parts so only one part's waveforms are held (features are a third their size).
-    texts = sorted({r["transcript"] for r in text_rows})
-    heard_rows, heard_feats = list(rows), list(feats)
+    texts = sorted({r.transcript for r in text_rows})
+    heard_rows, heard_feats = [HeardUtterance.of(r) for r in rows], list(feats)
     for start in range(0, p.pretrain_utterances, CORPUS_PART):
         n = min(CORPUS_PART, p.pretrain_utterances - start)
         part = speak_corpus(params.synth, texts, n, p.seed, params.synth.workers, start)
-        heard_rows += [c.as_row() for c in part]
+        heard_rows += [c.heard() for c in part]
         heard_feats += extract_features(processor, [c.waveform for c in part])
     lap("pretrain_speech")
 
     # Phase 3's spoken items: the train split, then the first corpus utterances as the
     # text_train reasoning rows they speak (their states follow the split's).
-    text_row_of = {r["transcript"]: r for r in reversed(text_rows)}
+    text_row_of = {r.transcript: r for r in reversed(text_rows)}
     spoken = rows + [
-        text_row_of[c["transcript"]]
+        text_row_of[c.transcript]
         for c in heard_rows[len(rows) : len(rows) + p.instruct.corpus_items]
     ]
     model = build_student(teacher, tokenizer, p.audio, seed=p.seed)
     pad = token_id(tokenizer, PAD)
-    transcripts = [r["transcript"] for r in heard_rows]
+    transcripts = [r.transcript for r in heard_rows]
     if p.ctc_units == "phonemes":
-        languages = [str(r["voice"]).split("+")[0] for r in heard_rows]
+        languages = [r.voice.split("+")[0] for r in heard_rows]
         inventory, unit_ids = phoneme_targets(transcripts, languages)
     else:
         alphabet, unit_ids = character_targets(transcripts)

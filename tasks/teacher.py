@@ -47,17 +47,17 @@ def teacher(
     # The vocabulary covers every training text, the paralinguistic items' too: the student
     # shares this tokenizer and must be able to say "fast" or "whisper".
     tokenizer = train_tokenizer(
-        t for r in speech_train + text_train for t in (r["transcript"], r["solution"])
+        t for r in speech_train + text_train for t in (r.transcript, r.solution)
     )
     eos = token_id(tokenizer, IM_END)
     # The teacher is a text LLM: it learns from the text corpus only.
-    prompts = text_prompts_ids(tokenizer, [r["transcript"] for r in text_train])
-    solutions = tokenizer([r["solution"] for r in text_train])["input_ids"]
+    prompts = text_prompts_ids(tokenizer, [r.transcript for r in text_train])
+    solutions = tokenizer([r.solution for r in text_train])["input_ids"]
     examples = [
         SftExample(prompt, [*solution, eos])
         for prompt, solution in zip(prompts, solutions, strict=True)
     ]
-    tasks = [r["task"] for r in text_train]
+    tasks = [r.task for r in text_train]
     if p.task_weights is not None:
         try:
             order = weighted_by_group(tasks, p.task_weights, p.seed)

@@ -28,7 +28,7 @@ from transformers import (
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent
@@ -69,7 +69,7 @@ def read_snapshot(path: Path) -> Snapshot:
     return Snapshot(path, int(meta["step"]), int(meta["student_tokens"]))
 
 
-def anchor_items(data_root: Path, rows: list[dict[str, Any]], tokenizer: Any) -> list[AnchorItem]:
+def anchor_items(data_root: Path, rows: list[ManifestRow], tokenizer: Any) -> list[AnchorItem]:
     """The anchor's items (`train.anchor_items`): every paralinguistic train item with its gold
     answer, and every reasoning item's transcription."""
     eos = token_id(tokenizer, IM_END)
@@ -79,22 +79,22 @@ def anchor_items(data_root: Path, rows: list[dict[str, Any]], tokenizer: Any) ->
 
     items = []
     for r in rows:
-        prompt = Prompt(r["id"], r["transcript"], data_root / r["audio_path"], r["task"])
-        if r["kind"] == "reasoning":
-            items.append(AnchorItem(prompt, TRANSCRIBE, said(r["transcript"])))
+        prompt = Prompt(r.id, r.transcript, data_root / str(r.audio_path), r.task)
+        if r.kind == "reasoning":
+            items.append(AnchorItem(prompt, TRANSCRIBE, said(r.transcript)))
         else:
-            items.append(AnchorItem(prompt, None, said(r["solution"])))
+            items.append(AnchorItem(prompt, None, said(r.solution)))
     return items
 
 
-def distillation_prompts(data_root: Path, rows: list[dict[str, Any]] | None = None) -> list[Prompt]:
+def distillation_prompts(data_root: Path, rows: list[ManifestRow] | None = None) -> list[Prompt]:
     """The train split's reasoning items (`rows`: that split, already read and validated)."""
     if rows is None:
-        rows = read_manifest(manifest_path(data_root, "train"))
+        rows = read_rows(manifest_path(data_root, "train"))
     return [
-        Prompt(r["id"], r["transcript"], data_root / r["audio_path"], r["task"], r["answer"])
+        Prompt(r.id, r.transcript, data_root / str(r.audio_path), r.task, r.answer)
         for r in rows
-        if r["kind"] == "reasoning"
+        if r.kind == "reasoning"
     ]
 
 
@@ -165,7 +165,7 @@ def train(
     student = HfStudent(model, processor, vocab_size=vocab)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
     snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
-    solutions = {r["id"]: r["solution"] for r in rows}
+    solutions = {r.id: r.solution for r in rows}
 
     def save_snapshots(step: int, metrics: dict[str, float]) -> None:
         tokens = int(metrics["student_tokens"])

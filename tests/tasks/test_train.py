@@ -16,7 +16,7 @@ from tasks.cli import main
 from tasks.train import anchor_items, distillation_prompts, train, training_device
 from tests.xopd_core.data.test_validation import edit_rows
 from xopd_core.config import Params, TrainParams
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.manifest import manifest_path, read_rows
 from xopd_core.models.checkpoint import weights_sha256
 from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.tokenizer import load_tokenizer
@@ -279,14 +279,14 @@ def test_a_leftover_resume_state_of_another_start_is_refused(
 
 
 def test_anchor_items_are_each_train_items_gold_audio_only_answer(tiny_world, tiny_teacher) -> None:
-    rows = read_manifest(manifest_path(tiny_world, "train"))
+    rows = read_rows(manifest_path(tiny_world, "train"))
     tok = load_tokenizer(tiny_teacher.checkpoint)
     items = anchor_items(tiny_world, rows, tok)
     assert len(items) == len(rows)
     for r, a in zip(rows, items, strict=True):
-        assert a.prompt.id == r["id"] and a.prompt.audio_path == tiny_world / r["audio_path"]
+        assert a.prompt.id == r.id and a.prompt.audio_path == tiny_world / r.audio_path
         said = tok.decode(a.response_ids, skip_special_tokens=True).strip()
-        if r["kind"] == "reasoning":
-            assert a.instruction == TRANSCRIBE and said == r["transcript"]
+        if r.kind == "reasoning":
+            assert a.instruction == TRANSCRIBE and said == r.transcript
         else:
-            assert a.instruction is None and said == r["solution"]
+            assert a.instruction is None and said == r.solution

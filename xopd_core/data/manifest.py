@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from xopd_core.atomic import write_text_atomic
 
 TEXT_FIELDS: tuple[str, ...] = ("id", "split", "task", "kind", "transcript", "answer", "solution")
@@ -81,6 +83,52 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     if not rows:
         raise ManifestError(f"{path}: manifest has no rows")
     return rows
+
+
+class ManifestRow(BaseModel):
+    """One manifest row as the stages use it, after the dataset passed validation: a text item
+    (every split) and, in speech splits, its utterance. Extra keys a user's manifest carries
+    are ignored; `line` is the row's 1-based line in its file."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    id: str
+    split: str
+    task: str
+    kind: str
+    transcript: str
+    answer: str
+    solution: str
+    audio_path: str | None = None
+    voice: str | None = None
+    rate_wpm: float | None = None
+    pitch: float | None = None
+    duration_s: float | None = None
+    sample_rate: int | None = None
+    sha256: str | None = None
+    line: int = Field(default=0, alias="_line")
+
+
+def typed_rows(path: Path, rows: list[dict[str, Any]]) -> list[ManifestRow]:
+    """`read_manifest`'s rows of `path` as ManifestRows; a wrong type is a ManifestError naming
+    the file, line and field."""
+    out = []
+    for row in rows:
+        try:
+            out.append(ManifestRow.model_validate(row))
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(x) for x in first["loc"])
+            raise ManifestError(
+                f"{path}:{row.get('_line', '?')}: field '{field}': {first['msg']}"
+            ) from None
+    return out
+
+
+def read_rows(path: Path) -> list[ManifestRow]:
+    """A manifest's rows, typed (for data that need not pass the validation suite first:
+    tests, benchmarks; the stages read through `read_validated_manifests`)."""
+    return typed_rows(Path(path), read_manifest(path))
 
 
 def fields_for_split(split: str) -> tuple[str, ...]:

@@ -29,8 +29,10 @@ from xopd_core.data.manifest import (
     TEXT_FIELDS,
     TEXT_SPLITS,
     TRAIN_SPLITS,
+    ManifestRow,
     manifest_path,
     read_manifest,
+    read_rows,
 )
 from xopd_core.data.reasoning import REASONING_TASKS
 from xopd_core.data.speech import sha256_file
@@ -521,8 +523,8 @@ def validate_dataset(
 
 def read_validated_manifests(
     data_root: Path, splits: Sequence[str], params: ValidateParams
-) -> dict[str, list[dict[str, Any]]]:
-    """The rows of `data_root`'s manifests for `splits`, after the validate stage's suite
+) -> dict[str, list[ManifestRow]]:
+    """The typed rows of `data_root`'s manifests for `splits`, after the validate stage's suite
     passed on them (audio probed too). Every stage that reads a manifest calls this before
     its first step, so bad data stops a run before anything is trained or written.
     Raises DataValidationError with one line naming the manifest, line and rule."""
@@ -535,7 +537,7 @@ def read_validated_manifests(
         more = sum(r.unexpected_count for r in report.failed_rules) - 1
         tail = f" (and {more} more; `xopd validate {root}` reports them all)" if more > 0 else ""
         raise DataValidationError(f"{report.summary_line()}: {first}{tail}", report)
-    return {split: read_manifest(m) for split, m in zip(splits, manifests, strict=True)}
+    return {split: read_rows(m) for split, m in zip(splits, manifests, strict=True)}
 
 
 # --- the offline HTML page --------------------------------------------------------------

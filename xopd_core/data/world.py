@@ -21,7 +21,13 @@ import soundfile as sf
 
 from xopd_core.atomic import atomic_directory, write_json_atomic
 from xopd_core.config import IntRange, SynthParams
-from xopd_core.data.manifest import AUDIO_DIR, TEXT_SPLITS, manifest_path, write_manifest
+from xopd_core.data.manifest import (
+    AUDIO_DIR,
+    TEXT_SPLITS,
+    ManifestRow,
+    manifest_path,
+    write_manifest,
+)
 from xopd_core.data.reasoning import (
     NAMES,
     OBJECTS,
@@ -323,6 +329,23 @@ def _varied_speaker(rng: random.Random, p: SynthParams) -> Speaker:
 
 
 @dataclass(frozen=True)
+class HeardUtterance:
+    """What the encoder's pre-training reads of an utterance besides its audio: the words
+    and the speaker (voice `language+variant`, rate, pitch)."""
+
+    transcript: str
+    voice: str
+    rate_wpm: float
+    pitch: float
+
+    @classmethod
+    def of(cls, row: ManifestRow) -> HeardUtterance:
+        """A speech split's row (validated: its speaker fields are present)."""
+        assert row.voice is not None and row.rate_wpm is not None and row.pitch is not None
+        return cls(row.transcript, row.voice, row.rate_wpm, row.pitch)
+
+
+@dataclass(frozen=True)
 class SpokenText:
     """One utterance of the encoder's pre-training corpus (never written to disk)."""
 
@@ -330,14 +353,10 @@ class SpokenText:
     speaker: Speaker
     waveform: np.ndarray
 
-    def as_row(self) -> dict[str, Any]:
-        """The speaker fields a manifest row has (what the speaker head reads)."""
-        return {
-            "transcript": self.transcript,
-            "voice": self.speaker.voice,
-            "rate_wpm": self.speaker.rate_wpm,
-            "pitch": self.speaker.pitch,
-        }
+    def heard(self) -> HeardUtterance:
+        """The utterance without its waveform (what is kept once its features are taken)."""
+        s = self.speaker
+        return HeardUtterance(self.transcript, s.voice, s.rate_wpm, s.pitch)
 
 
 def speak_corpus(

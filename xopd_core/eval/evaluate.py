@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from xopd_core.data.manifest import ManifestRow
 from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.audio import encode_audio, extract_features
@@ -43,16 +44,14 @@ def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:
 
 def _graded(
     tokenizer: PreTrainedTokenizerFast,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[ManifestRow],
     outs: Sequence[list[int]],
 ) -> list[ItemResult]:
     """Each row's response decoded and its answer taken by the strict extractor."""
     results = []
     for r, ids in zip(rows, outs, strict=True):
         text = decode(tokenizer, ids)
-        results.append(
-            ItemResult(r["id"], r["task"], r["answer"], extract_answer(text, r["task"]), text)
-        )
+        results.append(ItemResult(r.id, r.task, r.answer, extract_answer(text, r.task), text))
     return results
 
 
@@ -60,7 +59,7 @@ def _graded(
 def evaluate_text(
     model: Any,
     tokenizer: PreTrainedTokenizerFast,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[ManifestRow],
     max_new_tokens: int,
     batch_size: int = 64,
     processes: int = 1,
@@ -69,7 +68,7 @@ def evaluate_text(
     `greedy_generate`)."""
     outs = greedy_generate(
         model,
-        [text_prompt_ids(tokenizer, r["transcript"]) for r in rows],
+        [text_prompt_ids(tokenizer, r.transcript) for r in rows],
         pad_id=token_id(tokenizer, PAD),
         eos_id=token_id(tokenizer, IM_END),
         max_new_tokens=max_new_tokens,
@@ -117,7 +116,7 @@ def speech_outputs(
 def evaluate_speech(
     model: Any,
     processor: Any,
-    rows: Sequence[dict[str, Any]],
+    rows: Sequence[ManifestRow],
     waveforms: Sequence[Any],
     max_new_tokens: int,
     batch_size: int = 64,

@@ -33,7 +33,9 @@ import torch
 from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGeneration
 
 from xopd_core.config import InstructPhase, MeanOver, Phase, ReadPhase
+from xopd_core.data.manifest import ManifestRow
 from xopd_core.data.speech import word_phonemes
+from xopd_core.data.world import HeardUtterance
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids
 from xopd_core.models.tokenizer import IM_END, token_id
@@ -96,12 +98,12 @@ class SpeakerTargets:
     rate_N: torch.Tensor
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict[str, Any]]) -> SpeakerTargets:
-        names = [str(r["voice"]).split("+")[-1] for r in rows]
+    def from_rows(cls, rows: Sequence[HeardUtterance]) -> SpeakerTargets:
+        names = [r.voice.split("+")[-1] for r in rows]
         variants = tuple(sorted(set(names)))
 
         def standardised(key: str) -> torch.Tensor:
-            x = torch.tensor([float(r[key]) for r in rows])
+            x = torch.tensor([float(getattr(r, key)) for r in rows])
             return (x - x.mean()) / x.std().clamp_min(1e-6)
 
         return cls(
@@ -441,9 +443,9 @@ def instruct(
 
 def instruction_mix(
     tokenizer: PreTrainedTokenizerFast,
-    speech_rows: Sequence[dict[str, Any]],
+    speech_rows: Sequence[ManifestRow],
     audio_tokens: Sequence[int],
-    text_rows: Sequence[dict[str, Any]],
+    text_rows: Sequence[ManifestRow],
     text_prompt: Callable[[str], list[int]],
     phase: InstructPhase,
     seed: int,
@@ -458,23 +460,23 @@ def instruction_mix(
 
     examples: list[SpeechExample] = []
     counts = {"speech_solution": 0, "speech_direct": 0, "paralinguistic": 0, "asr": 0, "text": 0}
-    reasoning = [i for i, r in enumerate(speech_rows) if r["kind"] == "reasoning"]
+    reasoning = [i for i, r in enumerate(speech_rows) if r.kind == "reasoning"]
     n_solutions = round(phase.speech_solution_fraction * len(reasoning))
     with_solution = set(rng.sample(reasoning, n_solutions))
     for i, r in enumerate(speech_rows):
         prompt = speech_prompt_ids(tokenizer, audio_tokens[i])
-        if r["kind"] != "reasoning":
-            examples.append(SpeechExample(prompt, said(r["solution"]), i))
+        if r.kind != "reasoning":
+            examples.append(SpeechExample(prompt, said(r.solution), i))
             counts["paralinguistic"] += 1
         elif i in with_solution:
-            examples.append(SpeechExample(prompt, said(r["solution"]), i))
+            examples.append(SpeechExample(prompt, said(r.solution), i))
             counts["speech_solution"] += 1
         else:
-            examples.append(SpeechExample(prompt, said(f"the answer is {r['answer']}."), i))
+            examples.append(SpeechExample(prompt, said(f"the answer is {r.answer}."), i))
             counts["speech_direct"] += 1
     for i in rng.sample(range(len(speech_rows)), min(phase.asr_items, len(speech_rows))):
         prompt = speech_prompt_ids(tokenizer, audio_tokens[i], TRANSCRIBE)
-        examples.append(SpeechExample(prompt, said(speech_rows[i]["transcript"]), i))
+        examples.append(SpeechExample(prompt, said(speech_rows[i].transcript), i))
         counts["asr"] += 1
     text = text_replay(tokenizer, text_rows, text_prompt, phase.text_replay_items, rng)
     counts["text"] = len(text)
@@ -483,7 +485,7 @@ def instruction_mix(
 
 def text_replay(
     tokenizer: PreTrainedTokenizerFast,
-    text_rows: Sequence[dict[str, Any]],
+    text_rows: Sequence[ManifestRow],
     text_prompt: Callable[[str], list[int]],
     n: int,
     rng: random.Random,
@@ -492,8 +494,6 @@ def text_replay(
     without replacement: replayed beside speech so the LM keeps its text ability."""
     eos = token_id(tokenizer, IM_END)
     return [
-        SpeechExample(
-            text_prompt(r["transcript"]), [*tokenizer(r["solution"])["input_ids"], eos], None
-        )
+        SpeechExample(text_prompt(r.transcript), [*tokenizer(r.solution)["input_ids"], eos], None)
         for r in rng.sample(list(text_rows), min(n, len(text_rows)))
     ]

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.validate import find_manifests, validate
 from xopd_core.config import Params
-from xopd_core.data.manifest import ManifestError, manifest_path, read_manifest
+from xopd_core.data.manifest import ManifestError, manifest_path, read_manifest, read_rows
 from xopd_core.data.speech import sha256_file
 from xopd_core.data.validation import (
     DataValidationError,
@@ -312,7 +312,8 @@ def test_read_validated_manifests_returns_rows_or_stops_in_one_line(
     world_copy: Path,
 ) -> None:
     rows = read_validated_manifests(world_copy, ["train", "eval"], Params().validate_)
-    assert rows["train"] == read_manifest(manifest_path(world_copy, "train"))
+    assert rows["train"] == read_rows(manifest_path(world_copy, "train"))
+    assert rows["train"][0].line == 1 and rows["train"][0].sample_rate == 16_000
 
     def plant(rows: list[dict]) -> None:
         rows[2]["answer"] = "maybe"

@@ -172,7 +172,7 @@ def test_the_pretraining_corpus_is_deterministic_and_varied() -> None:
     again = speak_corpus(p, texts, 12, seed=3) + speak_corpus(p, texts, 18, seed=3, start=12)
     assert len(corpus) == 30
     for a, b in zip(corpus, again, strict=True):
-        assert a.as_row() == b.as_row()
+        assert a.heard() == b.heard()
         np.testing.assert_array_equal(a.waveform, b.waveform)
     assert {c.transcript for c in corpus} == set(texts)
     # Ordinary speakers mostly, with some of every extreme a paralinguistic item uses.
@@ -182,6 +182,6 @@ def test_the_pretraining_corpus_is_deterministic_and_varied() -> None:
     assert any(c.speaker.pitch <= v.low_pitch.max for c in corpus)
     assert len({c.speaker.voice for c in corpus}) > 5
     other = speak_corpus(p, texts, 30, seed=4)
-    assert [c.as_row() for c in other] != [c.as_row() for c in corpus]
+    assert [c.heard() for c in other] != [c.heard() for c in corpus]
     with pytest.raises(WorldGenerationError, match="no texts"):
         speak_corpus(p, [], 2, seed=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.manifest import manifest_path, read_rows
 from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.evaluate import evaluate_speech
 from xopd_core.models.prompts import text_prompt_ids
@@ -34,8 +34,8 @@ def test_text_answers_equal_generate(parts, tiny_world: Path) -> None:
         )
         head.bias[eos_id] = 1.2
     model.lm_head = head
-    rows = read_manifest(manifest_path(tiny_world, "eval"))[:8]
-    prompts = [text_prompt_ids(tok, r["transcript"]) for r in rows]
+    rows = read_rows(manifest_path(tiny_world, "eval"))[:8]
+    prompts = [text_prompt_ids(tok, r.transcript) for r in rows]
     ours = greedy_generate(
         model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=16, batch_size=5
     )
@@ -70,8 +70,8 @@ def test_speech_answers_equal_generate_on_the_full_window(parts, tiny_world: Pat
     tok, _, student, processor = parts
     model = student.eval()
     pad_id, eos_id = token_id(tok, PAD), token_id(tok, IM_END)
-    rows = read_manifest(manifest_path(tiny_world, "eval"))[:6]
-    waves = [sf.read(str(tiny_world / r["audio_path"]), dtype="float32")[0] for r in rows]
+    rows = read_rows(manifest_path(tiny_world, "eval"))[:6]
+    waves = [sf.read(str(tiny_world / r.audio_path), dtype="float32")[0] for r in rows]
     ours = evaluate_speech(model, processor, rows, waves, max_new_tokens=12, batch_size=4)
     shared = evaluate_speech(
         model, processor, rows, waves, max_new_tokens=12, batch_size=4, processes=2
@@ -94,5 +94,5 @@ def test_speech_answers_equal_generate_on_the_full_window(parts, tiny_world: Pat
                 eos_token_id=eos_id,
             )
         ids = _cut(out[0, inputs["input_ids"].shape[1] :].tolist(), eos_id)
-        assert result.response == decode(tok, ids), r["id"]
-        assert result.id == r["id"]
+        assert result.response == decode(tok, ids), r.id
+        assert result.id == r.id

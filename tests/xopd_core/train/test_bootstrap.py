@@ -9,7 +9,8 @@ import soundfile as sf
 import torch
 
 from xopd_core.config import InstructPhase, Phase, ReadPhase
-from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.manifest import manifest_path, read_rows
+from xopd_core.data.world import HeardUtterance
 from xopd_core.models.audio import encoder_states, extract_features
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import AUDIO, IM_END, PAD, token_id
@@ -35,8 +36,8 @@ FAST = Phase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2)
 
 
 def _train_rows(tiny_world: Path) -> tuple[list[dict], list]:
-    rows = read_manifest(manifest_path(tiny_world, "train"))
-    waves = [sf.read(str(tiny_world / r["audio_path"]), dtype="float32")[0] for r in rows]
+    rows = read_rows(manifest_path(tiny_world, "train"))
+    waves = [sf.read(str(tiny_world / r.audio_path), dtype="float32")[0] for r in rows]
     return rows, waves
 
 
@@ -69,7 +70,7 @@ def test_speech_prompt_matches_the_processor_expansion(parts, tiny_world: Path) 
 def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
     tok, _, _, processor = parts
     rows, waves = _train_rows(tiny_world)
-    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    text_rows = read_rows(manifest_path(tiny_world, "text_train"))
     n_tokens = [f.audio_tokens for f in extract_features(processor, waves)]
     phase = InstructPhase(
         steps=1, lr=1e-3, speech_solution_fraction=0.5, asr_items=5, text_replay_items=7
@@ -81,7 +82,7 @@ def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
         )
 
     examples, counts = mix(0)
-    reasoning = sum(r["kind"] == "reasoning" for r in rows)
+    reasoning = sum(r.kind == "reasoning" for r in rows)
     assert counts == {
         "speech_solution": round(0.5 * reasoning),
         "speech_direct": reasoning - round(0.5 * reasoning),
@@ -97,7 +98,7 @@ def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
         if e.audio is not None:
             assert e.prompt_ids.count(audio_id) == n_tokens[e.audio]
     direct = [tok.decode(e.response_ids[:-1]) for e in examples[:reasoning]]
-    answers = [f"the answer is {r['answer']}." for r in rows if r["kind"] == "reasoning"]
+    answers = [f"the answer is {r.answer}." for r in rows if r.kind == "reasoning"]
     assert sum(d == a for d, a in zip(direct, answers, strict=True)) == counts["speech_direct"]
     again, _ = mix(0)
     assert again == examples
@@ -107,18 +108,18 @@ def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
 
 def test_text_replay_draws_distinct_text_rows_with_their_solutions(parts, tiny_world: Path) -> None:
     tok = parts[0]
-    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    text_rows = read_rows(manifest_path(tiny_world, "text_train"))
 
     def replay(n: int, seed: int) -> list[SpeechExample]:
         return text_replay(tok, text_rows, lambda t: text_prompt_ids(tok, t), n, Random(seed))
 
     picked = replay(5, 0)
     assert len(picked) == 5 and all(e.audio is None for e in picked)
-    by_prompt = {tuple(text_prompt_ids(tok, r["transcript"])): r for r in text_rows}
+    by_prompt = {tuple(text_prompt_ids(tok, r.transcript)): r for r in text_rows}
     eos = token_id(tok, IM_END)
     for e in picked:
         row = by_prompt[tuple(e.prompt_ids)]
-        assert e.response_ids == [*tok(row["solution"])["input_ids"], eos]
+        assert e.response_ids == [*tok(row.solution)["input_ids"], eos]
     assert len({tuple(e.prompt_ids) for e in picked}) == 5
     assert replay(5, 0) == picked and replay(5, 1) != picked
     assert len(replay(10 * len(text_rows), 0)) == len(text_rows)  # capped, no repeats
@@ -140,15 +141,15 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
 
     flags = {n: q.requires_grad for n, q in model.named_parameters()}
     lm_before, tower_before, proj_before = _state(lm), _state(tower), _state(projector)
-    alphabet, targets = character_targets([r["transcript"] for r in rows])
-    assert "".join(alphabet[i] for i in targets[0]) == rows[0]["transcript"]
+    alphabet, targets = character_targets([r.transcript for r in rows])
+    assert "".join(alphabet[i] for i in targets[0]) == rows[0].transcript
     assert falls(pretrain_encoder_ctc(model, feats, targets, len(alphabet), FAST, seed=0))
     assert _changed(tower_before, tower) and not _changed(lm_before, lm)
     assert not _changed(proj_before, projector)
     assert "embed_positions.weight" not in _changed(tower_before, tower)  # fixed sinusoids
 
     tower_before = _state(tower)
-    tokens = [list(tok(r["transcript"])["input_ids"]) for r in rows]
+    tokens = [list(tok(r.transcript)["input_ids"]) for r in rows]
     assert falls(align_to_embeddings(model, feats, tokens, FAST, seed=0))
     # The LM is frozen while the audio side learns: the text teacher's ability is intact.
     assert not _changed(lm_before, lm)
@@ -159,9 +160,9 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
 
     # The other phase-2 objective: the frozen LM's NLL of each transcript given the audio.
     tower_before, proj_before = _state(tower), _state(projector)
-    asr = transcription_examples(tok, [r["transcript"] for r in rows], n_tokens)
+    asr = transcription_examples(tok, [r.transcript for r in rows], n_tokens)
     assert asr[0].prompt_ids == speech_prompt_ids(tok, n_tokens[0], TRANSCRIBE)
-    assert tok.decode(asr[0].response_ids[:-1]).strip() == rows[0]["transcript"]
+    assert tok.decode(asr[0].response_ids[:-1]).strip() == rows[0].transcript
     assert falls(align_through_lm(model, feats, asr, pad, FAST, seed=0))
     assert not _changed(lm_before, lm)
     assert _changed(tower_before, tower) and _changed(proj_before, projector)
@@ -177,7 +178,7 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
     assert falls(learn_to_read(model, states, asr, pad, read, seed=0))
     assert _changed(lm_before, lm) and _changed(proj_before, projector)
     assert not _changed(tower_before, tower)
-    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    text_rows = read_rows(manifest_path(tiny_world, "text_train"))
     phase = InstructPhase(steps=12, batch_size=4, lr=3e-3, warmup_steps=2, asr_items=4)
     mix, _ = instruction_mix(
         tok, rows, n_tokens, text_rows, lambda t: text_prompt_ids(tok, t), phase, seed=0
@@ -190,10 +191,10 @@ def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world:
 
 def test_speaker_targets_are_standardised_and_class_balanced() -> None:
     rows = [
-        {"voice": "en-us+f1", "pitch": 40, "rate_wpm": 150},
-        {"voice": "en-gb+f1", "pitch": 60, "rate_wpm": 170},
-        {"voice": "en-us+m2", "pitch": 90, "rate_wpm": 260},
-        {"voice": "en-gb+whisper", "pitch": 10, "rate_wpm": 100},
+        HeardUtterance("a", "en-us+f1", pitch=40, rate_wpm=150),
+        HeardUtterance("b", "en-gb+f1", pitch=60, rate_wpm=170),
+        HeardUtterance("c", "en-us+m2", pitch=90, rate_wpm=260),
+        HeardUtterance("d", "en-gb+whisper", pitch=10, rate_wpm=100),
     ]
     t = SpeakerTargets.from_rows(rows)
     assert t.variants == ("f1", "m2", "whisper")
@@ -215,8 +216,8 @@ def test_speaker_head_trains_with_the_encoder(parts, tiny_world: Path) -> None:
     _, _, fresh, processor = parts
     rows, waves = _train_rows(tiny_world)
     feats = extract_features(processor, waves)
-    alphabet, chars = character_targets([r["transcript"] for r in rows])
-    targets = SpeakerTargets.from_rows(rows)
+    alphabet, chars = character_targets([r.transcript for r in rows])
+    targets = SpeakerTargets.from_rows([HeardUtterance.of(r) for r in rows])
     idx = list(range(len(rows)))
     phase = Phase(steps=30, batch_size=4, lr=3e-3, warmup_steps=2)
 
@@ -258,15 +259,15 @@ def test_phases_train_under_bf16_autocast(parts, tiny_world: Path) -> None:
     def falls(losses: list[float]) -> bool:
         return sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
 
-    alphabet, targets = character_targets([r["transcript"] for r in rows])
+    alphabet, targets = character_targets([r.transcript for r in rows])
     assert falls(pretrain_encoder_ctc(model, feats, targets, len(alphabet), bf16, seed=0))
-    tokens = [list(tok(r["transcript"])["input_ids"]) for r in rows]
+    tokens = [list(tok(r.transcript)["input_ids"]) for r in rows]
     assert falls(align_to_embeddings(model, feats, tokens, bf16, seed=0))
     states = cache_encoder_states(model, feats)
     phase = InstructPhase(
         steps=12, batch_size=4, lr=3e-3, warmup_steps=2, asr_items=4, precision="bf16"
     )
-    text_rows = read_manifest(manifest_path(tiny_world, "text_train"))
+    text_rows = read_rows(manifest_path(tiny_world, "text_train"))
     n_tokens = [f.audio_tokens for f in feats]
     mix, _ = instruction_mix(
         tok, rows, n_tokens, text_rows, lambda t: text_prompt_ids(tok, t), phase, seed=0
