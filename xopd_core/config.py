@@ -387,6 +387,14 @@ class InstructPhase(Phase):
         description="Share of spoken reasoning items answered with a worked solution; the "
         "rest are answered directly ('the answer is X.'), as in typical spoken-QA corpora.",
     )
+    short_answer_tasks: list[
+        Literal["boolean_expressions", "navigate", "object_counting", "web_of_lies"]
+    ] = Field(
+        default_factory=list,
+        description="Reasoning tasks whose spoken items are all answered directly ('the "
+        "answer is X.'), whatever speech_solution_fraction says; the fraction applies to the "
+        "other tasks' items. []: none.",
+    )
     asr_items: int = Field(
         default=500, ge=0, le=1_000_000, description="Transcription examples (audio → text)."
     )

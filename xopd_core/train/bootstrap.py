@@ -460,7 +460,10 @@ def instruction_mix(
 
     examples: list[SpeechExample] = []
     counts = {"speech_solution": 0, "speech_direct": 0, "paralinguistic": 0, "asr": 0, "text": 0}
-    reasoning = [i for i, r in enumerate(speech_rows) if r.kind == "reasoning"]
+    short = set(phase.short_answer_tasks)
+    reasoning = [
+        i for i, r in enumerate(speech_rows) if r.kind == "reasoning" and r.task not in short
+    ]
     n_solutions = round(phase.speech_solution_fraction * len(reasoning))
     with_solution = set(rng.sample(reasoning, n_solutions))
     for i, r in enumerate(speech_rows):

@@ -106,6 +106,26 @@ def test_instruction_mix_follows_the_params(parts, tiny_world: Path) -> None:
     assert other != examples
 
 
+def test_short_answer_tasks_answer_every_spoken_item_of_those_tasks_directly(
+    parts, tiny_world: Path
+) -> None:
+    tok, _, _, processor = parts
+    rows, waves = _train_rows(tiny_world)
+    n_tokens = [f.audio_tokens for f in extract_features(processor, waves)]
+    phase = InstructPhase(
+        steps=1, lr=1e-3, short_answer_tasks=["navigate"], asr_items=0, text_replay_items=0
+    )
+    examples, counts = instruction_mix(
+        tok, rows, n_tokens, [], lambda t: text_prompt_ids(tok, t), phase, 0
+    )
+    navigate = [r for r in rows if r.kind == "reasoning" and r.task == "navigate"]
+    assert navigate and counts["speech_direct"] == len(navigate)
+    for r, e in zip(rows, examples, strict=True):
+        said = tok.decode(e.response_ids[:-1])
+        if r.kind == "reasoning":
+            assert (said == f"the answer is {r.answer}.") == (r.task == "navigate"), r.id
+
+
 def test_text_replay_draws_distinct_text_rows_with_their_solutions(parts, tiny_world: Path) -> None:
     tok = parts[0]
     text_rows = read_rows(manifest_path(tiny_world, "text_train"))
