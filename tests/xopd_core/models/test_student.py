@@ -27,33 +27,26 @@ def test_student_language_model_starts_as_the_teacher(parts) -> None:
     assert student.config.audio_token_index == token_id(tok, AUDIO)
 
 
-def test_processor_expands_one_utterance_to_25_tokens_per_second(parts, tiny_world: Path) -> None:
-    tok, _, _, processor = parts
-    row = read_manifest(manifest_path(tiny_world, "eval"))[0]
-    inputs = speech_inputs(processor, tiny_world, row)
-    n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
-    n_samples = sf.info(str(tiny_world / row["audio_path"])).frames
-    assert n_audio == audio_tokens_for(n_samples, 160)
-    assert abs(n_audio / row["duration_s"] - 25) < 1
-    assert inputs["input_features"].shape[-1] == 3000  # the 30 s window vLLM requires
-
-
-def test_hop_320_halves_the_audio_positions_in_the_same_3000_frames(
-    parts, tiny_world: Path
+@pytest.mark.parametrize(("hop", "per_second"), [(160, 25), (320, 12.5)])
+def test_processor_expands_an_utterance_to_its_audio_positions_in_3000_frames(
+    parts, tiny_world: Path, hop: int, per_second: float
 ) -> None:
+    """25 placeholders per second of speech at Whisper's hop (160), 12.5 at 320; the window
+    vLLM requires (3,000 frames: 30 s, 60 s) either way, and the encoder's output fills them."""
     tok, teacher, _, _ = parts
-    shape = TINY_AUDIO.model_copy(update={"hop_length": 320, "chunk_length_s": 60})
+    shape = TINY_AUDIO.model_copy(
+        update={"hop_length": hop, "chunk_length_s": 3000 * hop // 16_000}
+    )
     processor = build_processor(tok, shape)
-    student = build_student(teacher, tok, shape, seed=2)
     row = read_manifest(manifest_path(tiny_world, "eval"))[0]
     inputs = speech_inputs(processor, tiny_world, row)
     n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
     n_samples = sf.info(str(tiny_world / row["audio_path"])).frames
-    assert n_audio == audio_tokens_for(n_samples, 320)
-    assert abs(n_audio / row["duration_s"] - 12.5) < 1
+    assert n_audio == audio_tokens_for(n_samples, hop)
+    assert abs(n_audio / row["duration_s"] - per_second) < 1
     assert inputs["input_features"].shape[-1] == 3000
-    with torch.no_grad():  # the encoder takes the window and the placeholders match its output
-        out = student(**inputs)
+    with torch.no_grad():
+        out = build_student(teacher, tok, shape, seed=2)(**inputs)
     assert out.logits.shape[1] == inputs["input_ids"].shape[1]
 
 
