@@ -37,6 +37,7 @@ from tasks.layout import (
     round_gate,
 )
 from tasks.record import is_dvc_repo, stage_changes
+from tasks.stages import stage_params
 from tasks.student import student
 from tasks.synth import synth
 from tasks.teacher import teacher
@@ -86,17 +87,6 @@ def _present(root: Path, stage: str, rounds: int) -> bool:
     return False  # the report is cheap and always re-made
 
 
-# The params.yaml groups each stage reads (as in dvc.yaml).
-STAGE_PARAMS = {
-    "synth": ["synth"],
-    "validate": ["validate_"],
-    "teacher": ["teacher"],
-    "student": ["student"],
-    "eval": ["eval"],
-    "rounds": ["train", "eval", "gate", "campaign"],
-}
-
-
 def changed_groups(root: Path, params: Params) -> set[str]:
     """The param groups in which the run's params differ from the work folder's params.yaml
     (a run started from the UI with edited params)."""
@@ -112,7 +102,7 @@ def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) 
     DVC repository DVC decides (`dvc status <stage>` compares its deps, params and outputs
     with dvc.lock, so an upstream stage that just rebuilt makes it stale); elsewhere, when its
     output is missing or an earlier stage rebuilt something."""
-    if changed & set(STAGE_PARAMS.get(stage, [])):
+    if changed & set(stage_params(stage)):
         return True
     if is_dvc_repo(root):
         return bool(stage_changes(root, stage))

@@ -30,13 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from tasks.remote import dvc
+from tasks.stages import stage_names
 from xopd_core.config import Params, load_params
 
 PARAMS_FILE = "params.yaml"
 LINEAGE_FILES = ("params.yaml", "dvc.lock", "champion.json")
-# The root pipeline's stages, as `dvc commit` must name them: with no targets it would also
-# commit study/dvc.yaml's stage, whose outputs a run need not have made.
-PIPELINE_STAGES = ("synth", "validate", "teacher", "student", "eval", "rounds", "report")
 
 
 class RecordError(RuntimeError):
@@ -220,7 +218,7 @@ def not_recorded_advice(root: Path, ran: Params, *, one_round: bool) -> str:
             "and run the same command."
         )
     else:
-        commit = dvc_command(root, "commit", "--force", *PIPELINE_STAGES)
+        commit = dvc_command(root, "commit", "--force", *stage_names())
         lines.append(
             "or, to keep what this run made (every stage that reads those settings ran with "
             f"them), write them into params.yaml and record it: {commit}"
