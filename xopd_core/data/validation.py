@@ -36,8 +36,7 @@ from xopd_core.data.manifest import (
 )
 from xopd_core.data.reasoning import REASONING_TASKS
 from xopd_core.data.speech import sha256_file
-from xopd_core.data.world import PARA_TASKS
-from xopd_core.eval.metrics import ANSWER_SETS
+from xopd_core.data.world import ANSWER_SETS, PARA_TASKS
 
 # What a row's `kind` may be, and the tasks of each kind.
 TASKS_OF_KIND: dict[str, tuple[str, ...]] = {

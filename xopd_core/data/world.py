@@ -30,6 +30,7 @@ from xopd_core.data.manifest import (
 )
 from xopd_core.data.reasoning import (
     NAMES,
+    NUMBER_WORDS,
     OBJECTS,
     REASONING_TASKS,
     count_phrase,
@@ -49,6 +50,14 @@ PARA_TASKS: dict[str, tuple[str, tuple[str, str]]] = {
     "speaking_rate": ("is this said fast or slow?", ("fast", "slow")),
     "pitch": ("is the voice high or low?", ("high", "low")),
     "whisper": ("is the voice a whisper or normal?", ("whisper", "normal")),
+}
+# Every task's possible answers (what the strict answer extractor and the dataset suite accept).
+ANSWER_SETS: dict[str, frozenset[str]] = {
+    "navigate": frozenset({"yes", "no"}),
+    "web_of_lies": frozenset({"yes", "no"}),
+    "boolean_expressions": frozenset({"true", "false"}),
+    "object_counting": frozenset(NUMBER_WORDS),
+    **{task: frozenset(answers) for task, (_, answers) in PARA_TASKS.items()},
 }
 MAX_DUPLICATE_RETRIES = 2000
 

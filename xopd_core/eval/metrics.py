@@ -11,8 +11,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-from xopd_core.data.reasoning import NUMBER_WORDS
-from xopd_core.data.world import PARA_TASKS
+from xopd_core.data.world import ANSWER_SETS
 
 
 class TeacherScoresError(ValueError):
@@ -20,13 +19,6 @@ class TeacherScoresError(ValueError):
     stage's module, so that the CLI can name it without importing torch)."""
 
 
-ANSWER_SETS: dict[str, frozenset[str]] = {
-    "navigate": frozenset({"yes", "no"}),
-    "web_of_lies": frozenset({"yes", "no"}),
-    "boolean_expressions": frozenset({"true", "false"}),
-    "object_counting": frozenset(NUMBER_WORDS),
-    **{task: frozenset(answers) for task, (_, answers) in PARA_TASKS.items()},
-}
 _FINAL = re.compile(r"the answer is (\w+)\s*\.\s*$")
 
 
