@@ -86,16 +86,20 @@ class Objective(Protocol):
         ...
 
 
-class _TokenMean:
-    """Token mean over the global batch; nothing to do at the start of a step."""
-
-    def weights(self, mask_B_T: torch.Tensor, speech_B: torch.Tensor) -> torch.Tensor:
-        return token_mean_weights(mask_B_T)
+class _NoStepSetup:
+    """An objective with nothing to prepare at the start of a step."""
 
     def begin_step(
         self, batch: StepBatch, prompt_of: Callable[[Rollout], Prompt]
     ) -> dict[str, float]:
         return {}
+
+
+class _TokenMean(_NoStepSetup):
+    """Token mean over the global batch."""
+
+    def weights(self, mask_B_T: torch.Tensor, speech_B: torch.Tensor) -> torch.Tensor:
+        return token_mean_weights(mask_B_T)
 
 
 class CrossEntropy(_TokenMean):
@@ -127,7 +131,7 @@ class GKD(_TokenMean):
         return weighted_sum(terms_B_T, part.weights_B_T), None
 
 
-class XOPD:
+class XOPD(_NoStepSetup):
     """X-OPD (DESIGN.md §1): reverse KL to the text teacher on the student's own samples from
     the transcript (weight λ) and the speech prompt (1 − λ); each rollout's tokens averaged,
     then rollouts averaged (the paper's normalisation). `loss` sampled: the paper's
@@ -141,11 +145,6 @@ class XOPD:
 
     def weights(self, mask_B_T: torch.Tensor, speech_B: torch.Tensor) -> torch.Tensor:
         return sequence_mean_weights(mask_B_T, speech_B.long(), (self.lmbda, 1 - self.lmbda))
-
-    def begin_step(
-        self, batch: StepBatch, prompt_of: Callable[[Rollout], Prompt]
-    ) -> dict[str, float]:
-        return {}
 
     def loss(self, part: Part) -> tuple[torch.Tensor, torch.Tensor | None]:
         w_B_T = part.weights_B_T
