@@ -1,8 +1,9 @@
 """Prefect flow `xopd-campaign`: what `make run` runs. Bootstrap the mini world where it is
 missing or stale, then N X-OPD rounds (`campaign.rounds`), then report, record in DVC and push.
 
-Orchestration only: each step calls the same stage function as the matching `dvc.yaml` stage.
-In a DVC repository, whether a step runs is DVC's own answer (`dvc status <stage>`, asked
+Orchestration only: the stages are dvc.yaml's, in its order, and each step calls the function
+`xopd stage NAME` calls (tasks/<name>.py `run`; the rounds as one subflow a round). In a DVC
+repository, whether a step runs is DVC's own answer (`dvc status <stage>`, asked
 just before it), so a second run, or a `dvc repro` after it, does nothing. Elsewhere a step
 runs when its output is missing or an earlier step rebuilt something.
 """
@@ -11,80 +12,27 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 
 from flows.publish import publish, push_owed
-from flows.round import eval_step, gate_step, validate_step, xopd_round
-from tasks.layout import (
-    CAMPAIGN_TABLE,
-    CHAMPION,
-    DATA,
-    LOCK,
-    ROUND_REPORTS,
-    ROUNDS,
-    ROUNDS_METRICS,
-    STUDENT,
-    STUDENT_METRICS,
-    TEACHER,
-    TEACHER_METRICS,
-    VALIDATE,
-    round_checkpoint,
-    round_eval,
-    round_gate,
-)
+from flows.round import gate_step, xopd_round
+from tasks.layout import CAMPAIGN_TABLE, CHAMPION, LOCK, ROUND_REPORTS, ROUNDS, ROUNDS_METRICS
 from tasks.record import is_dvc_repo, stage_changes
-from tasks.stages import stage_params
-from tasks.student import student
-from tasks.synth import synth
-from tasks.teacher import teacher
+from tasks.stages import Stage, built, pipeline_of, runner
 from xopd_core.config import Params, load_params
 from xopd_core.lock import exclusive
 
-T = TypeVar("T")
 
-
-def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+@task(task_run_name="{name}")
+def stage_step(name: str, params: Params, root: Path) -> float:
+    """Stage `name`'s function (tasks/<name>.py `run`), as `xopd stage NAME` runs it; its
+    seconds."""
     start = time.perf_counter()
-    return fn(*args), time.perf_counter() - start
-
-
-@task(name="synth")
-def synth_step(params: Params, root: Path) -> float:
-    return _timed(synth, params, root / DATA)[1]
-
-
-@task(name="teacher")
-def teacher_step(params: Params, root: Path) -> float:
-    return _timed(teacher, params, root / DATA, root / TEACHER, root / TEACHER_METRICS)[1]
-
-
-@task(name="student")
-def student_step(params: Params, root: Path) -> float:
-    args = (params, root / DATA, root / TEACHER, root / STUDENT, root / STUDENT_METRICS)
-    return _timed(student, *args)[1]
-
-
-def _present(root: Path, stage: str, rounds: int) -> bool:
-    """Without DVC: is the stage's output on disk?"""
-    if stage == "synth":
-        return (root / DATA / "manifests").is_dir()
-    if stage in ("teacher", "student"):
-        return (root / (TEACHER if stage == "teacher" else STUDENT) / "model.safetensors").is_file()
-    if stage == "eval":
-        return (round_eval(root, 0) / "metrics.json").is_file()
-    if stage == "rounds":
-        return all(
-            (round_checkpoint(root, k) / "model.safetensors").is_file()
-            and round_gate(root, k).is_file()
-            for k in range(1, rounds + 1)
-        )
-    if stage == "validate":
-        return (root / VALIDATE / "metrics.json").is_file()
-    return False  # the report is cheap and always re-made
+    get_run_logger().info("%s: %s", name, runner(name)(params, root))
+    return time.perf_counter() - start
 
 
 def changed_groups(root: Path, params: Params) -> set[str]:
@@ -97,16 +45,16 @@ def changed_groups(root: Path, params: Params) -> set[str]:
     return {g for g in type(params).model_fields if getattr(params, g) != getattr(on_disk, g)}
 
 
-def due(root: Path, stage: str, ran: list[str], rounds: int, changed: set[str]) -> bool:
+def due(root: Path, stage: Stage, ran: list[str], params: Params, changed: set[str]) -> bool:
     """Must `stage` run now? When the run's params for it differ from params.yaml, yes. In a
     DVC repository DVC decides (`dvc status <stage>` compares its deps, params and outputs
     with dvc.lock, so an upstream stage that just rebuilt makes it stale); elsewhere, when its
     output is missing or an earlier stage rebuilt something."""
-    if changed & set(stage_params(stage)):
+    if changed & set(stage.params):
         return True
     if is_dvc_repo(root):
-        return bool(stage_changes(root, stage))
-    return any(s != "validate" for s in ran) or not _present(root, stage, rounds)
+        return bool(stage_changes(root, stage.name))
+    return any(s != "validate" for s in ran) or not built(stage, params, root)
 
 
 def _clear_rounds(root: Path) -> None:
@@ -128,13 +76,27 @@ def _clear_rounds(root: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _rounds(params: Params, root: Path, seconds: dict[str, float]) -> list[bool]:
+    """The rounds stage as Prefect subflows: the first champion (round 0), then each round
+    from the previous one; each gate decision, round 0's first."""
+    _clear_rounds(root)
+    promoted = [gate_step(params, root, 0)["promoted"]]
+    for k in range(1, params.campaign.rounds + 1):
+        r = xopd_round(
+            params=params, round=k, workdir=str(root), lock=False, check_data=False, record=False
+        )
+        promoted.append(r["promoted"])
+        for name, s in r["seconds"].items():
+            seconds[name] = seconds.get(name, 0.0) + s
+    return promoted
+
+
 @flow(name="xopd-campaign")
 def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
     """Bootstrap where needed, `campaign.rounds` rounds each from the previous one, report.
     Returns which steps ran, each round's decision, the table and the stage functions' own
     seconds (for the orchestration-overhead figure)."""
     root = Path(workdir)
-    n = params.campaign.rounds
     seconds: dict[str, float] = {}
     with exclusive(root / LOCK, what="xopd run"):
         ran: list[str] = []
@@ -142,40 +104,20 @@ def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
 
         log = get_run_logger()
 
-        def step(stage: str) -> bool:
-            if due(root, stage, ran, n, changed):
-                log.info("%s: running", stage)
-                ran.append(stage)
-                return True
-            log.info("%s: up to date, skipped", stage)
-            return False
-
-        if step("synth"):
-            seconds["synth"] = synth_step(params, root)
-        if step("validate"):
-            seconds["validate"] = validate_step(params, root, root / VALIDATE)["seconds"]
-        if step("teacher"):
-            seconds["teacher"] = teacher_step(params, root)
-        if step("student"):
-            seconds["student"] = student_step(params, root)
-        if step("eval"):
-            seconds["eval"] = eval_step(params, root, 0)["seconds"]
         promoted: list[bool] = []
-        if step("rounds"):
-            _clear_rounds(root)
-            promoted.append(gate_step(params, root, 0)["promoted"])  # the first champion
-            for k in range(1, n + 1):
-                r = xopd_round(
-                    params=params,
-                    round=k,
-                    workdir=workdir,
-                    lock=False,
-                    check_data=False,
-                    record=False,
-                )
-                promoted.append(r["promoted"])
-                for name, s in r["seconds"].items():
-                    seconds[name] = seconds.get(name, 0.0) + s
+        # dvc.yaml's stages in its order; the report comes last, with the record and push.
+        for stage in pipeline_of(root):
+            if stage.name == "report":
+                continue
+            if not due(root, stage, ran, params, changed):
+                log.info("%s: up to date, skipped", stage.name)
+                continue
+            log.info("%s: running", stage.name)
+            ran.append(stage.name)
+            if stage.name == "rounds":  # one subflow a round, so each shows in the UI
+                promoted = _rounds(params, root, seconds)
+            else:
+                seconds[stage.name] = stage_step(stage.name, params, root)
         if ran:
             ran.append("report")
             out = publish(params, root, any(promoted))

@@ -68,7 +68,7 @@ def record_step(params: Params, root: Path, *, one_round: bool = False) -> bool:
     if not params_in_sync(root, params):
         log.warning(not_recorded_advice(root, params, one_round=one_round))
         return False
-    stages = stage_names()  # named: with no targets dvc would also commit study/dvc.yaml's
+    stages = stage_names(root)  # named: with no targets dvc would also commit study/dvc.yaml's
     record(root, list(stages))
     log.info("recorded in %s (dvc commit %s)", root / "dvc.lock", " ".join(stages))
     return True

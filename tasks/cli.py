@@ -18,61 +18,18 @@ from xopd_core.runtime import apply_offline_env
 
 log = logging.getLogger("xopd")
 
-# The stage commands (what `dvc repro` runs, and `xopd report`) hold the work folder's lock
-# (`--workdir`, else the current folder, where dvc.yaml runs them) while they run, so none
-# reads or writes beside `xopd run` or another stage. `run` and `serve` lock inside their
-# flows.
-LOCKED_COMMANDS = frozenset(
-    {
-        "synth",
-        "validate",
-        "teacher",
-        "student",
-        "eval",
-        "train",
-        "gate",
-        "rounds",
-        "study",
-        "report",
-    }
-)
+# The stage commands (`xopd stage NAME`: what `dvc repro` runs) and the others that write hold
+# the work folder's lock (`--workdir`, else the current folder, where dvc.yaml runs them) while
+# they run, so none reads or writes beside `xopd run` or another stage. `run` and `serve` lock
+# inside their flows.
+LOCKED_COMMANDS = frozenset({"stage", "validate", "eval", "train", "gate", "study"})
 
 DEFAULT_DATA = layout.DATA
 DEFAULT_VALIDATE_OUT = layout.VALIDATE
 DEFAULT_TEACHER = layout.TEACHER
 DEFAULT_TEACHER_METRICS = layout.TEACHER_METRICS
 DEFAULT_STUDENT = layout.STUDENT
-DEFAULT_STUDENT_METRICS = layout.STUDENT_METRICS
 DEFAULT_EVAL_OUT = layout.EVAL
-
-
-def _progress_bar(desc: str):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            # disable=None: a bar on a terminal, silence in logs and CI.
-            bar = tqdm(
-                total=total, desc=desc, unit="utt", file=sys.stderr, leave=False, disable=None
-            )
-        bar.update(done - bar.n)
-        if done == total:
-            bar.close()
-
-    return update
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks.synth import synth
-    from xopd_core.config import load_params
-
-    params = load_params(args.params)
-    summary = synth(params, args.out, progress=_progress_bar("synth"))
-    print(f"synth: {summary.describe()} → {args.out}")
-    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -85,60 +42,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
         f"validate: passed, {summary.n_rows} rows in {summary.seconds:.1f} s → "
         f"{summary.report_html}"
     )
-    return 0
-
-
-def _step_bar(desc: str, total: int):  # type: ignore[no-untyped-def]
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False, disable=None)
-
-    def update(step: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-        if step + 1 == total:
-            bar.close()
-
-    return update
-
-
-def cmd_teacher(args: argparse.Namespace) -> int:
-    from tasks.teacher import teacher
-    from xopd_core.config import load_params
-
-    params = load_params(args.params)
-    bar = _step_bar("teacher", params.teacher.steps)
-    summary = teacher(params, args.data, args.out, args.metrics, on_step=bar)
-    m = summary.metrics
-    print(
-        f"teacher: text accuracy {m['text_accuracy_mean']:.3f} in {m['total_seconds']:.0f} s "
-        f"→ {args.out}"
-    )
-    return 0
-
-
-def _phase_bar(params):  # type: ignore[no-untyped-def]
-    """One progress bar per bootstrap phase of the student stage."""
-    p = params.student
-    bars = {}
-
-    def update(phase: str, step: int, loss: float) -> None:
-        if phase not in bars:
-            bars[phase] = _step_bar(f"student {phase}", getattr(p, phase).steps)
-        bars[phase](step, loss)
-
-    return update
-
-
-def cmd_student(args: argparse.Namespace) -> int:
-    from tasks.student import student
-    from xopd_core.config import load_params
-
-    params = load_params(args.params)
-    summary = student(
-        params, args.data, args.teacher, args.out, args.metrics, on_step=_phase_bar(params)
-    )
-    print(f"student: bootstrapped in {summary.metrics['total_seconds']:.0f} s → {args.out}")
     return 0
 
 
@@ -193,19 +96,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rounds(args: argparse.Namespace) -> int:
-    from tasks.rounds import run_rounds
-    from xopd_core.config import load_params
-
-    summary = run_rounds(load_params(args.params), args.workdir)
-    verdicts = ", ".join(
-        f"round {k}: {'promoted' if p else 'rejected'}" for k, p in enumerate(summary.promoted, 1)
-    )
-    print(f"rounds: {summary.rounds} in {summary.seconds:.0f} s ({verdicts})")
-    print(f"rounds: metrics → {summary.metrics_path}")
-    return 0
-
-
 def cmd_study(args: argparse.Namespace) -> int:
     from tasks.study import StudyPaths, study
     from xopd_core.config import load_params
@@ -218,12 +108,19 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
-    from tasks.report import report
+def cmd_stage(args: argparse.Namespace) -> int:
+    from tasks.stages import pipeline_of, runner
+    from xopd_core.config import load_params
 
-    summary = report(args.workdir)
-    print(summary.table)
-    print(f"report: → {summary.table_path}, plots {', '.join(map(str, summary.plots))}")
+    names = [s.name for s in pipeline_of(args.workdir)]
+    if args.name not in names:
+        print(
+            f"xopd stage: error: no stage {args.name!r} in dvc.yaml ({', '.join(names)})",
+            file=sys.stderr,
+        )
+        return 2
+    params = load_params(args.params)
+    print(f"{args.name}: {runner(args.name)(params, args.workdir, progress=True)}")
     return 0
 
 
@@ -244,11 +141,6 @@ def build_parser(
     parser = argparse.ArgumentParser(prog="xopd", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("synth", help="generate the mini world (audio + manifests)")
-    add_params(p)
-    p.add_argument("--out", type=Path, default=DEFAULT_DATA, help="data root to (re)create")
-    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("validate", help="validate manifests + audio; non-zero exit on failure")
     add_params(p)
@@ -271,31 +163,6 @@ def build_parser(
         help="where validation.json and validation.html go",
     )
     p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("teacher", help="train the mini world's text teacher (and tokenizer)")
-    add_params(p)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mini-world data root")
-    p.add_argument("--out", type=Path, default=DEFAULT_TEACHER, help="checkpoint folder")
-    p.add_argument(
-        "--metrics",
-        type=Path,
-        default=DEFAULT_TEACHER_METRICS,
-        help="where the teacher's metrics JSON goes",
-    )
-    p.set_defaults(func=cmd_teacher)
-
-    p = sub.add_parser("student", help="bootstrap the mini world's round-0 speech student")
-    add_params(p)
-    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="mini-world data root")
-    p.add_argument("--teacher", type=Path, default=DEFAULT_TEACHER, help="teacher checkpoint")
-    p.add_argument("--out", type=Path, default=DEFAULT_STUDENT, help="checkpoint folder")
-    p.add_argument(
-        "--metrics",
-        type=Path,
-        default=DEFAULT_STUDENT_METRICS,
-        help="where the student stage's training metrics JSON goes",
-    )
-    p.set_defaults(func=cmd_student)
 
     p = sub.add_parser("eval", help="accuracy by task and modality, Avg-Drop, paralinguistics")
     add_params(p)
@@ -353,11 +220,6 @@ def build_parser(
     )
     p.set_defaults(func=cmd_gate)
 
-    p = sub.add_parser("rounds", help="X-OPD rounds 1..campaign.rounds, each gated")
-    add_params(p)
-    p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
-    p.set_defaults(func=cmd_rounds)
-
     p = sub.add_parser(
         "study", help="every method from the round-0 student at an equal token budget, compared"
     )
@@ -365,9 +227,13 @@ def build_parser(
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("report", help="the campaign table and plots from the rounds' metrics")
+    p = sub.add_parser(
+        "stage", help="run one dvc.yaml stage on the work folder (as dvc repro does)"
+    )
+    add_params(p)
+    p.add_argument("name", help="the stage, as dvc.yaml names it (synth, validate, teacher, …)")
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=cmd_stage)
 
     if extra is not None:
         extra(sub)

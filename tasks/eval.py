@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+from tasks.layout import DATA, EVAL, STUDENT, TEACHER_METRICS
 from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
@@ -173,3 +174,9 @@ def evaluate(
     write_text_atomic(out_dir / TABLE, _table(teacher, speech_acc, text_acc, para_acc, metrics))
     write_json_atomic(out_dir / METRICS, metrics)
     return EvalSummary(out_dir / METRICS, out_dir / TABLE, out_dir / RESPONSES, metrics)
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    """The stage on the work folder `root` (dvc.yaml's paths): round 0, the student."""
+    s = evaluate(params, root / DATA, root / STUDENT, root / TEACHER_METRICS, root / EVAL)
+    return f"{s.table_path.read_text()}\n→ {s.metrics_path}"

@@ -218,7 +218,7 @@ def not_recorded_advice(root: Path, ran: Params, *, one_round: bool) -> str:
             "and run the same command."
         )
     else:
-        commit = dvc_command(root, "commit", "--force", *stage_names())
+        commit = dvc_command(root, "commit", "--force", *stage_names(root))
         lines.append(
             "or, to keep what this run made (every stage that reads those settings ran with "
             f"them), write them into params.yaml and record it: {commit}"

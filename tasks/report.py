@@ -25,6 +25,7 @@ from tasks.layout import (
     round_reports,
 )
 from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
+from xopd_core.config import Params
 from xopd_core.gate import read_champion
 
 
@@ -153,3 +154,9 @@ def report(root: Path) -> ReportSummary:
     write_text_atomic(root / CAMPAIGN_TABLE, table)
     write_json_atomic(root / HEADLINE, headline_metrics(root, rounds, champion and champion.round))
     return ReportSummary(root / CAMPAIGN_TABLE, _plots(root, rounds), table)
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    """The stage on the work folder `root` (it reads no params)."""
+    s = report(root)
+    return f"{s.table}\n→ {s.table_path}, plots {', '.join(map(str, s.plots))}"

@@ -122,3 +122,21 @@ def run_rounds(params: Params, root: Path, *, rounds: int | None = None) -> Roun
         promoted.append(gate_round(params, root, k).decision.promoted)
     write_rounds_metrics(root)
     return RoundsSummary(n, promoted, root / ROUNDS_METRICS, time.perf_counter() - start)
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    """The stage on the work folder `root`: rounds 1..`campaign.rounds`, each gated."""
+    s = run_rounds(params, root)
+    verdicts = ", ".join(
+        f"round {k}: {'promoted' if p else 'rejected'}" for k, p in enumerate(s.promoted, 1)
+    )
+    return f"{s.rounds} in {s.seconds:.0f} s ({verdicts}); metrics → {s.metrics_path}"
+
+
+def built(params: Params, root: Path) -> bool:
+    """Without DVC: is every round of `campaign.rounds` on disk and gated?"""
+    return all(
+        (round_checkpoint(root, k) / "model.safetensors").is_file()
+        and round_gate(root, k).is_file()
+        for k in range(1, params.campaign.rounds + 1)
+    )

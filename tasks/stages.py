@@ -1,10 +1,18 @@
 """The pipeline's stages as `dvc.yaml` declares them, read through DVC's own loader: their
 order, the params.yaml groups each reads and what each writes. The flows take the stage list
-and each stage's params from here rather than restating them."""
+and each stage's params from here rather than restating them.
+
+A stage named NAME is run by `tasks/NAME.py`'s `run(params, root, progress=False) -> str`
+(on the work folder `root`, laid out as in tasks/layout.py; returns a line saying what it
+wrote); dvc.yaml calls it as `xopd stage NAME` and the campaign calls the same function. A
+module may add `built(params, root) -> bool` for when its outputs on disk are not the whole
+answer (the rounds: every round of `campaign.rounds`)."""
 
 from __future__ import annotations
 
 import functools
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +52,35 @@ def pipeline(dvc_yaml: Path = PIPELINE_FILE) -> tuple[Stage, ...]:
         )
 
 
-def stage_names() -> tuple[str, ...]:
-    return tuple(s.name for s in pipeline())
+def stage_names(root: Path = PIPELINE_FILE.parent) -> tuple[str, ...]:
+    """The stages of the work folder `root` (its dvc.yaml, else the package's)."""
+    return tuple(s.name for s in pipeline_of(root))
 
 
-def stage_params(name: str) -> tuple[str, ...]:
-    """The params groups `name` reads (none for a stage dvc.yaml does not have)."""
-    return next((s.params for s in pipeline() if s.name == name), ())
+def pipeline_of(root: Path) -> tuple[Stage, ...]:
+    """The work folder's own stages when it has a dvc.yaml, else the package's."""
+    own = Path(root) / "dvc.yaml"
+    return pipeline(own.resolve()) if own.is_file() else pipeline()
+
+
+Runner = Callable[..., str]
+
+
+def runner(name: str) -> Runner:
+    """`tasks/<name>.py`'s `run`; a ValueError naming what is missing otherwise."""
+    try:
+        module = importlib.import_module(f"tasks.{name}")
+    except ModuleNotFoundError as err:
+        raise ValueError(f"stage {name!r}: no module tasks/{name}.py ({err})") from err
+    run = getattr(module, "run", None)
+    if not callable(run):
+        raise ValueError(f"stage {name!r}: tasks/{name}.py has no run(params, root)")
+    return run  # type: ignore[no-any-return]
+
+
+def built(stage: Stage, params: Params, root: Path) -> bool:
+    """Without DVC: are the stage's outputs on disk (its module's `built`, if it has one)?"""
+    check = getattr(importlib.import_module(f"tasks.{stage.name}"), "built", None)
+    if check is not None:
+        return bool(check(params, root))
+    return all((root / out).exists() for out in stage.outs)

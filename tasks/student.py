@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import Qwen2ForCausalLM
 
+from tasks.layout import DATA, STUDENT, STUDENT_METRICS, TEACHER
+from tasks.progress import phase_bar
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.validation import read_validated_manifests
@@ -240,3 +242,11 @@ def student(
     }
     write_json_atomic(Path(metrics_path), metrics)
     return StudentSummary(Path(out_dir), Path(metrics_path), metrics, digest)
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    """The stage on the work folder `root` (dvc.yaml's paths)."""
+    paths = (root / DATA, root / TEACHER, root / STUDENT, root / STUDENT_METRICS)
+    bars = phase_bar(params) if progress else None
+    summary = student(params, *paths, on_step=bars)
+    return f"bootstrapped in {summary.metrics['total_seconds']:.0f} s → {STUDENT}"

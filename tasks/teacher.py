@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.layout import DATA, TEACHER, TEACHER_METRICS
+from tasks.progress import step_bar
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.validation import read_validated_manifests
@@ -108,3 +110,10 @@ def teacher(
     metrics["weights_sha256"] = digest
     write_json_atomic(Path(metrics_path), metrics)
     return TeacherSummary(Path(out_dir), Path(metrics_path), metrics, digest)
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    """The stage on the work folder `root` (dvc.yaml's paths)."""
+    bar = step_bar("teacher", params.teacher.steps) if progress else None
+    m = teacher(params, root / DATA, root / TEACHER, root / TEACHER_METRICS, on_step=bar).metrics
+    return f"text accuracy {m['text_accuracy_mean']:.3f} in {m['total_seconds']:.0f} s → {TEACHER}"

@@ -54,12 +54,14 @@ def work(tmp_path: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
 
 
 def lay_out_work(root: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
-    """data/mini, models/teacher, models/student and the teacher's scores, as `make run`
-    leaves them."""
+    """data/mini, models/teacher, models/student with their metrics (the teacher's a stand-in),
+    as `make run` leaves them."""
     (root / "data").mkdir(parents=True)
     (root / "data" / "mini").symlink_to(tiny_world)
     shutil.copytree(tiny_teacher.checkpoint, root / "models" / "teacher")
     shutil.copytree(tiny_student.summary.checkpoint, root / "models" / "student")
+    (root / "reports" / "student").mkdir(parents=True)
+    shutil.copy(tiny_student.summary.metrics_path, root / "reports" / "student" / "metrics.json")
     # The 40-step tiny teacher answers nothing right; the Avg-Drop needs a non-zero
     # reference, so the flows read a stand-in teacher score file.
     (root / "reports" / "teacher").mkdir(parents=True)

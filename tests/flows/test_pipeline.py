@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import flows.publish
+import tasks
 from flows.campaign import changed_groups, due, xopd_campaign
 from flows.cli import print_git_advice
 from flows.nightly import xopd_nightly
@@ -27,6 +28,7 @@ from flows.round import xopd_round
 from tasks.layout import PUSH_PENDING
 from tasks.record import dvc_command, git_to_commit
 from tasks.remote import RemoteError, dvc
+from tasks.stages import pipeline_of
 from tasks.validate import validate
 from tests.flows.conftest import logs_of
 from xopd_core.config import CampaignParams, Params, load_params
@@ -111,6 +113,55 @@ def test_campaign_is_recorded_and_dvc_repro_after_it_does_nothing(repo) -> None:
     out = _run(root, "repro")
     assert "Data and pipelines are up to date" in out and "Running stage" not in out
     assert weights.stat().st_mtime_ns == before
+
+
+# A stage as a contributor adds it: its module (tasks/row_count.py), reading a params group.
+ROW_COUNT = """
+import json
+from pathlib import Path
+
+from tasks.layout import DATA
+from xopd_core.config import Params
+
+
+def run(params: Params, root: Path, progress: bool = False) -> str:
+    n = len((root / DATA / "manifests" / "eval.jsonl").read_text().splitlines())
+    out = root / "reports" / "row_count.json"
+    out.write_text(json.dumps({"eval_rows": n, "max_new_tokens": params.eval.max_new_tokens}))
+    return f"{n} eval rows -> {out}"
+"""
+
+
+def test_a_stage_added_to_dvc_yaml_and_tasks_is_run_and_recorded_by_the_campaign(
+    repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The campaign's stages are dvc.yaml's: a stage added there (after `validate`, reading
+    the `eval` group) with its tasks/<name>.py runs in its place, and only it (DVC says the
+    rest are fresh), and the run records it in dvc.lock."""
+    work = tmp_path / "repo"
+    shutil.copytree(repo[0], work, symlinks=True)
+    spec = yaml.safe_load((work / "dvc.yaml").read_text())
+    stages = list(spec["stages"].items())
+    added = {
+        "cmd": "xopd stage row_count",
+        "deps": ["data/mini/manifests"],
+        "params": ["eval"],
+        "outs": [{"reports/row_count.json": {"cache": False}}],
+    }
+    stages.insert(2, ("row_count", added))
+    (work / "dvc.yaml").write_text(yaml.safe_dump({**spec, "stages": dict(stages)}))
+    module = tmp_path / "added" / "row_count.py"
+    module.parent.mkdir()
+    module.write_text(ROW_COUNT)
+    monkeypatch.setattr(tasks, "__path__", [*tasks.__path__, str(module.parent)])
+    params = load_params(work / "params.yaml")
+    result = xopd_campaign(params, workdir=str(work))
+    assert result["ran"] == ["row_count", "report"] and result["recorded"]
+    eval_rows = (work / "data" / "mini" / "manifests" / "eval.jsonl").read_text().splitlines()
+    written = json.loads((work / "reports" / "row_count.json").read_text())
+    assert written == {"eval_rows": len(eval_rows), "max_new_tokens": params.eval.max_new_tokens}
+    assert "row_count" in yaml.safe_load((work / "dvc.lock").read_text())["stages"]
+    assert json.loads(_run(work, "status", "--json")) == {}
 
 
 def test_an_up_to_date_run_still_pushes_what_is_owed_and_says_so(repo) -> None:
@@ -267,11 +318,13 @@ def test_nightly_extends_the_campaign_records_lineage_and_pushes_what_is_owed(
 def test_a_run_with_edited_params_reruns_the_stages_that_read_them(repo) -> None:
     root = repo[0]
     params = load_params(root / "params.yaml")
-    assert not due(root, "rounds", [], 1, changed_groups(root, params))  # DVC: up to date
+    stage = {s.name: s for s in pipeline_of(root)}
+    assert not due(root, stage["rounds"], [], params, changed_groups(root, params))  # DVC: fresh
     edited = params.model_copy(update={"train": params.train.model_copy(update={"steps": 2})})
     changed = changed_groups(root, edited)
     assert changed == {"train"}
-    assert due(root, "rounds", [], 1, changed) and not due(root, "teacher", [], 1, changed)
+    assert due(root, stage["rounds"], [], edited, changed)
+    assert not due(root, stage["teacher"], [], edited, changed)
 
 
 def test_a_round_started_on_its_own_leaves_dvc_consistent_and_says_what_to_commit(repo) -> None:

@@ -111,10 +111,10 @@ def test_validate_does_not_import_torch(tiny_world: Path, tmp_path: Path) -> Non
 
 def test_bad_params_exit_2_naming_the_key(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("synth:\n  workers: 0\n")
-    proc = xopd("synth", "--out", str(tmp_path / "w"), cwd=tmp_path)
+    proc = xopd("stage", "synth", cwd=tmp_path)
     assert proc.returncode == 2
     assert "synth.workers" in proc.stderr
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "data").exists()
 
 
 HOLD_AS_RUN = """
@@ -140,7 +140,7 @@ def test_stage_commands_refuse_to_run_beside_a_run_holding_the_folder(
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         for args in (
-            ("report", "--workdir", str(tmp_path)),
+            ("stage", "report", "--workdir", str(tmp_path)),
             ("gate", "--candidate", "c", "--candidate-metrics", "m.json", "--round", "1"),
         ):
             out = xopd(*args, cwd=tmp_path)
@@ -154,5 +154,5 @@ def test_stage_commands_refuse_to_run_beside_a_run_holding_the_folder(
     finally:
         holder.kill()
         holder.wait()
-    out = xopd("report", "--workdir", str(tmp_path), cwd=tmp_path)
+    out = xopd("stage", "report", "--workdir", str(tmp_path), cwd=tmp_path)
     assert "another" not in out.stderr  # the lock went with its holder

@@ -5,20 +5,22 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
+from tasks.cli import main
 from tasks.remote import dvc
-from tasks.stages import PIPELINE_FILE, pipeline, stage_names, stage_params
+from tasks.stages import PIPELINE_FILE, pipeline, runner, stage_names
 
 
 def test_the_pipeline_is_dvc_yamls_in_its_order_with_its_params() -> None:
     declared = yaml.safe_load(PIPELINE_FILE.read_text())["stages"]
     assert stage_names() == tuple(declared)
-    assert stage_params("rounds") == ("train", "eval", "gate", "campaign")
-    assert stage_params("validate") == ("validate_",)  # the Params field behind `validate:`
-    assert stage_params("report") == () and stage_params("no-such-stage") == ()
-    teacher = next(s for s in pipeline() if s.name == "teacher")
-    assert teacher.outs == ("models/teacher", "reports/teacher/metrics.json")
+    stage = {s.name: s for s in pipeline()}
+    assert stage["rounds"].params == ("train", "eval", "gate", "campaign")
+    assert stage["validate"].params == ("validate_",)  # the Params field behind `validate:`
+    assert stage["report"].params == ()
+    assert stage["teacher"].outs == ("models/teacher", "reports/teacher/metrics.json")
 
 
 def test_a_stage_added_to_dvc_yaml_is_in_the_table(tmp_path: Path) -> None:
@@ -35,3 +37,12 @@ def test_a_stage_added_to_dvc_yaml_is_in_the_table(tmp_path: Path) -> None:
     added = pipeline(tmp_path / "dvc.yaml")
     assert [s.name for s in added][-1] == "distill_more"
     assert added[-1].params == ("train", "gate") and added[-1].outs == ("models/more",)
+
+
+def test_each_stage_has_its_runner_and_an_unknown_stage_is_named(tmp_path: Path) -> None:
+    """dvc.yaml's `xopd stage NAME` calls tasks/NAME.py's `run`: every stage has one."""
+    for name in stage_names():
+        assert callable(runner(name))
+    with pytest.raises(ValueError, match=r"stage 'no_such': no module tasks/no_such\.py"):
+        runner("no_such")
+    assert main(["stage", "no_such", "--workdir", str(tmp_path)]) == 2

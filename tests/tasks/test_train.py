@@ -118,9 +118,9 @@ def test_cli_train_runs_a_round(
     # The engine is a parameter (`train.engine`), recorded with the round, never a flag, so
     # the `rounds` stage's params in dvc.lock say which engine made the weights.
     assert json.loads((tmp_path / "m.json").read_text())["engine"] == "hf"
-    for command in ("train", "rounds"):
+    for command in (["train"], ["stage", "rounds"]):
         with pytest.raises(SystemExit) as refused:
-            main([command, "--engine", "vllm"])
+            main([*command, "--engine", "vllm"])
         assert refused.value.code == 2
 
 
