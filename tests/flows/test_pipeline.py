@@ -55,22 +55,12 @@ def _lock_md5(root: Path, stage: str, path: str) -> str:
     return str(entry["md5"])
 
 
-@pytest.fixture(scope="module")
-def repo(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_world: Path,
-    tiny_teacher,
-    tiny_student,
-    flow_params: Params,
-    prefect_server,
-) -> Iterator[tuple[Path, Params, dict]]:
-    """A git + DVC repository laid out like ours, its bootstrap recorded as built, after one
-    campaign (one round) through Prefect."""
-    root = tmp_path_factory.mktemp("repo")
+def make_repo(root: Path, params: Params, tiny_world: Path, tiny_teacher, tiny_student) -> Path:
+    """A git + DVC repository laid out like ours at `root`, holding the tiny world, its
+    bootstrap recorded as built."""
     for name in ("tasks", "xopd_core", "flows", "infra"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=1)})
     (root / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict(), sort_keys=False))
     (root / ".gitignore").write_text("/.dvc-remote/\n/.xopd.lock\n/.xopd.push-pending\n")
     shutil.copytree(tiny_world, root / "data" / "mini")
@@ -93,7 +83,23 @@ def repo(
     _run(root, "commit", "--force", "synth", "validate", "teacher", "student")
     _git(root, "add", "-A")
     _git(root, "commit", "-q", "-m", "tiny world, bootstrap recorded")
+    return root
 
+
+@pytest.fixture(scope="module")
+def repo(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_world: Path,
+    tiny_teacher,
+    tiny_student,
+    flow_params: Params,
+    prefect_server,
+) -> Iterator[tuple[Path, Params, dict]]:
+    """The repository of `make_repo` after one campaign (one round) through Prefect."""
+    params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=1)})
+    root = make_repo(
+        tmp_path_factory.mktemp("repo"), params, tiny_world, tiny_teacher, tiny_student
+    )
     with pytest.MonkeyPatch.context() as mp:  # stage commands find `xopd` in our venv
         mp.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
         result = xopd_campaign(params, workdir=str(root))
@@ -364,3 +370,34 @@ def test_a_round_with_other_settings_says_what_to_run_to_make_dvc_consistent(rep
     (advice,) = [m for m in logs if m.startswith("dvc.lock left as it was")]
     assert f"train.steps: {steps} (params.yaml: {on_disk.train.steps})" in advice
     assert dvc_command(root, "repro") in advice
+
+
+@pytest.mark.slow
+def test_a_run_on_the_vllm_engine_is_recorded_and_dvc_repro_rebuilds_its_hashes(
+    tmp_path: Path,
+    tiny_world: Path,
+    tiny_teacher,
+    tiny_student,
+    flow_params: Params,
+    prefect_server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The engine is a parameter (`train.engine`), so dvc.lock records which one made the
+    weights: after a campaign on vLLM engines, `dvc repro --force` of the rounds runs vLLM
+    again and rebuilds the recorded hashes."""
+    train = flow_params.train.model_copy(update={"engine": "vllm", "loss": "sampled"})
+    params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=1), "train": train})
+    root = make_repo(tmp_path / "repo", params, tiny_world, tiny_teacher, tiny_student)
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = xopd_campaign(params, workdir=str(root))
+    assert result["ran"] == ["eval", "rounds", "report"] and result["recorded"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert lock["stages"]["rounds"]["params"]["params.yaml"]["train"]["engine"] == "vllm"
+    metrics = root / "reports" / "rounds" / "round1" / "train" / "metrics.json"
+    assert json.loads(metrics.read_text())["engine"] == "vllm"
+    recorded = _lock_md5(root, "rounds", "models/rounds")
+    weights = weights_sha256(root / "models" / "rounds" / "round1")
+    out = _run(root, "repro", "--force", "--single-item", "rounds")
+    assert "Running stage 'rounds'" in out
+    assert weights_sha256(root / "models" / "rounds" / "round1") == weights
+    assert _lock_md5(root, "rounds", "models/rounds") == recorded
