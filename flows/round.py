@@ -29,6 +29,7 @@ from prefect.context import FlowRunContext
 from prefect.runtime import flow_run
 
 from flows.publish import publish
+from tasks.eval import eval_round
 from tasks.gate import describe
 from tasks.layout import (
     CHAMPION,
@@ -46,7 +47,7 @@ from tasks.record import (
     is_dvc_repo,
     params_in_sync,
 )
-from tasks.rounds import eval_round, gate_round, train_round
+from tasks.rounds import gate_round, train_round
 from tasks.validate import validate
 from xopd_core.config import (
     DEFAULT_PARAMS_FILE,
@@ -126,7 +127,7 @@ def train_step(params: Params, root: Path, k: int) -> dict[str, Any]:
 
 @task(name="eval")
 def eval_step(params: Params, root: Path, k: int) -> dict[str, Any]:
-    return eval_round(params, root, k)
+    return eval_round(params, root, k).metrics
 
 
 @task(name="gate")

@@ -109,10 +109,10 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
-    from tasks.stages import pipeline_of, runner
+    from tasks.stages import runner, stage_names
     from xopd_core.config import load_params
 
-    names = [s.name for s in pipeline_of(args.workdir)]
+    names = stage_names(args.workdir)
     if args.name not in names:
         print(
             f"xopd stage: error: no stage {args.name!r} in dvc.yaml ({', '.join(names)})",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
-from tasks.layout import DATA, EVAL, STUDENT, TEACHER_METRICS
+from tasks.layout import DATA, TEACHER_METRICS, round_checkpoint, round_eval
 from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
@@ -176,7 +176,13 @@ def evaluate(
     return EvalSummary(out_dir / METRICS, out_dir / TABLE, out_dir / RESPONSES, metrics)
 
 
+def eval_round(params: Params, root: Path, k: int) -> EvalSummary:
+    """Round `k`'s student on the work folder `root` (round 0: the bootstrapped student)."""
+    student_dir, out_dir = round_checkpoint(root, k), round_eval(root, k)
+    return evaluate(params, root / DATA, student_dir, root / TEACHER_METRICS, out_dir)
+
+
 def run(params: Params, root: Path, progress: bool = False) -> str:
     """The stage on the work folder `root` (dvc.yaml's paths): round 0, the student."""
-    s = evaluate(params, root / DATA, root / STUDENT, root / TEACHER_METRICS, root / EVAL)
+    s = eval_round(params, root, 0)
     return f"{s.table_path.read_text()}\n→ {s.metrics_path}"

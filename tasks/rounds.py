@@ -3,8 +3,8 @@
 Round k starts from round k−1's student (round 0 = the bootstrapped `models/student`) and
 uses the train seed `train.seed + k − 1`, so rounds see different prompt orders. Before
 round 1, the round-0 student is gated against nothing (it becomes the first champion). The
-same three functions (`train_round`, `eval_round`, `gate_round`) are the Prefect round flow's
-tasks, so `dvc repro` and a Prefect run write identical files (tested by hash).
+same three functions (`train_round`, `eval_round` of tasks/eval.py, `gate_round`) are the
+Prefect round flow's tasks, so `dvc repro` and a Prefect run write identical files (tested by hash).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.eval import evaluate
+from tasks.eval import eval_round
 from tasks.gate import GateSummary, gate
 from tasks.layout import (
     CHAMPION,
@@ -24,7 +24,6 @@ from tasks.layout import (
     ROUND_REPORTS,
     ROUNDS_METRICS,
     TEACHER,
-    TEACHER_METRICS,
     round_checkpoint,
     round_eval,
     round_gate,
@@ -59,13 +58,6 @@ def train_round(
         live_dir=reports / "live",
         on_step=on_step,
     )
-
-
-def eval_round(params: Params, root: Path, k: int) -> dict[str, Any]:
-    summary = evaluate(
-        params, root / DATA, round_checkpoint(root, k), root / TEACHER_METRICS, round_eval(root, k)
-    )
-    return summary.metrics
 
 
 def gate_round(params: Params, root: Path, k: int) -> GateSummary:

@@ -15,6 +15,7 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from xopd_core.config import Params
 
@@ -66,13 +67,16 @@ def pipeline_of(root: Path) -> tuple[Stage, ...]:
 Runner = Callable[..., str]
 
 
-def runner(name: str) -> Runner:
-    """`tasks/<name>.py`'s `run`; a ValueError naming what is missing otherwise."""
+def _module(name: str) -> ModuleType:
     try:
-        module = importlib.import_module(f"tasks.{name}")
+        return importlib.import_module(f"tasks.{name}")
     except ModuleNotFoundError as err:
         raise ValueError(f"stage {name!r}: no module tasks/{name}.py ({err})") from err
-    run = getattr(module, "run", None)
+
+
+def runner(name: str) -> Runner:
+    """`tasks/<name>.py`'s `run`; a ValueError naming what is missing otherwise."""
+    run = getattr(_module(name), "run", None)
     if not callable(run):
         raise ValueError(f"stage {name!r}: tasks/{name}.py has no run(params, root)")
     return run  # type: ignore[no-any-return]
@@ -80,7 +84,7 @@ def runner(name: str) -> Runner:
 
 def built(stage: Stage, params: Params, root: Path) -> bool:
     """Without DVC: are the stage's outputs on disk (its module's `built`, if it has one)?"""
-    check = getattr(importlib.import_module(f"tasks.{stage.name}"), "built", None)
+    check = getattr(_module(stage.name), "built", None)
     if check is not None:
         return bool(check(params, root))
     return all((root / out).exists() for out in stage.outs)
