@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks import bench_audio, bench_data, bench_kl, bench_trainer
+from benchmarks import bench_audio, bench_data, bench_kl, bench_ranks, bench_trainer
 from xopd_core.runtime import apply_offline_env
 
 RESULTS = Path(__file__).parent / "results"
@@ -23,6 +23,7 @@ def main() -> int:
         "audio": bench_audio.run,
         "kl": bench_kl.run,
         "trainer": bench_trainer.run,
+        "ranks": bench_ranks.run,
     }
     on_gpu = {"kl_cuda": bench_kl.run_cuda, "trainer_cuda": bench_trainer.run_cuda}
     chosen = sys.argv[1:] or list(benches)

@@ -1,5 +1,5 @@
 """Does a process's child outlive it when the process is SIGKILLed (the OOM killer's way, no
-clean-up)? Shared by the tests of the forked gradient helpers and the Prefect server."""
+clean-up)? Shared by the tests of the forked ranks and the Prefect server."""
 
 from __future__ import annotations
 

@@ -39,11 +39,11 @@ Processes = Annotated[
     Field(
         ge=1,
         le=64,
-        description="Processes that share each batch's micro-batches (this one and forked "
-        "helpers, each with its share of the threads; docs/speed.md), also for the stage's greedy "
-        "evaluation. A tiny model gains more from a second process than from a second "
-        "thread. Results repeat exactly for a fixed count and differ from other counts in "
-        "float rounding only.",
+        description="torch.distributed ranks that share each batch's micro-batches (this "
+        "process and forks of it, each with its share of the threads; docs/speed.md), also for "
+        "the stage's greedy evaluation. A tiny model gains more from a second process than "
+        "from a second thread. Results repeat exactly for a fixed count and differ from other "
+        "counts in float rounding only.",
     ),
 ]
 
@@ -518,9 +518,9 @@ class EvalParams(_Strict):
         default=2,
         ge=1,
         le=64,
-        description="Processes that decode (this one and forked helpers, each taking every "
-        "k-th prompt; docs/speed.md). Greedy decoding of a tiny model is bound by per-token "
-        "overhead, which a second process halves and a second thread does not.",
+        description="torch.distributed ranks that decode (this process and forks of it, each "
+        "taking every k-th prompt; docs/speed.md). Greedy decoding of a tiny model is bound by "
+        "per-token overhead, which a second process halves and a second thread does not.",
     )
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
+from xopd_core.distributed import all_gather_rows, run_ranks
 from xopd_core.engines.sampler import greedy_from_embeds
 from xopd_core.engines.scoring import left_padded
 from xopd_core.models.audio import merge_audio
-from xopd_core.parallel import forked_map
 
 
 @torch.no_grad()
@@ -35,15 +35,15 @@ def greedy_generate(
     `audio[i]`: prompt i's projected audio embeddings `[audio_tokens, hidden]`, placed at
     its <|AUDIO|> placeholders (speech prompts of a speech LLM). Prompts are batched in
     order of length, so a batch pads little; results come back in the given order.
-    `processes > 1` splits the prompts between this process and forked helpers
-    (`xopd_core.parallel`): decoding a tiny model is bound by per-step overhead, which a
+    `processes > 1` splits the prompts between that many ranks (`xopd_core.distributed`:
+    this process and forks): decoding a tiny model is bound by per-step overhead, which a
     second thread does not share but a second process does. The batches then differ, so
     results repeat exactly for a fixed count (padding can move a last float bit)."""
     if audio is not None and len(audio) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(audio)} audio entries")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
 
-    def run(share: list[int]) -> list[tuple[int, list[int]]]:
+    def run(share: list[int]) -> list[list[int]]:
         done = []
         for start in range(0, len(share), batch_size):
             chunk = share[start : start + batch_size]
@@ -55,17 +55,20 @@ def greedy_generate(
             out = greedy_from_embeds(
                 model, embeds, mask, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id
             )
-            for i, row_ids, n, finished in zip(
-                chunk,
+            for row_ids, n, finished in zip(
                 out.tokens_BG_T.tolist(),
                 out.lengths_BG.tolist(),
                 out.finished_BG.tolist(),
                 strict=True,
             ):
-                done.append((i, row_ids[: n - 1] if finished else row_ids[:n]))
+                done.append(row_ids[: n - 1] if finished else row_ids[:n])
         return done
 
-    # Process k decodes every k-th prompt of the length order: shares of equal size and mix.
-    shares = [order[k::processes] for k in range(processes)]
-    by_index = dict(pair for share in forked_map(run, shares, processes) for pair in share)
-    return [by_index[i] for i in range(len(prompts))]
+    # Rank k decodes every k-th prompt of the length order: shares of equal size and mix.
+    ranks = min(processes, max(1, len(prompts)))
+    shares = run_ranks(lambda k, n: all_gather_rows(run(order[k::n])), ranks)
+    out: list[list[int]] = [[] for _ in prompts]
+    for k, share in enumerate(shares):
+        for i, ids in zip(order[k::ranks], share, strict=True):
+            out[i] = ids
+    return out

@@ -6,7 +6,6 @@ over response tokens of the batch. One readable loop; no framework Trainer.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -19,8 +18,8 @@ from typing import Protocol
 import torch
 
 from xopd_core.config import MeanOver, Precision
+from xopd_core.distributed import all_reduce_gradients, run_ranks, share_parts
 from xopd_core.errors import require_finite
-from xopd_core.parallel import GradientHelpers, share_parts
 
 IGNORE = -100
 log = logging.getLogger(__name__)
@@ -205,9 +204,10 @@ def train_steps(
     `precision="bf16"` computes the forward pass under CPU autocast (matrix products in
     bfloat16; weights, gradients, optimizer state and the loss stay float32).
 
-    `processes > 1` deals each batch's micro-batches out to this process and forked helpers
-    (`parallel.py`), each with its share of the threads; deterministic for a fixed count,
-    equal to one process up to float rounding."""
+    `processes > 1` deals each batch's micro-batches out to that many ranks (`distributed.py`:
+    this process and forks, each with its share of the threads), whose gradients are summed
+    before every rank takes the same step; deterministic for a fixed count, equal to one
+    process up to float rounding."""
     if not lengths:
         raise ValueError("training needs at least one example")
     if processes > 1 and micro_batch_size is None:
@@ -235,31 +235,18 @@ def train_steps(
             count += terms.count
         return total, count
 
-    threads = torch.get_num_threads()
-    per_process = max(1, threads // processes)
-    losses = []
-    with contextlib.ExitStack() as stack:
-        helpers = None
-        if processes > 1:
-            helpers = stack.enter_context(
-                GradientHelpers(processes - 1, params, run_parts, per_process)
-            )
-            torch.set_num_threads(per_process)
-            stack.callback(torch.set_num_threads, threads)
+    def loop(rank: int, ranks: int) -> list[float]:
+        losses = []
         for step in range(steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, steps, lr, warmup)
             parts = micro_batches(next(batches), lengths, micro_batch_size)
             opt.zero_grad(set_to_none=True)
-            if helpers is None:
+            if ranks == 1:
                 total, count = run_parts(parts)
             else:
-                own, *theirs = share_parts(parts, lengths, processes)
-                for k, theirs_k in enumerate(theirs):
-                    helpers.start(k, theirs_k)
-                total, count = run_parts(own)
-                helper_total, helper_count = helpers.collect()
-                total, count = total + helper_total, count + helper_count
+                total, count = run_parts(share_parts(parts, lengths, ranks)[rank])
+                total, count = all_reduce_gradients(params, total, count)
             # Divide once by the whole batch's count (a batch with nothing to learn: by 1).
             scale = 1.0 / max(count, 1.0)
             for p in params:
@@ -270,9 +257,11 @@ def train_steps(
             require_finite(float(grad_norm), step, "gradient norm")
             opt.step()
             losses.append(total * scale)
-            if on_step is not None:
+            if on_step is not None and rank == 0:
                 on_step(step, losses[-1])
-    return losses
+        return losses
+
+    return run_ranks(loop, processes)
 
 
 def train_sft(

@@ -52,7 +52,7 @@ def test_text_answers_equal_generate(parts, tiny_world: Path) -> None:
         theirs.append(_cut(out[0, len(p) :].tolist(), eos_id))
     assert ours == theirs, [len(t) for t in theirs]
     assert len({len(t) for t in theirs}) > 1 and min(len(t) for t in theirs) < 16
-    # Shared with forked helpers (other batches, other thread counts): the same answers.
+    # Shared by 2 or 3 ranks (other batches, other thread counts): the same answers.
     for processes in (2, 3):
         shared = greedy_generate(
             model,

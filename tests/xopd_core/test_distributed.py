@@ -1,4 +1,4 @@
-"""Training on several processes: the micro-batches of a batch dealt out to forked helpers."""
+"""Data parallelism on torch.distributed: ranks forked inside the call, in one gloo group."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.orphans import child_outlives_a_killed_parent
-from xopd_core.parallel import forked_map, share_parts
+from xopd_core.distributed import all_gather_rows, run_ranks, share_parts
 from xopd_core.train.sft import LossTerms, response_nll_terms, train_steps
 
 
@@ -24,16 +24,18 @@ def test_share_parts_deals_every_part_once_by_padded_size() -> None:
     assert even == [[[0], [3]], [[1], [2]]]  # 4 + 1 against 3 + 2
     assert share_parts(parts, lengths, 1) == [parts]
     assert share_parts([[0]], [1], 3) == [[[0]], [], []]
-    with pytest.raises(ValueError, match="processes"):
+    with pytest.raises(ValueError, match="world size"):
         share_parts(parts, lengths, 0)
 
 
-def _fit(processes: int, steps: int = 12) -> tuple[list[float], list[torch.Tensor]]:
+def _fit(
+    processes: int, steps: int = 12, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], list[torch.Tensor]]:
     """A tiny LM with one parameter no loss reaches (it must keep `grad=None`, so AdamW's
     weight decay leaves it alone), trained on sequences of three lengths."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8))
-    unused = torch.nn.Parameter(torch.ones(3))
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 16), torch.nn.Linear(16, 8)).to(dtype)
+    unused = torch.nn.Parameter(torch.ones(3, dtype=dtype))
     gen = torch.Generator().manual_seed(1)
     lengths = [4 + (i % 3) * 3 for i in range(48)]
     seqs = [(torch.randint(0, 8, (1,), generator=gen) + torch.arange(n)) % 8 for n in lengths]
@@ -62,12 +64,12 @@ def _fit(processes: int, steps: int = 12) -> tuple[list[float], list[torch.Tenso
     return losses, [p.detach().clone() for p in [*model.parameters(), unused]]
 
 
-def test_two_processes_train_as_one_up_to_rounding_and_repeat_exactly() -> None:
+def test_two_ranks_train_as_one_up_to_rounding_and_repeat_exactly() -> None:
     threads = torch.get_num_threads()
     one_losses, one = _fit(1)
     two_losses, two = _fit(2)
     again_losses, again = _fit(2)
-    assert torch.get_num_threads() == threads  # restored after the helpers stop
+    assert torch.get_num_threads() == threads  # restored after the ranks stop
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     assert two_losses[-1] < two_losses[0]
     for a, b in zip(one, two, strict=True):
@@ -78,16 +80,27 @@ def test_two_processes_train_as_one_up_to_rounding_and_repeat_exactly() -> None:
     assert not multiprocessing.active_children()
 
 
-def test_a_failing_helper_stops_training_with_its_error() -> None:
+def test_two_ranks_give_one_ranks_update_in_float64() -> None:
+    """The step of 2 ranks is the step of 1 rank on the whole batch: each rank's share of the
+    micro-batches, gradients summed, divided by the whole batch's count."""
+    one_losses, one = _fit(1, dtype=torch.float64)
+    two_losses, two = _fit(2, dtype=torch.float64)
+    assert two_losses == pytest.approx(one_losses, rel=1e-12)
+    for a, b in zip(one, two, strict=True):
+        assert b.dtype == torch.float64
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_a_failing_rank_stops_training_with_its_error() -> None:
     model = torch.nn.Linear(4, 2)
     x = torch.randn(16, 4)
 
     def loss_of(idx: list[int]) -> LossTerms:
-        if multiprocessing.parent_process() is not None:  # in the helper
+        if multiprocessing.parent_process() is not None:  # in the forked rank
             raise ValueError(f"rows {idx} are broken")
         return LossTerms(model(x[idx]).pow(2).sum(), float(len(idx)))
 
-    with pytest.raises(RuntimeError, match=r"(?s)gradient helper 0 failed.*rows \[.*\] are broken"):
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed.*rows \[.*\] are broken"):
         train_steps(
             list(model.parameters()),
             [1] * 16,
@@ -119,40 +132,53 @@ def test_processes_need_micro_batches() -> None:
         )
 
 
-def test_forked_map_keeps_the_order_and_spreads_the_items() -> None:
-    here = os.getpid()
-    out = forked_map(lambda x: (x * x, os.getpid(), torch.get_num_threads()), range(7), 3)
-    assert [v for v, _, _ in out] == [x * x for x in range(7)]
-    pids = [pid for _, pid, _ in out]
-    assert pids[0::3] == [here] * 3  # this process takes items 0, 3, 6
-    assert len(set(pids)) == 3 and all(len(set(pids[k::3])) == 1 for k in range(3))
-    assert forked_map(lambda x: x + 1, [1], 4) == [2]  # more processes than items
+def test_ranks_run_in_one_group_each_on_its_share_of_the_threads() -> None:
+    here, threads = os.getpid(), torch.get_num_threads()
+
+    def fn(rank: int, world: int) -> list[list[list[int]]]:
+        total = torch.tensor([float(rank + 1)])
+        torch.distributed.all_reduce(total)
+        rows = [[rank, world, int(total)], [os.getpid(), torch.get_num_threads()], [7] * rank]
+        return all_gather_rows(rows)
+
+    three = run_ranks(fn, 3)
+    assert [r[0] for r in three] == [[0, 3, 6], [1, 3, 6], [2, 3, 6]]  # rank, world, 1+2+3
+    assert [r[2] for r in three] == [[], [7], [7, 7]]  # rows of any length, none included
+    pids = [r[1][0] for r in three]
+    assert pids[0] == here and len(set(pids)) == 3
+    assert all(r[1][1] == max(1, threads // 3) for r in three)
+    assert torch.get_num_threads() == threads
+    assert not torch.distributed.is_initialized()
+    assert run_ranks(lambda rank, world: (rank, world), 1) == (0, 1)
+    assert all_gather_rows([[1, 2]]) == [[[1, 2]]]  # outside a group: this process's own
     assert not multiprocessing.active_children()
+    with pytest.raises(ValueError, match="world size"):
+        run_ranks(fn, 0)
 
 
-def test_forked_map_raises_a_helpers_error() -> None:
-    def fn(x: int) -> int:
-        if x == 5:
-            raise KeyError(f"item {x}")
-        return x
+def test_rank_zeros_own_error_is_raised_as_it_is_and_no_rank_stays() -> None:
+    def fn(rank: int, world: int) -> None:
+        if rank == 0:
+            raise KeyError("rank zero's item")
+        torch.distributed.barrier()  # the forked rank waits for a rank 0 that is gone
 
-    with pytest.raises(RuntimeError, match=r"(?s)helper 1 failed.*KeyError: 'item 5'"):
-        forked_map(fn, range(6), 2)
+    with pytest.raises(KeyError, match="rank zero's item"):
+        run_ranks(fn, 2)
     assert not multiprocessing.active_children()
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_a_killed_trainer_takes_its_gradient_helpers_with_it() -> None:
-    """The OOM killer's SIGKILL runs no clean-up: a helper (a copy of the model and data)
-    must not stay behind, orphaned, holding the memory."""
+def test_a_killed_trainer_takes_its_ranks_with_it() -> None:
+    """The OOM killer's SIGKILL runs no clean-up: a forked rank (a copy of the model and
+    data) must not stay behind, orphaned, holding the memory."""
     code = (
-        "import time, torch\n"
-        "from xopd_core.parallel import GradientHelpers\n"
-        "w = torch.nn.Parameter(torch.zeros(3))\n"
-        "h = GradientHelpers(1, [w], lambda parts: (0.0, 0.0))\n"
-        "print(h._procs[0].pid, flush=True)\n"
-        "time.sleep(600)\n"
+        "import os, time\n"
+        "from xopd_core.distributed import run_ranks\n"
+        "def fn(rank, world):\n"
+        "    if rank == 1:\n"
+        "        print(os.getpid(), flush=True)\n"
+        "    time.sleep(600)\n"
+        "run_ranks(fn, 2)\n"
     )
-    assert not child_outlives_a_killed_parent(code), (
-        "the gradient helper outlived the trainer that forked it"
-    )
+    assert not child_outlives_a_killed_parent(code), "a rank outlived the trainer that forked it"
