@@ -625,6 +625,29 @@ class TrainParams(_Strict):
         "weights, and a teacher engine unless `loss` is full); vllm applies to xopd and grpo, "
         "the other methods use hf.",
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="torch.distributed ranks of a step (this process and forks of it, hf "
+        "engines only): each samples, scores and trains on its share of the step's prompts; "
+        "the loss keeps the whole step's weights and the gradients are summed, so the update "
+        "is the one of a single process on the same rollouts. Must divide prompts_per_step.",
+    )
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> TrainParams:
+        if self.prompts_per_step % self.processes:
+            raise ValueError(
+                f"train.processes ({self.processes}) must divide train.prompts_per_step "
+                f"({self.prompts_per_step}): each rank takes an equal share of the prompts"
+            )
+        if self.processes > 1 and self.engine == "vllm":
+            raise ValueError(
+                "train.processes > 1 forks the trainer, which a vLLM engine does not survive: "
+                "use train.engine: hf, or train.processes: 1"
+            )
+        return self
 
 
 class GateParams(_Strict):

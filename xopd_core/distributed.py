@@ -171,3 +171,10 @@ def all_gather_rows(rows: list[list[int]]) -> list[list[list[int]]]:
         ends = list(itertools.accumulate(lens, initial=1 + flat[0]))
         out.append([flat[a:b] for a, b in itertools.pairwise(ends)])
     return out
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank holds the same keys)."""
+    summed = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(summed)
+    return {k: v / dist.get_world_size() for k, v in zip(values, summed.tolist(), strict=True)}

@@ -25,7 +25,20 @@ from tqdm import tqdm
 
 from xopd_core.atomic import atomic_directory
 from xopd_core.config import TrainParams
-from xopd_core.engines.base import Prompt, Rollout, RolloutEngine, TeacherScorer, TeacherScores
+from xopd_core.distributed import (
+    all_gather_rows,
+    all_reduce_gradients,
+    mean_over_ranks,
+    run_ranks,
+)
+from xopd_core.engines.base import (
+    Modality,
+    Prompt,
+    Rollout,
+    RolloutEngine,
+    TeacherScorer,
+    TeacherScores,
+)
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
 from xopd_core.errors import ResumeStateError, require_finite
@@ -261,101 +274,126 @@ def train(
     student.clear_audio_cache()
     by_id = {p.id: p for p in prompts}
     budget = cfg.student_tokens
-    done = start
-    model.train()
-    bar = tqdm(
-        range(start, cfg.steps), initial=start, total=cfg.steps, desc=cfg.method, disable=None
-    )
-    try:
-        for step in bar:
-            if budget is not None and counters["student_tokens"] >= budget:
-                break
-            t0 = time.perf_counter()
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for param_group in opt.param_groups:
-                param_group["lr"] = lr
-            prompts_now = [
-                prompts[i]
-                for i in prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
-            ]
-            if "speech" in objective.modalities:  # the student's forward reads the audio
-                student.load_audio(prompts_now)
 
-            # 1. sample: m responses per prompt, from the transcript T and/or the speech S
+    def loop(rank: int, ranks: int) -> int:
+        """Steps from `start`, this rank on its share of each step's prompts; rank 0 logs
+        and checkpoints. Returns the steps done."""
+        done = start
+        model.train()
+        bar = tqdm(
+            range(start, cfg.steps),
+            initial=start,
+            total=cfg.steps,
+            desc=cfg.method,
+            disable=None if rank == 0 else True,
+        )
+        try:
+            for step in bar:
+                if budget is not None and counters["student_tokens"] >= budget:
+                    break
+                t0 = time.perf_counter()
+                lr = (
+                    cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+                )
+                for param_group in opt.param_groups:
+                    param_group["lr"] = lr
+                order = prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
+                prompts_now = [prompts[i] for i in order[rank::ranks]]
+                if "speech" in objective.modalities:  # the student's forward reads the audio
+                    student.load_audio(prompts_now)
+
+                # 1. sample: m responses per prompt, from the transcript T and/or the speech S
+                model.eval()
+                rollouts: list[Rollout] = []
+                for modality in objective.modalities:
+                    seed = cfg.seed * 100_003 + step * 2 + (modality == "speech")
+                    rollouts += engine.sample(
+                        prompts_now,
+                        modality,
+                        n=cfg.rollouts_per_prompt,
+                        temperature=cfg.temperature,
+                        max_new_tokens=cfg.max_new_tokens,
+                        seed=seed * ranks + rank,
+                    )
+                model.train()
+
+                # 2. score: the teacher reads the transcript and scores the same tokens
+                scores = None
+                if objective.score_mode is not None and scorer is not None:
+                    transcripts = [by_id[r.prompt_id].transcript for r in rollouts]
+                    scores = scorer.score(
+                        rollouts, transcripts, mode=objective.score_mode, top_k=cfg.top_k
+                    )
+                    _require_finite_scores(scores, step)
+
+                # 3. loss: weights over the whole step, so the micro-batches (and the ranks)
+                # sum to its objective
+                share = StepShare.of(rollouts, cfg, objective.modalities, rank, ranks)
+                batch, trained = step_batch(
+                    rollouts, scores, objective, budget, counters["student_tokens"], share
+                )
+                extra = objective.begin_step(batch, lambda r: by_id[r.prompt_id])
+                opt.zero_grad(set_to_none=True)
+                loss_total, ratios = 0.0, []
+                for rows in micro_batches(rollouts, cfg.micro_batch_size):
+                    logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
+                    logits_B_T_V = logits_B_T_V[..., :vocab_size]
+                    if cfg.temperature != 1.0:
+                        logits_B_T_V = logits_B_T_V / cfg.temperature
+                    loss, ratio = objective.loss(Part(batch, rows, logits_B_T_V))
+                    loss.backward()
+                    loss_total += loss.item()
+                    if ratio is not None:
+                        ratios.append(ratio)
+                if ranks > 1:
+                    extra = mean_over_ranks(extra)
+                if cfg.anchor_items and rank == 0:
+                    drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
+                    anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
+                    (cfg.anchor_weight * anchor).backward()
+                    extra["anchor_loss"] = anchor.item()
+                    loss_total += cfg.anchor_weight * extra["anchor_loss"]
+                if ranks > 1:
+                    loss_total, _ = all_reduce_gradients(params, loss_total, 0.0)
+
+                # 4. step: clip, update
+                require_finite(loss_total, step, "loss")
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                require_finite(float(grad_norm), step, "gradient norm")
+                opt.step()
+                counters["student_tokens"] += trained
+                if scores is not None:
+                    counters["teacher_tokens"] += sum(share.lengths)
+
+                # 5. log
+                metrics = step_metrics(
+                    batch, loss_total, lr, float(grad_norm), counters, ratios, ranks
+                )
+                metrics |= extra | {"seconds": time.perf_counter() - t0}
+                history.append(metrics)
+                done = step + 1
+                if rank != 0:
+                    continue
+                bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
+                if log is not None:
+                    log(step, metrics)
+
+                # 6. checkpoint
+                last = done == cfg.steps or (
+                    budget is not None and counters["student_tokens"] >= budget
+                )
+                if state_dir is not None and (done % cfg.checkpoint_every == 0 or last):
+                    save_state(
+                        state_dir, model, opt, cfg, done, counters, history, start_weights_sha256
+                    )
+                if on_step is not None:
+                    on_step(step, metrics)
+        finally:
             model.eval()
-            rollouts: list[Rollout] = []
-            for modality in objective.modalities:
-                rollouts += engine.sample(
-                    prompts_now,
-                    modality,
-                    n=cfg.rollouts_per_prompt,
-                    temperature=cfg.temperature,
-                    max_new_tokens=cfg.max_new_tokens,
-                    seed=cfg.seed * 100_003 + step * 2 + (modality == "speech"),
-                )
-            model.train()
+            bar.close()
+        return done
 
-            # 2. score: the teacher reads the transcript and scores the same tokens
-            scores = None
-            if objective.score_mode is not None and scorer is not None:
-                transcripts = [by_id[r.prompt_id].transcript for r in rollouts]
-                scores = scorer.score(
-                    rollouts, transcripts, mode=objective.score_mode, top_k=cfg.top_k
-                )
-                counters["teacher_tokens"] += sum(len(r.response_ids) for r in rollouts)
-                _require_finite_scores(scores, step)
-
-            # 3. loss: weights over the whole step, so the micro-batches sum to its objective
-            batch = step_batch(rollouts, scores, objective, budget, counters["student_tokens"])
-            extra = objective.begin_step(batch, lambda r: by_id[r.prompt_id])
-            opt.zero_grad(set_to_none=True)
-            loss_total, ratios = 0.0, []
-            for rows in micro_batches(rollouts, cfg.micro_batch_size):
-                logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
-                logits_B_T_V = logits_B_T_V[..., :vocab_size]
-                if cfg.temperature != 1.0:
-                    logits_B_T_V = logits_B_T_V / cfg.temperature
-                loss, ratio = objective.loss(Part(batch, rows, logits_B_T_V))
-                loss.backward()
-                loss_total += loss.item()
-                if ratio is not None:
-                    ratios.append(ratio)
-            if cfg.anchor_items:
-                drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
-                anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
-                (cfg.anchor_weight * anchor).backward()
-                extra["anchor_loss"] = anchor.item()
-                loss_total += cfg.anchor_weight * extra["anchor_loss"]
-
-            # 4. step: clip, update
-            require_finite(loss_total, step, "loss")
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            require_finite(float(grad_norm), step, "gradient norm")
-            opt.step()
-            counters["student_tokens"] += int(batch.mask_B_T.sum().item())
-
-            # 5. log
-            metrics = step_metrics(batch, loss_total, lr, float(grad_norm), counters, ratios)
-            metrics |= extra | {"seconds": time.perf_counter() - t0}
-            history.append(metrics)
-            bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
-            if log is not None:
-                log(step, metrics)
-
-            # 6. checkpoint
-            done = step + 1
-            last = done == cfg.steps or (
-                budget is not None and counters["student_tokens"] >= budget
-            )
-            if state_dir is not None and (done % cfg.checkpoint_every == 0 or last):
-                save_state(
-                    state_dir, model, opt, cfg, done, counters, history, start_weights_sha256
-                )
-            if on_step is not None:
-                on_step(step, metrics)
-    finally:
-        model.eval()
-        bar.close()
+    done = run_ranks(loop, cfg.processes)
     return TrainResult(
         steps=done,
         student_tokens=counters["student_tokens"],
@@ -365,34 +403,82 @@ def train(
     )
 
 
+@dataclass(frozen=True)
+class StepShare:
+    """Where a rank's rollouts sit in the whole step: `rows`, their rows in one process's
+    order (modality, then prompt, then sample); `lengths`, every rollout's response length
+    in that order; `modalities`, what the step samples, in order."""
+
+    rows: list[int]
+    lengths: list[int]
+    modalities: tuple[Modality, ...]
+
+    @classmethod
+    def of(
+        cls,
+        rollouts: Sequence[Rollout],
+        cfg: TrainParams,
+        modalities: tuple[Modality, ...],
+        rank: int,
+        ranks: int,
+    ) -> StepShare:
+        n, per_modality = cfg.rollouts_per_prompt, cfg.prompts_per_step
+        mine = range(rank, per_modality, ranks)  # rank r has prompts r, r + ranks, ...
+        rows = [
+            (m * per_modality + g) * n + i
+            for m in range(len(modalities))
+            for g in mine
+            for i in range(n)
+        ]
+        lengths = [len(r.response_ids) for r in rollouts]
+        if ranks == 1:
+            return cls(rows, lengths, modalities)
+        everyone = [0] * (len(modalities) * per_modality * n)
+        for their_rows, their_lengths in all_gather_rows([rows, lengths]):
+            for row, length in zip(their_rows, their_lengths, strict=True):
+                everyone[row] = length
+        return cls(rows, everyone, modalities)
+
+
 def step_batch(
     rollouts: list[Rollout],
     scores: list[TeacherScores] | None,
     objective: Objective,
     budget: int | None,
     tokens_trained: int,
-) -> StepBatch:
-    """The step's rollouts as padded tensors with the objective's weights; under a token
-    budget the last step trains on what is left of it."""
+    share: StepShare,
+) -> tuple[StepBatch, int]:
+    """The rank's rollouts as padded tensors with the objective's weights over the whole
+    step (`share`), and how many of the step's tokens train; under a token budget the last
+    step trains on what is left of it."""
     tokens_B_T, mask_long_B_T = response_tokens(rollouts)
-    mask_B_T = mask_long_B_T.float()
+    width = tokens_B_T.shape[1]
+    lengths_S = torch.tensor(share.lengths)
+    step_mask_S_T = (torch.arange(int(lengths_S.max())) < lengths_S[:, None]).float()
     if budget is not None:
-        mask_B_T = within_budget(mask_B_T, budget - tokens_trained)
-    width = mask_B_T.shape[1]
+        step_mask_S_T = within_budget(step_mask_S_T, budget - tokens_trained)
+    per_modality = len(share.lengths) // len(share.modalities)
+    step_speech_S = torch.tensor(
+        [share.modalities[row // per_modality] == "speech" for row in range(len(share.lengths))]
+    )
     speech_B = torch.tensor([r.modality == "speech" for r in rollouts])
+    if not bool((step_speech_S[share.rows] == speech_B).all()):
+        raise RuntimeError("the engine's rollouts are not in step order (modality, prompt)")
+    step_weights_S_T = objective.weights(step_mask_S_T, step_speech_S)
+    rows = torch.tensor(share.rows)
     return StepBatch(
         rollouts=rollouts,
         scores=scores,
         tokens_B_T=tokens_B_T,
-        mask_B_T=mask_B_T,
-        weights_B_T=objective.weights(mask_B_T, speech_B),
+        mask_B_T=step_mask_S_T[rows, :width],
+        weights_B_T=step_weights_S_T[rows, :width],
         old_B_T=_padded([r.logprobs for r in rollouts], width, 0.0),
         teacher_B_T=_padded([s.sampled for s in scores], width, 0.0)
         if scores is not None
         else None,
         speech_B=speech_B,
         sampled_B_T=mask_long_B_T.float(),
-    )
+    ), int(step_mask_S_T.sum().item())
 
 
 def micro_batches(rollouts: Sequence[Rollout], size: int) -> list[list[int]]:
@@ -414,34 +500,57 @@ def step_metrics(
     grad_norm: float,
     counters: dict[str, int],
     ratios: list[torch.Tensor],
+    ranks: int = 1,
 ) -> dict[str, float]:
     """What a step logs: loss, optimiser state, lengths, budgets, the sampled-token reverse-KL
-    estimate log π_old − log π_teacher per modality, and the importance ratios."""
-    rollouts = batch.rollouts
+    estimate log π_old − log π_teacher per modality, and the importance ratios; over every
+    rank's rollouts (each rank's sums are added up)."""
+    rollouts, mask_B_T = batch.rollouts, batch.mask_B_T
+    sums: list[float | torch.Tensor] = [
+        batch.sampled_B_T.sum(),
+        sum(r.finished for r in rollouts),
+        len(rollouts),
+    ]
+    groups = [
+        ("reverse_kl", torch.ones_like(batch.speech_B)),
+        ("reverse_kl_text", ~batch.speech_B),
+        ("reverse_kl_speech", batch.speech_B),
+    ]
+    if batch.teacher_B_T is not None:
+        est_B_T = (batch.old_B_T - batch.teacher_B_T) * mask_B_T
+        sums += [
+            x
+            for _, sel_B in groups
+            for x in (est_B_T[sel_B].sum(), mask_B_T[sel_B].sum(), sel_B.sum())
+        ]
+    r_all = torch.cat(ratios) if ratios else torch.zeros(0)
+    sums += [r_all.sum(), r_all.numel()]
+    total = torch.tensor([float(x) for x in sums], dtype=torch.float64)
+    low_high = torch.tensor([float(r_all.min()), -float(r_all.max())] if ratios else [math.inf] * 2)
+    if ranks > 1:
+        torch.distributed.all_reduce(total)
+        torch.distributed.all_reduce(low_high, torch.distributed.ReduceOp.MIN)
+    sampled, finished, n = total[:3].tolist()
     metrics = {
         "loss": loss,
         "lr": lr,
         "grad_norm": grad_norm,
-        "response_length": float(batch.sampled_B_T.sum(-1).mean()),
-        "finished": sum(r.finished for r in rollouts) / len(rollouts),
+        "response_length": sampled / n,
+        "finished": finished / n,
         "student_tokens": float(counters["student_tokens"]),
         "teacher_tokens": float(counters["teacher_tokens"]),
     }
     if batch.teacher_B_T is not None:
-        mask_B_T = batch.mask_B_T
-        est_B_T = (batch.old_B_T - batch.teacher_B_T) * mask_B_T
-        metrics["reverse_kl"] = float(est_B_T.sum() / mask_B_T.sum().clamp_min(1))
-        for sel_B, name in ((~batch.speech_B, "text"), (batch.speech_B, "speech")):
-            if sel_B.any():
-                metrics[f"reverse_kl_{name}"] = float(
-                    est_B_T[sel_B].sum() / mask_B_T[sel_B].sum().clamp_min(1)
-                )
-    if ratios:
-        r_all = torch.cat(ratios)
+        for k, (name, _) in enumerate(groups):
+            est, mask, count = total[3 + 3 * k : 6 + 3 * k].tolist()
+            if count:
+                metrics[name] = est / max(mask, 1.0)
+    ratio_sum, ratio_n = total[-2:].tolist()
+    if ratio_n:
         metrics |= {
-            "ratio_mean": float(r_all.mean()),
-            "ratio_min": float(r_all.min()),
-            "ratio_max": float(r_all.max()),
+            "ratio_mean": ratio_sum / ratio_n,
+            "ratio_min": float(low_high[0]),
+            "ratio_max": -float(low_high[1]),
         }
     return metrics
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import multiprocessing
+import zlib
 from pathlib import Path
 
 import pytest
@@ -74,12 +76,14 @@ def fresh(parts) -> tuple[HfStudent, HfTeacher, int]:
     )
 
 
-def run(trained, prompts, state_dir=None, on_step=None, log=None, anchors=(), **overrides):
+def run(
+    trained, prompts, state_dir=None, on_step=None, log=None, anchors=(), engine=None, **overrides
+):
     student, teacher, vocab = fresh(trained)
     cfg = TrainParams(**(TINY | overrides))
     result = train(
         student,
-        student,
+        student if engine is None else engine(student),
         teacher,
         prompts,
         cfg,
@@ -383,3 +387,65 @@ def test_the_anchor_trains_what_only_audio_carries_beside_xopd(
     assert anchored.student_tokens == sum(m["response_length"] * 8 for m in anchored.history)
     with pytest.raises(ValueError, match="anchor"):
         run(trained, prompts, anchor_items=2)
+
+
+class PerPrompt:
+    """The student's own sampling, each prompt alone with a seed of its own: a rollout then
+    does not depend on which prompts share its call, or its rank."""
+
+    def __init__(self, student: HfStudent) -> None:
+        self.student = student
+
+    def sample(self, prompts, modality, **kw):
+        return [
+            r
+            for p in prompts
+            for r in self.student.sample(
+                [p], modality, **(kw | {"seed": zlib.crc32(f"{p.id}/{modality}".encode())})
+            )
+        ]
+
+
+@pytest.mark.parametrize("loss", ["sampled", "full"])
+def test_two_ranks_take_the_step_of_one_process_on_the_same_rollouts(
+    trained, prompts, loss: str
+) -> None:
+    """Each rank samples, scores and trains on half of each step's prompts; the loss keeps
+    the whole step's weights and the gradients are summed: the update is one process's, to
+    float rounding, and so are the step's counts and metrics."""
+    common = {"steps": 3, "prompts_per_step": 4, "loss": loss, "engine": PerPrompt}
+    one_model, one = run(trained, prompts, **common)
+    two_model, two = run(trained, prompts, processes=2, **common)
+    a, b = weights(one_model), weights(two_model)
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.max().item() < 1e-4 and int((diffs > 1e-5).sum()) <= 3, diffs.max()
+    assert (two.student_tokens, two.teacher_tokens) == (one.student_tokens, one.teacher_tokens)
+    for m1, m2 in zip(one.history, two.history, strict=True):
+        assert m2["response_length"] == m1["response_length"]
+        for key in ("loss", "reverse_kl", "reverse_kl_speech", "reverse_kl_text", "grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_two_rank_run_interrupted_and_resumed_ends_bit_identical(
+    trained, prompts, tmp_path: Path
+) -> None:
+    straight, _ = run(trained, prompts, processes=2)
+
+    def stop_after_two(step: int, metrics: dict) -> None:
+        if step == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        run(trained, prompts, state_dir=tmp_path / "state", on_step=stop_after_two, processes=2)
+    assert not multiprocessing.active_children()  # the other rank went with the run
+    resumed, result = run(trained, prompts, state_dir=tmp_path / "state", processes=2)
+    assert result.resumed_from == 2 and len(result.history) == 4
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ranks_must_divide_the_step_and_not_fork_a_vllm_engine() -> None:
+    with pytest.raises(ValueError, match=r"train.processes \(3\) must divide"):
+        TrainParams(prompts_per_step=8, processes=3)
+    with pytest.raises(ValueError, match="vLLM"):
+        TrainParams(processes=2, engine="vllm")
