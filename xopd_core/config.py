@@ -625,6 +625,22 @@ class TrainParams(_Strict):
         "weights, and a teacher engine unless `loss` is full); vllm applies to xopd and grpo, "
         "the other methods use hf.",
     )
+    sync_every: int = Field(
+        default=1,
+        ge=0,
+        le=1_000_000,
+        description="engine vllm: the student engine serves the trainer's weights again "
+        "after every this many steps (vLLM's weight reload), so rollouts stay on-policy; 0 "
+        "keeps the round's starting weights (off-policy by the steps taken, r corrects).",
+    )
+    mismatch_warn: float = Field(
+        default=0.05,
+        gt=0,
+        le=100,
+        description="Warn when a step's mean |log π_engine − log π_trainer| over the sampled "
+        "tokens (logged as logprob_gap_mean) exceeds this: the rollouts are not the "
+        "trainer's policy (stale or wrongly loaded weights).",
+    )
     processes: int = Field(
         default=1,
         ge=1,

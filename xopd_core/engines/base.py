@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -72,6 +72,14 @@ class RolloutEngine(Protocol):
         """`n` rollouts per prompt, prompt-major (all of prompt 0's, then prompt 1's, ...),
         reproducible for a fixed `seed`."""
         ...
+
+
+@runtime_checkable
+class WeightSync(Protocol):
+    """A rollout engine that holds its own copy of the student's weights (vLLM): the
+    trainer hands it the current model to serve from then on."""
+
+    def sync_weights(self, model: Any) -> str: ...
 
 
 class TeacherScorer(Protocol):

@@ -19,6 +19,8 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Any, Literal
 from transformers import AutoFeatureExtractor
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
+from xopd_core.models.checkpoint import save_checkpoint
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
 
@@ -208,6 +211,7 @@ class VllmEngine:
         vocab_size: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        self._sync_dir: Path | None = None
         self.audio = audio
         self.settings = settings or VllmSettings()
         self.tokenizer = load_tokenizer(Path(model_dir))
@@ -345,6 +349,17 @@ class VllmEngine:
         """Read the weights again (from `weights_dir`, default the folder it started from)."""
         return str(self._call("reload", weights_path=str(weights_dir) if weights_dir else None))
 
+    def sync_weights(self, model: Any) -> str:
+        """Serve `model`'s current weights (the trainer's, mid-round): saved as a checkpoint
+        to a folder of the engine's own, which vLLM reloads (`reload_weights`). Non-finite
+        weights are refused before the engine sees them; a failed reload is an EngineError.
+        On CPU a file on local disk is the engine's way in; at GPU scale NCCL broadcast of
+        the changed tensors would be (not built)."""
+        if self._sync_dir is None:
+            self._sync_dir = Path(tempfile.mkdtemp(prefix="xopd-vllm-sync-"))
+        save_checkpoint(model, self._sync_dir, savers=[], resolved_config={})
+        return self.reload(self._sync_dir)
+
     def close(self, timeout: float = 60.0) -> None:
         atexit.unregister(self.close)
         if self._proc.is_alive():
@@ -357,6 +372,8 @@ class VllmEngine:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
+        if self._sync_dir is not None:
+            shutil.rmtree(self._sync_dir, ignore_errors=True)
 
     def __enter__(self) -> VllmEngine:
         return self

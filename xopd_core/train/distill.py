@@ -11,6 +11,7 @@ uninterrupted one. Not a framework Trainer subclass, on purpose (STYLE.md).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -38,11 +39,12 @@ from xopd_core.engines.base import (
     RolloutEngine,
     TeacherScorer,
     TeacherScores,
+    WeightSync,
 )
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
 from xopd_core.errors import ResumeStateError, require_finite
-from xopd_core.losses import token_cross_entropy, weighted_sum
+from xopd_core.losses import token_cross_entropy, token_logprobs, weighted_sum
 from xopd_core.models.prompts import speech_prompt_ids
 from xopd_core.train.objectives import (
     Objective,
@@ -52,6 +54,7 @@ from xopd_core.train.objectives import (
     objective_for,
 )
 
+logger = logging.getLogger(__name__)
 STATE_WEIGHTS = "trainable.safetensors"
 STATE_OPTIMIZER = "optimizer.safetensors"
 STATE_META = "trainer.json"
@@ -274,6 +277,9 @@ def train(
     student.clear_audio_cache()
     by_id = {p.id: p for p in prompts}
     budget = cfg.student_tokens
+    sync = engine if cfg.sync_every > 0 and isinstance(engine, WeightSync) else None
+    if sync is not None and start > 0:  # the engine started from the round's weights
+        sync.sync_weights(model)
 
     def loop(rank: int, ranks: int) -> int:
         """Steps from `start`, this rank on its share of each step's prompts; rank 0 logs
@@ -334,17 +340,20 @@ def train(
                 )
                 extra = objective.begin_step(batch, lambda r: by_id[r.prompt_id])
                 opt.zero_grad(set_to_none=True)
-                loss_total, ratios = 0.0, []
+                loss_total, ratios, gaps = 0.0, [], []
                 for rows in micro_batches(rollouts, cfg.micro_batch_size):
                     logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
                     logits_B_T_V = logits_B_T_V[..., :vocab_size]
                     if cfg.temperature != 1.0:
                         logits_B_T_V = logits_B_T_V / cfg.temperature
-                    loss, ratio = objective.loss(Part(batch, rows, logits_B_T_V))
+                    part = Part(batch, rows, logits_B_T_V)
+                    loss, ratio = objective.loss(part)
                     loss.backward()
                     loss_total += loss.item()
                     if ratio is not None:
                         ratios.append(ratio)
+                    if objective.on_policy:
+                        gaps.append(policy_gap(part))
                 if ranks > 1:
                     extra = mean_over_ranks(extra)
                 if cfg.anchor_items and rank == 0:
@@ -366,9 +375,20 @@ def train(
                     counters["teacher_tokens"] += sum(share.lengths)
 
                 # 5. log
+                if sync is not None and (step + 1) % cfg.sync_every == 0:
+                    sync.sync_weights(model)
                 metrics = step_metrics(
-                    batch, loss_total, lr, float(grad_norm), counters, ratios, ranks
+                    batch, loss_total, lr, float(grad_norm), counters, ratios, gaps, ranks
                 )
+                if metrics.get("logprob_gap_mean", 0.0) > cfg.mismatch_warn and rank == 0:
+                    logger.warning(
+                        "step %d: the rollouts' log-probs differ from the trainer's by %.3g "
+                        "on average (train.mismatch_warn %.3g): the engine is not serving the "
+                        "trainer's weights",
+                        step,
+                        metrics["logprob_gap_mean"],
+                        cfg.mismatch_warn,
+                    )
                 metrics |= extra | {"seconds": time.perf_counter() - t0}
                 history.append(metrics)
                 done = step + 1
@@ -500,11 +520,13 @@ def step_metrics(
     grad_norm: float,
     counters: dict[str, int],
     ratios: list[torch.Tensor],
+    gaps: Sequence[torch.Tensor] = (),
     ranks: int = 1,
 ) -> dict[str, float]:
     """What a step logs: loss, optimiser state, lengths, budgets, the sampled-token reverse-KL
-    estimate log π_old − log π_teacher per modality, and the importance ratios; over every
-    rank's rollouts (each rank's sums are added up)."""
+    estimate log π_old − log π_teacher per modality, the importance ratios and the gap
+    between the engine's and the trainer's log-probs (`policy_gap`); over every rank's
+    rollouts (each rank's sums are added up)."""
     rollouts, mask_B_T = batch.rollouts, batch.mask_B_T
     sums: list[float | torch.Tensor] = [
         batch.sampled_B_T.sum(),
@@ -523,10 +545,16 @@ def step_metrics(
             for _, sel_B in groups
             for x in (est_B_T[sel_B].sum(), mask_B_T[sel_B].sum(), sel_B.sum())
         ]
-    r_all = torch.cat(ratios) if ratios else torch.zeros(0)
-    sums += [r_all.sum(), r_all.numel()]
+    spreads = [torch.cat([*(t.cpu() for t in ts), torch.zeros(0)]) for ts in (ratios, gaps)]
+    sums += [x for t in spreads for x in (t.sum(), t.numel())]
     total = torch.tensor([float(x) for x in sums], dtype=torch.float64)
-    low_high = torch.tensor([float(r_all.min()), -float(r_all.max())] if ratios else [math.inf] * 2)
+    low_high = torch.tensor(
+        [
+            x
+            for t in spreads
+            for x in ((float(t.min()), -float(t.max())) if t.numel() else (math.inf,) * 2)
+        ]
+    )
     if ranks > 1:
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(low_high, torch.distributed.ReduceOp.MIN)
@@ -545,14 +573,26 @@ def step_metrics(
             est, mask, count = total[3 + 3 * k : 6 + 3 * k].tolist()
             if count:
                 metrics[name] = est / max(mask, 1.0)
-    ratio_sum, ratio_n = total[-2:].tolist()
+    ratio_sum, ratio_n, gap_sum, gap_n = total[-4:].tolist()
     if ratio_n:
         metrics |= {
             "ratio_mean": ratio_sum / ratio_n,
             "ratio_min": float(low_high[0]),
             "ratio_max": -float(low_high[1]),
         }
+    if gap_n:
+        metrics |= {"logprob_gap_mean": gap_sum / gap_n, "logprob_gap_max": -float(low_high[3])}
     return metrics
+
+
+def policy_gap(part: Part) -> torch.Tensor:
+    """|log π_engine − log π_trainer| of each sampled token of the micro-batch: the
+    rollout/trainer mismatch before the step's update (≈ 0 when the engine serves the
+    trainer's weights; it grows with stale weights or a wrong load)."""
+    with torch.no_grad():
+        lp_B_T = token_logprobs(part.logits_B_T_V, part.cut(part.batch.tokens_B_T))
+        gap_B_T = (lp_B_T - part.cut(part.batch.old_B_T)).abs()
+        return gap_B_T[part.cut(part.batch.sampled_B_T) > 0].float().cpu()
 
 
 def _require_finite_scores(scores: Sequence[Any], step: int) -> None:

@@ -73,6 +73,7 @@ class Part:
 class Objective(Protocol):
     modalities: tuple[Modality, ...]
     score_mode: ScoreMode | None
+    on_policy: bool  # trains on the student's own samples (their log-probs are π_old's)
 
     def weights(self, mask_B_T: torch.Tensor, speech_B: torch.Tensor) -> torch.Tensor: ...
 
@@ -108,6 +109,7 @@ class CrossEntropy(_TokenMean):
 
     modalities: tuple[Modality, ...] = ("speech",)
     score_mode: ScoreMode | None = None
+    on_policy = False
 
     def loss(self, part: Part) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens_B_T = part.cut(part.batch.tokens_B_T)
@@ -121,6 +123,7 @@ class GKD(_TokenMean):
 
     modalities: tuple[Modality, ...] = ("speech",)
     score_mode: ScoreMode | None = "full"
+    on_policy = True
 
     def __init__(self, beta: float) -> None:
         self.beta = beta
@@ -141,6 +144,7 @@ class XOPD(_NoStepSetup):
         both: list[tuple[Modality, bool]] = [("text", lmbda > 0), ("speech", lmbda < 1)]
         self.modalities = tuple(m for m, on in both if on)
         self.score_mode: ScoreMode | None = loss
+        self.on_policy = True
         self.lmbda, self.top_k, self.clip_eps = lmbda, top_k, clip_eps
 
     def weights(self, mask_B_T: torch.Tensor, speech_B: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,7 @@ class GRPO:
 
     modalities: tuple[Modality, ...] = ("speech",)
     score_mode: ScoreMode | None = None
+    on_policy = True
 
     def __init__(self, reward: Reward, group: int, clip_eps: float | None) -> None:
         self.reward, self.group, self.clip_eps = reward, group, clip_eps

@@ -19,6 +19,15 @@ from xopd_core.models.checkpoint import save_checkpoint
 from xopd_core.train.distill import train
 
 SETTINGS = VllmSettings(max_model_len=1024, max_num_seqs=8)
+TINY_VLLM = {
+    "steps": 3,
+    "prompts_per_step": 2,
+    "rollouts_per_prompt": 2,
+    "max_new_tokens": 12,
+    "lr": 1e-3,
+    "loss": "sampled",  # the vLLM teacher's sampled-token scores
+    "anchor_items": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -139,24 +148,52 @@ def test_vllm_and_hf_teacher_scores_agree(
 def test_trainer_runs_on_vllm_rollouts_and_vllm_teacher_scores(
     vllm_student: VllmEngine, vllm_teacher: VllmEngine, student_dir: Path, prompts: list[Prompt]
 ) -> None:
-    """Within a round vLLM keeps the weights it loaded (π_old) while the HF copy trains:
-    step 0 is on-policy (r = 1), later steps are corrected by the importance ratio."""
+    """With `sync_every: 0` vLLM keeps the weights it loaded (π_old) while the HF copy trains:
+    step 0 is on-policy (r = 1, no log-prob gap), later steps are corrected by the
+    importance ratio, and the logged gap between engine and trainer shows the staleness."""
     hf = hf_student(student_dir)
-    cfg = TrainParams(
-        steps=3,
-        prompts_per_step=2,
-        rollouts_per_prompt=2,
-        max_new_tokens=12,
-        lr=1e-3,
-        loss="sampled",  # the vLLM teacher's sampled-token scores
-        anchor_items=0,
-    )
+    cfg = TrainParams(**(TINY_VLLM | {"sync_every": 0}))
     result = train(hf, vllm_student, vllm_teacher, prompts, cfg, vocab_size=vllm_teacher.vocab_size)
     h = result.history
     assert abs(h[0]["ratio_min"] - 1) < 1e-3 and abs(h[0]["ratio_max"] - 1) < 1e-3
     assert max(abs(m["ratio_max"] - 1) + abs(m["ratio_min"] - 1) for m in h[1:]) > 1e-3
+    assert h[0]["logprob_gap_max"] < 1e-3 < min(m["logprob_gap_max"] for m in h[1:])
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in h)
     assert result.teacher_tokens == result.student_tokens > 0
+
+
+def test_synced_vllm_serves_the_trainers_weights_after_every_step(
+    vllm_student: VllmEngine,
+    vllm_teacher: VllmEngine,
+    student_dir: Path,
+    tmp_path: Path,
+    prompts: list[Prompt],
+) -> None:
+    """`sync_every: 1`: after each step the engine reloads the trainer's weights, so every
+    step samples on-policy (gap ≈ 0, r = 1) and, after the run, vLLM's log-probs of its
+    samples are the trained HF model's to 1e-4; an engine left at the start weights (the
+    module's, never synced) is not."""
+    shutil.copytree(student_dir, tmp_path / "student")
+    hf = hf_student(tmp_path / "student")
+    cfg = TrainParams(**TINY_VLLM)
+    with VllmEngine(tmp_path / "student", audio=True, settings=SETTINGS) as synced:
+        result = train(hf, synced, vllm_teacher, prompts, cfg, vocab_size=synced.vocab_size)
+        h = result.history
+        assert max(m["logprob_gap_max"] for m in h) < 1e-3
+        assert all(abs(m["ratio_min"] - 1) < 1e-3 and abs(m["ratio_max"] - 1) < 1e-3 for m in h)
+        hf.load_audio(prompts[:3])
+        gaps = {}
+        for name, engine in (("synced", synced), ("stale", vllm_student)):
+            rollouts = engine.sample(
+                prompts[:3], "speech", n=1, temperature=1.0, max_new_tokens=8, seed=9
+            )
+            with torch.no_grad():
+                trained_lp, _ = hf.response_logprobs(rollouts)
+            gaps[name] = max(
+                (trained_lp[i, : len(r.response_ids)] - torch.tensor(r.logprobs)).abs().max().item()
+                for i, r in enumerate(rollouts)
+            )
+    assert gaps["synced"] < 1e-4 < 1e-2 < gaps["stale"], gaps
 
 
 def test_reload_serves_the_weights_saved_after_a_round(
