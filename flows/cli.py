@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except BaseException:
         api.stop()
         raise
-    serve(params, str(args.workdir), api)
+    serve(params, str(args.workdir), api, pool=args.pool)
     return 0
 
 
@@ -134,6 +134,12 @@ def add_flow_commands(sub: Any) -> None:
     p.add_argument("--workdir", type=Path, default=Path("."), help="the work folder")
     p.add_argument(
         "--port", type=int, default=4200, help="port of the local server when none is configured"
+    )
+    p.add_argument(
+        "--pool",
+        help="register the deployments on this Prefect work pool (a process pool is created "
+        "if none has the name) instead of running them here: `prefect worker start --pool "
+        "NAME` on a machine with the repository runs their flow runs",
     )
     p.set_defaults(func=cmd_serve)
 

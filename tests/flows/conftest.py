@@ -4,6 +4,7 @@ pipeline's params cut to one- or two-step rounds, a work folder laid out like th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -104,18 +105,10 @@ class Served:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-@pytest.fixture(scope="module")
-def served(
-    tmp_path_factory: pytest.TempPathFactory,
-    flow_params: Params,
-    tiny_world: Path,
-    tiny_teacher,
-    tiny_student,
-) -> Iterator[Served]:
-    """`xopd serve` in its own process with nothing configured: it starts the server."""
-    tmp = tmp_path_factory.mktemp("serve")
-    work = lay_out_work(tmp / "work", tiny_world, tiny_teacher, tiny_student)
-    params = flow_params.model_copy(update={"nightly": NightlyParams(timezone="Europe/Berlin")})
+@contextlib.contextmanager
+def xopd_serve(tmp: Path, params: Params, work: Path, *extra: str) -> Iterator[Served]:
+    """`xopd serve` in its own process with nothing configured (it starts the server) until
+    its deployments are registered; stopped afterwards, its server with it."""
     (work / "params.yaml").write_text(yaml.safe_dump(params.to_yaml_dict()))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
@@ -128,7 +121,7 @@ def served(
     command = [sys.executable, "-m", "flows.cli", "serve", "--params", str(work / "params.yaml")]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [*command, "--workdir", str(work), "--port", str(port)],
+            [*command, "--workdir", str(work), "--port", str(port), *extra],
             cwd=tmp,
             env=env,
             stdout=out,
@@ -162,3 +155,19 @@ def served(
             proc.kill()
             proc.wait()
     assert not healthy(api), "the server xopd serve started outlived it"
+
+
+@pytest.fixture(scope="module")
+def served(
+    tmp_path_factory: pytest.TempPathFactory,
+    flow_params: Params,
+    tiny_world: Path,
+    tiny_teacher,
+    tiny_student,
+) -> Iterator[Served]:
+    """`xopd serve`, serving the deployments itself."""
+    tmp = tmp_path_factory.mktemp("serve")
+    work = lay_out_work(tmp / "work", tiny_world, tiny_teacher, tiny_student)
+    params = flow_params.model_copy(update={"nightly": NightlyParams(timezone="Europe/Berlin")})
+    with xopd_serve(tmp, params, work) as served:
+        yield served

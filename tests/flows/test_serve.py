@@ -35,7 +35,7 @@ from flows.nightly import xopd_nightly
 from flows.round import xopd_round
 from flows.serve import deployments
 from flows.server import healthy
-from tests.flows.conftest import Served, free_port
+from tests.flows.conftest import Served, free_port, lay_out_work, xopd_serve
 from xopd_core.config import Params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -197,3 +197,47 @@ def test_tests_use_a_private_prefect_home() -> None:
     for written in (PREFECT_RESULTS_LOCAL_STORAGE_PATH, PREFECT_MEMO_STORE_PATH):
         assert home in Path(written.value()).resolve().parents, written.name
     assert "PREFECT_API_URL" not in os.environ and "PREFECT_PROFILE" not in os.environ
+
+
+def test_a_round_on_a_work_pool_is_run_by_a_worker(
+    tmp_path: Path, flow_params: Params, tiny_world: Path, tiny_teacher, tiny_student
+) -> None:
+    """`xopd serve --pool NAME` registers the deployments on a (new, process) work pool and
+    runs nothing itself; a worker on loopback (`prefect worker start --pool NAME`) picks up
+    a round triggered through the API, runs it from the installed package and it completes."""
+    work = lay_out_work(tmp_path / "work", tiny_world, tiny_teacher, tiny_student)
+    pool = "xopd-test-pool"
+    with xopd_serve(tmp_path, flow_params, work, "--pool", pool) as served:
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+        env |= {
+            "PREFECT_API_URL": served.api,
+            "PREFECT_HOME": str(tmp_path / "worker-home"),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+        log = tmp_path / "worker.log"
+        with log.open("wb") as out:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool],
+                cwd=tmp_path,  # not the repository: the flows come from the package
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            with (
+                temporary_settings(updates={PREFECT_API_URL: served.api}),
+                get_client(sync_client=True) as client,
+            ):
+                deployment = client.read_deployment_by_name("xopd-round/round")
+                assert deployment.work_pool_name == pool
+                assert deployment.entrypoint == "flows.round.xopd_round"
+                assert client.read_work_pool(pool).type == "process"
+                run = run_deployment("xopd-round/round", timeout=300, poll_interval=1)
+            tail = log.read_text(errors="replace")[-3000:]
+            assert run.state is not None and run.state.is_completed(), (run.state, tail)
+            assert str(run.id) in log.read_text(errors="replace")  # this worker ran it
+        finally:
+            worker.terminate()
+            worker.wait(60)
+    assert (work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
+    assert "registered on work pool 'xopd-test-pool'" in served.log.read_text()
