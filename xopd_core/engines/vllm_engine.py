@@ -183,7 +183,7 @@ def _score(llm: Any, sequences: list[list[int]], starts: list[int], top_k: int) 
     return result
 
 
-def _reload(llm: Any, weights_path: str | None) -> str:
+def _reload(llm: Any, weights_path: str) -> str:
     status = llm.collective_rpc("reload_from_disk", kwargs={"weights_path": weights_path})
     # A multimodal engine caches encoder outputs; after new weights a stale entry kills the
     # next audio request ("Encoder cache miss"). The prefix cache holds old KV.
@@ -346,8 +346,9 @@ class VllmEngine:
 
     # -- lifecycle ---------------------------------------------------------------------
     def reload(self, weights_dir: Path | None = None) -> str:
-        """Read the weights again (from `weights_dir`, default the folder it started from)."""
-        return str(self._call("reload", weights_path=str(weights_dir) if weights_dir else None))
+        """Read the weights again (from `weights_dir`, default the folder it started from:
+        named, since vLLM would otherwise reread the last folder it reloaded, a sync's)."""
+        return str(self._call("reload", weights_path=str(weights_dir or self.model_dir)))
 
     def sync_weights(self, model: Any) -> str:
         """Serve `model`'s current weights (the trainer's, mid-round): saved as a checkpoint

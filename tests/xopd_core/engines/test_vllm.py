@@ -163,37 +163,35 @@ def test_trainer_runs_on_vllm_rollouts_and_vllm_teacher_scores(
 
 
 def test_synced_vllm_serves_the_trainers_weights_after_every_step(
-    vllm_student: VllmEngine,
-    vllm_teacher: VllmEngine,
-    student_dir: Path,
-    tmp_path: Path,
-    prompts: list[Prompt],
+    vllm_student: VllmEngine, vllm_teacher: VllmEngine, student_dir: Path, prompts: list[Prompt]
 ) -> None:
     """`sync_every: 1`: after each step the engine reloads the trainer's weights, so every
     step samples on-policy (gap ≈ 0, r = 1) and, after the run, vLLM's log-probs of its
-    samples are the trained HF model's to 1e-4; an engine left at the start weights (the
-    module's, never synced) is not."""
-    shutil.copytree(student_dir, tmp_path / "student")
-    hf = hf_student(tmp_path / "student")
+    samples are the trained HF model's to 1e-4; reloaded from its own folder (the start
+    weights, not the last sync's) it is stale again."""
+    hf = hf_student(student_dir)
     cfg = TrainParams(**TINY_VLLM)
-    with VllmEngine(tmp_path / "student", audio=True, settings=SETTINGS) as synced:
-        result = train(hf, synced, vllm_teacher, prompts, cfg, vocab_size=synced.vocab_size)
-        h = result.history
-        assert max(m["logprob_gap_max"] for m in h) < 1e-3
-        assert all(abs(m["ratio_min"] - 1) < 1e-3 and abs(m["ratio_max"] - 1) < 1e-3 for m in h)
-        hf.load_audio(prompts[:3])
-        gaps = {}
-        for name, engine in (("synced", synced), ("stale", vllm_student)):
-            rollouts = engine.sample(
-                prompts[:3], "speech", n=1, temperature=1.0, max_new_tokens=8, seed=9
-            )
-            with torch.no_grad():
-                trained_lp, _ = hf.response_logprobs(rollouts)
-            gaps[name] = max(
-                (trained_lp[i, : len(r.response_ids)] - torch.tensor(r.logprobs)).abs().max().item()
-                for i, r in enumerate(rollouts)
-            )
-    assert gaps["synced"] < 1e-4 < 1e-2 < gaps["stale"], gaps
+    result = train(hf, vllm_student, vllm_teacher, prompts, cfg, vocab_size=vllm_student.vocab_size)
+    h = result.history
+    assert max(m["logprob_gap_max"] for m in h) < 1e-3
+    assert all(abs(m["ratio_min"] - 1) < 1e-3 and abs(m["ratio_max"] - 1) < 1e-3 for m in h)
+    hf.load_audio(prompts[:3])
+
+    def gap_to_trained() -> float:
+        rollouts = vllm_student.sample(
+            prompts[:3], "speech", n=1, temperature=1.0, max_new_tokens=8, seed=9
+        )
+        with torch.no_grad():
+            trained_lp, _ = hf.response_logprobs(rollouts)
+        return max(
+            (trained_lp[i, : len(r.response_ids)] - torch.tensor(r.logprobs)).abs().max().item()
+            for i, r in enumerate(rollouts)
+        )
+
+    synced = gap_to_trained()
+    vllm_student.reload()  # the folder it started from: the round's start weights
+    stale = gap_to_trained()
+    assert synced < 1e-4 < 1e-2 < stale, (synced, stale)
 
 
 def test_reload_serves_the_weights_saved_after_a_round(
