@@ -373,10 +373,10 @@ def train(
                 counters["student_tokens"] += trained
                 if scores is not None:
                     counters["teacher_tokens"] += sum(share.lengths)
+                if sync is not None and (step + 1) % cfg.sync_every == 0:
+                    sync.sync_weights(model)  # the engine samples the next step on-policy
 
                 # 5. log
-                if sync is not None and (step + 1) % cfg.sync_every == 0:
-                    sync.sync_weights(model)
                 metrics = step_metrics(
                     batch, loss_total, lr, float(grad_norm), counters, ratios, gaps, ranks
                 )
