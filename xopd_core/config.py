@@ -48,13 +48,6 @@ Processes = Annotated[
 ]
 
 
-def _check_processes(processes: int, micro_batch_size: int | None, where: str) -> None:
-    if processes > 1 and micro_batch_size is None:
-        raise ValueError(
-            f"{where}.processes > 1 deals out micro-batches: set {where}.micro_batch_size"
-        )
-
-
 class ConfigError(ValueError):
     """params.yaml is unreadable or does not validate; the message names file and key."""
 
@@ -111,15 +104,10 @@ class Difficulty(_Strict):
 
     @model_validator(mode="after")
     def _check_minimums(self) -> Difficulty:
-        for name, lo in (
-            ("navigate_moves", 2),
-            ("counting_items", 2),
-            ("lies_people", 2),
-            ("boolean_operands", 2),
-        ):
+        for name in ("navigate_moves", "counting_items", "lies_people", "boolean_operands"):
             rng: IntRange = getattr(self, name)
-            if rng.min < lo:
-                raise ValueError(f"{name}.min must be at least {lo} (got {rng.min})")
+            if rng.min < 2:
+                raise ValueError(f"{name}.min must be at least 2 (got {rng.min})")
         if self.navigate_moves.max * self.navigate_max_step > 20:
             # Coordinates in the worked solution are spelled as number words up to twenty.
             raise ValueError(
@@ -288,45 +276,6 @@ class LMShape(_Strict):
         return self
 
 
-class TeacherParams(_Strict):
-    """The `teacher` stage: a tiny text LM trained on the text tasks' worked solutions."""
-
-    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
-    model: LMShape = Field(default=LMShape(), description="Architecture.")
-    steps: int = Field(default=1500, ge=1, le=1_000_000, description="Optimizer steps.")
-    batch_size: int = Field(default=32, ge=1, le=4096, description="Sequences per step.")
-    lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
-    weight_decay: float = Field(default=0.01, ge=0, le=1, description="AdamW weight decay.")
-    precision: Precision = Field(
-        default="float32",
-        description="Training forward pass: float32, or bfloat16 CPU autocast (matrix "
-        "products in bf16; weights, gradients, optimizer state and loss float32). Without "
-        "AMX/AVX512-BF16 it is slower (a warning says so; docs/speed.md).",
-    )
-    micro_batch_size: MicroBatchSize = 8
-    processes: Processes = 2
-    task_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = Field(
-        default_factory=lambda: {
-            "navigate": 0.25,
-            "object_counting": 0.30,
-            "web_of_lies": 0.15,
-            "boolean_expressions": 0.30,
-        },
-        description="Each reasoning task's share of the training examples, normalised to "
-        "sum to 1; every task of the text corpus needs one, and a task whose share exceeds "
-        "its items is read more than once per pass (docs/teacher.md). null: the corpus's own mix.",
-    )
-    max_new_tokens: int = Field(
-        default=128, ge=1, le=4096, description="Generation budget when evaluating."
-    )
-
-    @model_validator(mode="after")
-    def _check_processes(self) -> TeacherParams:
-        _check_processes(self.processes, self.micro_batch_size, "teacher")
-        return self
-
-
 class AudioEncoderShape(_Strict):
     """Size of the student's Whisper-style audio encoder (Qwen2-Audio's audio tower)."""
 
@@ -377,7 +326,44 @@ class Phase(_Strict):
     )
 
 
-class InstructPhase(Phase):
+class BatchedPhase(Phase):
+    """A phase whose batches run in micro-batches, dealt out to `processes` ranks."""
+
+    micro_batch_size: MicroBatchSize = 8
+    processes: Processes = 2
+
+    @model_validator(mode="after")
+    def _check_processes(self) -> BatchedPhase:
+        if self.processes > 1 and self.micro_batch_size is None:
+            raise ValueError("processes > 1 deals out micro-batches: set micro_batch_size")
+        return self
+
+
+class TeacherParams(BatchedPhase):
+    """The `teacher` stage: a tiny text LM trained on the text tasks' worked solutions."""
+
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Init and data-order seed.")
+    model: LMShape = Field(default=LMShape(), description="Architecture.")
+    steps: int = Field(default=1500, ge=1, le=1_000_000, description="Optimizer steps.")
+    lr: float = Field(default=3e-3, gt=0, le=1, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(default=50, ge=0, le=100_000, description="Linear warm-up.")
+    task_weights: dict[str, Annotated[float, Field(gt=0, le=1000)]] | None = Field(
+        default_factory=lambda: {
+            "navigate": 0.25,
+            "object_counting": 0.30,
+            "web_of_lies": 0.15,
+            "boolean_expressions": 0.30,
+        },
+        description="Each reasoning task's share of the training examples, normalised to "
+        "sum to 1; every task of the text corpus needs one, and a task whose share exceeds "
+        "its items is read more than once per pass (docs/teacher.md). null: the corpus's own mix.",
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=4096, description="Generation budget when evaluating."
+    )
+
+
+class InstructPhase(BatchedPhase):
     """Speech instruction tuning: the data mix of the LM phase (DESIGN.md §4, README)."""
 
     speech_solution_fraction: float = Field(
@@ -413,21 +399,14 @@ class InstructPhase(Phase):
         "answered like them (speech_solution_fraction) from text_train's solutions; they may "
         "also be drawn for transcription. 0: only the train split's.",
     )
-    micro_batch_size: MicroBatchSize = 8
-    processes: Processes = 2
     loss_mean_over: MeanOver = Field(
         default="examples",
         description="Average the response NLL over all tokens of a batch, or per example "
         "first (a short paralinguistic answer then weighs as much as a worked solution).",
     )
 
-    @model_validator(mode="after")
-    def _check_processes(self) -> InstructPhase:
-        _check_processes(self.processes, self.micro_batch_size, "student.instruct")
-        return self
 
-
-class ReadPhase(Phase):
+class ReadPhase(BatchedPhase):
     """Learning to read the audio: projector + LM transcribe every heard utterance."""
 
     text_replay_items: int = Field(
@@ -437,13 +416,6 @@ class ReadPhase(Phase):
         description="Text-only worked solutions from text_train mixed into the reading "
         "examples, so the LM keeps its text ability while it learns to read.",
     )
-    micro_batch_size: MicroBatchSize = 8
-    processes: Processes = 2
-
-    @model_validator(mode="after")
-    def _check_processes(self) -> ReadPhase:
-        _check_processes(self.processes, self.micro_batch_size, "student.read")
-        return self
 
 
 class StudentParams(_Strict):

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,7 @@ class ValidationReport:
     n_rows: int
     rules: list[RuleOutcome]
     seconds: float
-    gx_result: dict[str, Any] | None = None
+    great_expectations: dict[str, Any] | None = None  # GX's own result
 
     @property
     def failed_rules(self) -> list[RuleOutcome]:
@@ -104,26 +104,10 @@ class ValidationReport:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "success": self.success,
-            "data_root": self.data_root,
-            "manifests": self.manifests,
-            "n_rows": self.n_rows,
-            "seconds": self.seconds,
-            "rules": [vars(r) for r in self.rules],
-            "great_expectations": self.gx_result,
-        }
+        return asdict(self)
 
 
 # --- probing ----------------------------------------------------------------------------
-
-
-def _inside(root: Path, candidate: Path) -> bool:
-    try:
-        candidate.relative_to(root)
-    except ValueError:
-        return False
-    return True
 
 
 def probe_audio(audio_path: Any, data_root: Path) -> dict[str, Any]:
@@ -143,7 +127,7 @@ def probe_audio(audio_path: Any, data_root: Path) -> dict[str, Any]:
     root = data_root.resolve()
     # resolve() follows symlinks too, so a link pointing outside the root is caught.
     resolved = (root / audio_path).resolve()
-    out["audio_inside_root"] = not os.path.isabs(audio_path) and _inside(root, resolved)
+    out["audio_inside_root"] = not os.path.isabs(audio_path) and resolved.is_relative_to(root)
     if not out["audio_inside_root"]:
         return out  # never read files outside the data root
     out["audio_exists"] = resolved.is_file()
@@ -200,23 +184,16 @@ def build_frame(manifests: Sequence[Path], data_root: Path) -> pd.DataFrame:
 def _cross_split_overlap(df: pd.DataFrame) -> list[str]:
     """For each row, the other side (training vs. evaluation splits) holding the same prompt."""
     is_train = df["split"].isin(TRAIN_SPLITS)
-    train_splits: dict[str, set[str]] = {}
-    for key, split in zip(df.loc[is_train, "prompt_key"], df.loc[is_train, "split"], strict=True):
-        if key is not None:
-            train_splits.setdefault(key, set()).add(str(split))
-    held_out = df.loc[~is_train, ["prompt_key", "split"]].dropna()
-    held_out_splits: dict[str, set[str]] = {}
-    for key, split in zip(held_out["prompt_key"], held_out["split"], strict=True):
-        held_out_splits.setdefault(key, set()).add(str(split))
-    out = []
-    for key, train in zip(df["prompt_key"], is_train, strict=True):
-        if key is None:
-            out.append("")
-        elif train:
-            out.append(",".join(sorted(held_out_splits.get(key, set()))))
-        else:
-            out.append(",".join(sorted(train_splits.get(key, set()))))
-    return out
+    known = df["prompt_key"].notna() & df["split"].notna()
+    splits_of: dict[tuple[bool, str], set[str]] = {}
+    for key, split, train in zip(
+        df.loc[known, "prompt_key"], df.loc[known, "split"], is_train[known], strict=True
+    ):
+        splits_of.setdefault((bool(train), key), set()).add(str(split))
+    return [
+        "" if key is None else ",".join(sorted(splits_of.get((not train, key), set())))
+        for key, train in zip(df["prompt_key"], is_train, strict=True)
+    ]
 
 
 # --- the suite --------------------------------------------------------------------------
@@ -231,16 +208,11 @@ def _import_gx() -> Any:
 
 
 def _rule(
-    name: str,
-    description: str,
-    expectation: type[Any],
-    kwargs: dict[str, Any],
-    show: str | None = None,
+    name: str, description: str, expectation: type[Any], show: str | None = None, **kwargs: Any
 ) -> Any:
     """A GX expectation carrying its rule's name, what it requires and the column a report
     shows as "found" (default: the one it checks) in its `meta`."""
-    meta = {"rule": name, "description": description, "show": show}
-    return expectation(**kwargs, meta=meta)
+    return expectation(**kwargs, meta={"rule": name, "description": description, "show": show})
 
 
 def build_rules(p: ValidateParams) -> list[Any]:
@@ -249,71 +221,58 @@ def build_rules(p: ValidateParams) -> list[Any]:
     import great_expectations.expectations as gxe
     from great_expectations.expectations.row_conditions import Column
 
-    rules = [
-        _rule(
-            f"field_present:{f}",
-            f"every row has a '{f}' value",
-            gxe.ExpectColumnValuesToNotBeNull,
-            {"column": f},
+    def in_set(name: str, description: str, column: str, values: list[Any], **kwargs: Any) -> Any:
+        return _rule(
+            name,
+            description,
+            gxe.ExpectColumnValuesToBeInSet,
+            column=column,
+            value_set=values,
+            **kwargs,
         )
-        for f in TEXT_FIELDS
-    ]
-    rules.append(
-        _rule(
+
+    return [
+        *(
+            _rule(
+                f"field_present:{f}",
+                f"every row has a '{f}' value",
+                gxe.ExpectColumnValuesToNotBeNull,
+                column=f,
+            )
+            for f in TEXT_FIELDS
+        ),
+        in_set(
             "audio_fields_present",
             f"rows of speech splits have {list(AUDIO_FIELDS)}",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "missing_audio_fields", "value_set": [""]},
-        )
-    )
-    rules += [
+            "missing_audio_fields",
+            [""],
+        ),
         _rule(
             "id_unique",
             "ids are unique across the dataset",
             gxe.ExpectColumnValuesToBeUnique,
-            {"column": "id"},
+            column="id",
         ),
-        _rule(
-            "split_known",
-            f"split is one of {list(SPLITS)}",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "split", "value_set": list(SPLITS)},
-        ),
-        _rule(
-            "kind_known",
-            f"kind is one of {list(TASKS_OF_KIND)}",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "kind", "value_set": list(TASKS_OF_KIND)},
-        ),
-        _rule(
-            "task_known",
-            f"task is one of {sorted(ANSWER_SETS)}",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "task", "value_set": sorted(ANSWER_SETS)},
-        ),
+        in_set("split_known", f"split is one of {list(SPLITS)}", "split", list(SPLITS)),
+        in_set("kind_known", f"kind is one of {list(TASKS_OF_KIND)}", "kind", list(TASKS_OF_KIND)),
+        in_set("task_known", f"task is one of {sorted(ANSWER_SETS)}", "task", sorted(ANSWER_SETS)),
         *(
-            _rule(
+            in_set(
                 f"task_of_kind:{kind}",
                 f"a {kind} row's task is one of {list(tasks)}",
-                gxe.ExpectColumnValuesToBeInSet,
-                {
-                    "column": "task",
-                    "value_set": list(tasks),
-                    "row_condition": Column("kind") == kind,
-                },
+                "task",
+                list(tasks),
+                row_condition=Column("kind") == kind,
             )
             for kind, tasks in TASKS_OF_KIND.items()
         ),
         *(
-            _rule(
+            in_set(
                 f"answer_in_set:{task}",
                 f"a {task} row's answer is one of {sorted(answers)}",
-                gxe.ExpectColumnValuesToBeInSet,
-                {
-                    "column": "answer",
-                    "value_set": sorted(answers),
-                    "row_condition": Column("task") == task,
-                },
+                "answer",
+                sorted(answers),
+                row_condition=Column("task") == task,
             )
             for task, answers in sorted(ANSWER_SETS.items())
         ),
@@ -321,91 +280,80 @@ def build_rules(p: ValidateParams) -> list[Any]:
             "transcript_not_blank",
             "transcript has visible text",
             gxe.ExpectColumnValuesToMatchRegex,
-            {"column": "transcript", "regex": r"\S"},
+            column="transcript",
+            regex=r"\S",
         ),
         _rule(
             "answer_not_blank",
             "answer has visible text",
             gxe.ExpectColumnValuesToMatchRegex,
-            {"column": "answer", "regex": r"\S"},
+            column="answer",
+            regex=r"\S",
         ),
-        _rule(
+        in_set(
             "no_train_eval_overlap",
             "no prompt appears in both a training and an eval split",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "prompt_also_in", "value_set": [""]},
+            "prompt_also_in",
+            [""],
         ),
-        _rule(
+        in_set(
             "audio_inside_root",
             "audio_path stays inside the data root",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "audio_inside_root", "value_set": [True]},
+            "audio_inside_root",
+            [True],
             show="audio_path",
         ),
-        _rule(
-            "audio_exists",
-            "the audio file exists",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "audio_exists", "value_set": [True]},
-            show="audio_path",
-        ),
-        _rule(
+        in_set("audio_exists", "the audio file exists", "audio_exists", [True], show="audio_path"),
+        in_set(
             "audio_decodable",
             "the audio decodes completely",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "audio_decodable", "value_set": [True]},
+            "audio_decodable",
+            [True],
             show="audio_decode_error",
         ),
         _rule(
             "audio_sha256_matches",
             "the audio's sha256 equals the manifest's",
             gxe.ExpectColumnPairValuesToBeEqual,
-            {
-                "column_A": "sha256",
-                "column_B": "audio_sha256",
-                "ignore_row_if": "either_value_is_missing",
-            },
+            column_A="sha256",
+            column_B="audio_sha256",
+            ignore_row_if="either_value_is_missing",
         ),
-        _rule(
+        in_set(
             "audio_sample_rate",
             f"the audio is {p.sample_rate} Hz",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "audio_sample_rate", "value_set": [p.sample_rate]},
+            "audio_sample_rate",
+            [p.sample_rate],
         ),
-        _rule(
+        in_set(
             "manifest_sample_rate",
             f"the manifest declares {p.sample_rate} Hz",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "sample_rate", "value_set": [p.sample_rate]},
+            "sample_rate",
+            [p.sample_rate],
         ),
-        _rule(
+        in_set(
             "audio_channels",
             f"the audio has {p.channels} channel(s)",
-            gxe.ExpectColumnValuesToBeInSet,
-            {"column": "audio_channels", "value_set": [p.channels]},
+            "audio_channels",
+            [p.channels],
         ),
         _rule(
             "audio_duration",
             f"duration within {p.min_duration_s}–{p.max_duration_s} s",
             gxe.ExpectColumnValuesToBeBetween,
-            {
-                "column": "audio_duration_s",
-                "min_value": p.min_duration_s,
-                "max_value": p.max_duration_s,
-            },
+            column="audio_duration_s",
+            min_value=p.min_duration_s,
+            max_value=p.max_duration_s,
         ),
         _rule(
             "manifest_duration_matches",
             f"declared duration within {p.duration_tolerance_s} s of the audio's",
             gxe.ExpectColumnValuesToBeBetween,
-            {
-                "column": "duration_mismatch_s",
-                "min_value": 0.0,
-                "max_value": p.duration_tolerance_s,
-            },
+            column="duration_mismatch_s",
+            min_value=0.0,
+            max_value=p.duration_tolerance_s,
         ),
     ]
-    return rules
 
 
 def _value_column(rule: Any) -> str:
@@ -516,7 +464,7 @@ def validate_dataset(
         n_rows=len(df),
         rules=outcomes,
         seconds=round(time.perf_counter() - start, 3),
-        gx_result=gx_dict,
+        great_expectations=gx_dict,
     )
 
 

@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from xopd_core.atomic import atomic_directory, write_json_atomic
 from xopd_core.config import IntRange, SynthParams
 from xopd_core.data.manifest import (
     AUDIO_DIR,
+    TEXT_FIELDS,
     TEXT_SPLITS,
     ManifestRow,
     manifest_path,
@@ -219,15 +220,7 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
 
 
 def _text_row(item: PlannedItem) -> dict[str, Any]:
-    return {
-        "id": item.id,
-        "split": item.split,
-        "task": item.task,
-        "kind": item.kind,
-        "transcript": item.transcript,
-        "answer": item.answer,
-        "solution": item.solution,
-    }
+    return {k: getattr(item, k) for k in TEXT_FIELDS}
 
 
 def _render(item: PlannedItem, root: Path, sample_rate: int) -> dict[str, Any]:
@@ -236,14 +229,8 @@ def _render(item: PlannedItem, root: Path, sample_rate: int) -> dict[str, Any]:
     synthesize_wav(item.transcript, item.speaker, out, sample_rate)
     info = sf.info(str(out))
     return {
-        "id": item.id,
-        "split": item.split,
-        "task": item.task,
-        "kind": item.kind,
+        **_text_row(item),
         "audio_path": rel.as_posix(),
-        "transcript": item.transcript,
-        "answer": item.answer,
-        "solution": item.solution,
         "voice": item.speaker.voice,
         "rate_wpm": item.speaker.rate_wpm,
         "pitch": item.speaker.pitch,
@@ -306,13 +293,7 @@ def synthesize_world(
 
 def _counts_only(s: WorldSummary) -> dict[str, Any]:
     """The deterministic part of the summary (no paths, no timings) for world.json."""
-    return {
-        "rows_per_split": s.rows_per_split,
-        "rows_per_task": s.rows_per_task,
-        "audio_seconds": s.audio_seconds,
-        "max_duration_s": s.max_duration_s,
-        "min_duration_s": s.min_duration_s,
-    }
+    return {k: v for k, v in asdict(s).items() if k not in ("data_root", "seconds", "manifests")}
 
 
 def _varied_speaker(rng: random.Random, p: SynthParams) -> Speaker:

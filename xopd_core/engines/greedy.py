@@ -14,7 +14,7 @@ import torch
 
 from xopd_core.distributed import all_gather_rows, run_ranks
 from xopd_core.engines.sampler import greedy_from_embeds
-from xopd_core.engines.scoring import left_padded
+from xopd_core.engines.scoring import padded
 from xopd_core.models.audio import merge_audio
 
 
@@ -47,7 +47,7 @@ def greedy_generate(
         done = []
         for start in range(0, len(share), batch_size):
             chunk = share[start : start + batch_size]
-            ids, mask = left_padded([prompts[i] for i in chunk], pad_id)
+            ids, mask = padded([prompts[i] for i in chunk], pad_id, left=True)
             if audio is not None:
                 embeds = merge_audio(model, ids, [audio[i] for i in chunk], mask)
             else:

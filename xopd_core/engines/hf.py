@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from xopd_core.data.waveform import read_waveform
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.engines.sampler import sample_from_embeds
-from xopd_core.engines.scoring import left_padded, prompt_groups, response_logits, response_tokens
+from xopd_core.engines.scoring import padded, prompt_groups, response_logits, response_tokens
 from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.attention import use_gqa_sdpa
 from xopd_core.models.audio import encoder_states, extract_features, merge_audio
@@ -71,7 +71,7 @@ class HfStudent:
         return self.model.get_input_embeddings().weight.device
 
     def _left_padded(self, seqs: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = left_padded(seqs, self.pad_id)
+        ids, mask = padded(seqs, self.pad_id, left=True)
         return ids.to(self.device), mask.to(self.device)
 
     def clear_audio_cache(self) -> None:
@@ -225,8 +225,8 @@ class HfTeacher:
         """`[B, T, V_shared]` logits predicting each response token after the transcript
         prompt (zeros past a response's end)."""
         first, prompt_of = prompt_groups(transcripts)
-        ids, mask = left_padded(
-            [text_prompt_ids(self.tokenizer, transcripts[i]) for i in first], self.pad_id
+        ids, mask = padded(
+            [text_prompt_ids(self.tokenizer, transcripts[i]) for i in first], self.pad_id, left=True
         )
         return response_logits(
             self.model,

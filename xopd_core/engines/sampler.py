@@ -79,16 +79,14 @@ class PreallocatedLayer(DynamicLayer):
 
     def keep_rows(self, index_R: torch.Tensor) -> None:
         """Keep only the batch rows `index_R` (in that order)."""
-        if self.is_initialized:
-            self._key_buffer = self._key_buffer.index_select(0, index_R)
-            self._value_buffer = self._value_buffer.index_select(0, index_R)
-            self.keys = self._key_buffer[:, :, : self.length]
-            self.values = self._value_buffer[:, :, : self.length]
+        self._rows(lambda t: t.index_select(0, index_R))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rows(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def _rows(self, op: Callable[[torch.Tensor], torch.Tensor]) -> None:
         if self.is_initialized:
-            self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
-            self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+            self._key_buffer, self._value_buffer = op(self._key_buffer), op(self._value_buffer)
             self.keys = self._key_buffer[:, :, : self.length]
             self.values = self._value_buffer[:, :, : self.length]
 

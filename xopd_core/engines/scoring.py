@@ -29,36 +29,24 @@ def response_positions(prompt_len: int, response_len: int) -> slice:
     return slice(prompt_len - 1, prompt_len - 1 + response_len)
 
 
-def right_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ids_B_L` right-padded with `pad_id` and `attention_mask_B_L`."""
-    longest = max(len(s) for s in sequences)
+def padded(
+    sequences: Sequence[list[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ids_B_L` padded with `pad_id` on the right, or the left (every row then ends in the
+    last column), and `attention_mask_B_L`."""
+    longest = max((len(s) for s in sequences), default=0)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(sequences):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
+        at = slice(longest - len(s), longest) if left else slice(0, len(s))
+        ids[i, at] = torch.tensor(s, dtype=torch.long)
+        mask[i, at] = 1
     return ids, mask
 
 
 def response_tokens(rollouts: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """`tokens_B_T` of the rollouts' responses (−1 past each one's end) and `mask_B_T`."""
-    longest = max((len(r.response_ids) for r in rollouts), default=0)
-    tokens = torch.full((len(rollouts), longest), -1, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        tokens[i, : len(r.response_ids)] = torch.tensor(r.response_ids, dtype=torch.long)
-    return tokens, (tokens >= 0).long()
-
-
-def left_padded(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ids_B_L` left-padded with `pad_id` (every row ends in the last column) and
-    `attention_mask_B_L`."""
-    longest = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(sequences):
-        ids[i, longest - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, longest - len(s) :] = 1
-    return ids, mask
+    return padded([r.response_ids for r in rollouts], -1)
 
 
 def prompt_groups(keys: Sequence[Any]) -> tuple[list[int], list[int]]:
@@ -118,7 +106,7 @@ def response_logits(
     states_B_T_E = prompt_states[rows_B, -1:]  # predicts response token 0
     if width > 1:
         cache.batch_select_indices(rows_B)
-        ids_B_R, mask_B_R = right_padded([list(r[:-1]) for r in responses], pad_id)
+        ids_B_R, mask_B_R = padded([list(r[:-1]) for r in responses], pad_id)
         ids_B_R, mask_B_R = ids_B_R.to(device), mask_B_R.to(device)
         continued = backbone(
             input_ids=ids_B_R,

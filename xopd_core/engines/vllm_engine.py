@@ -85,18 +85,13 @@ def _serve(model_dir: str, settings: VllmSettings, audio: bool, conn: Connection
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
-    handlers: dict[str, Callable[..., Any]] = {
-        "sample": _sample,
-        "score": _score,
-        "reload": _reload,
-    }
     try:
         while True:
             method, kwargs = conn.recv()
             if method == "close":
                 break
             try:
-                conn.send(("ok", handlers[method](llm, **kwargs)))
+                conn.send(("ok", _HANDLERS[method](llm, **kwargs)))
             except Exception:
                 conn.send(("error", traceback.format_exc()))
     finally:
@@ -192,6 +187,9 @@ def _reload(llm: Any, weights_path: str) -> str:
         reset()
     llm.reset_prefix_cache()
     return str(status[0])
+
+
+_HANDLERS: dict[str, Callable[..., Any]] = {"sample": _sample, "score": _score, "reload": _reload}
 
 
 # -- parent side -----------------------------------------------------------------------

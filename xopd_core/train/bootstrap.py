@@ -32,23 +32,21 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerFast, Qwen2AudioForConditionalGeneration
 
-from xopd_core.config import InstructPhase, MeanOver, Phase, ReadPhase
+from xopd_core.config import BatchedPhase, InstructPhase, MeanOver, Phase, ReadPhase
 from xopd_core.data.manifest import ManifestRow
 from xopd_core.data.speech import word_phonemes
 from xopd_core.data.world import HeardUtterance
 from xopd_core.models.audio import AudioFeatures, encoder_states, merge_audio
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids
 from xopd_core.models.tokenizer import IM_END, token_id
-from xopd_core.train.sft import LossTerms, collate, response_nll_terms, train_steps
+from xopd_core.train.sft import LossTerms, SftExample, collate, response_nll_terms, train_steps
 
 
 @dataclass(frozen=True)
-class SpeechExample:
+class SpeechExample(SftExample):
     """A prompt (audio placeholders already expanded), its response, and which utterance's
     audio fills the placeholders (None for a text-only example)."""
 
-    prompt_ids: list[int]
-    response_ids: list[int]
     audio: int | None
 
     @property
@@ -64,9 +62,11 @@ def _run(
     seed: int,
     on_step: Callable[[int, float], None] | None,
     bucketed: bool = False,
-    micro_batch_size: int | None = None,
-    processes: int = 1,
 ) -> list[float]:
+    # Phases 1 and 2 are batch means: no micro-batches, one process.
+    micro, ranks = (
+        (phase.micro_batch_size, phase.processes) if isinstance(phase, BatchedPhase) else (None, 1)
+    )
     return train_steps(
         params,
         lengths,
@@ -80,8 +80,8 @@ def _run(
         # Length buckets only for single-task (transcription) phases: see sft.py.
         pool_batches=50 if bucketed else 1,
         precision=phase.precision,
-        micro_batch_size=micro_batch_size,
-        processes=processes,
+        micro_batch_size=micro,
+        processes=ranks,
         on_step=on_step,
     )
 
@@ -390,17 +390,7 @@ def _train_lm_on_cached_audio(
 
     with _training(model, [projector, model.model.language_model, model.lm_head]) as params:
         lengths = [e.length for e in examples]
-        return _run(
-            params,
-            lengths,
-            loss_of,
-            phase,
-            seed,
-            on_step,
-            bucketed=bucketed,
-            micro_batch_size=phase.micro_batch_size,
-            processes=phase.processes,
-        )
+        return _run(params, lengths, loss_of, phase, seed, on_step, bucketed)
 
 
 def learn_to_read(

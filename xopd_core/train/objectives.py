@@ -210,9 +210,7 @@ class GRPO:
             lp_B_T, old_B_T, part.cut(batch.advantages_B_T), self.clip_eps
         )
         w_B_T = part.weights_B_T
-        return weighted_sum(terms_B_T, w_B_T), torch.exp(lp_B_T - old_B_T).detach()[
-            w_B_T != 0
-        ].cpu()
+        return weighted_sum(terms_B_T, w_B_T), _ratios(lp_B_T, old_B_T, w_B_T)
 
 
 def objective_for(cfg: TrainParams, reward: Reward | None = None) -> Objective:

@@ -13,7 +13,6 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
@@ -46,14 +45,7 @@ class SftExample:
     response_ids: list[int]
 
 
-class PromptResponse(Protocol):
-    @property
-    def prompt_ids(self) -> list[int]: ...
-    @property
-    def response_ids(self) -> list[int]: ...
-
-
-def collate(examples: Sequence[PromptResponse], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(examples: Sequence[SftExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded `input_ids_B_T`, `labels_B_T` (IGNORE on prompt and padding) and mask."""
     longest = max(len(e.prompt_ids) + len(e.response_ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
