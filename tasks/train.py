@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoProcessor,
     Qwen2AudioForConditionalGeneration,
 )
@@ -35,7 +34,7 @@ from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.models.checkpoint import (
     RESOLVED_CONFIG,
-    require_safetensors_checkpoint,
+    causal_lm_config,
     save_checkpoint,
     weights_sha256,
 )
@@ -147,8 +146,9 @@ def train(
     clock = time.perf_counter()
     device = training_device(p.device)
     # Everything a step needs is checked before the first step: the checkpoints (safetensors,
-    # whole) and the train manifest with the validate stage's suite (audio included).
-    require_safetensors_checkpoint(teacher_dir)
+    # whole; the teacher a text causal LM) and the train manifest with the validate stage's
+    # suite (audio included).
+    teacher_config = causal_lm_config(teacher_dir)
     base_hash = weights_sha256(student_dir)
     rows = read_validated_manifests(data_root, ["train"], params.validate_)["train"]
     prompts = distillation_prompts(data_root, rows)
@@ -160,7 +160,7 @@ def train(
         processor.tokenizer,
         teacher_tok,
         student_rows=model.get_output_embeddings().weight.shape[0],
-        teacher_rows=AutoConfig.from_pretrained(str(teacher_dir)).vocab_size,
+        teacher_rows=teacher_config.vocab_size,
     )
     student = HfStudent(model, processor, vocab_size=vocab)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 from tasks.cli import main
 from tasks.train import anchor_items, distillation_prompts, train, training_device
 from tests.xopd_core.data.test_validation import edit_rows
+from tests.xopd_core.engines.test_teachers import save_teacher, tiny_teacher_of
 from xopd_core.config import Params, TrainParams
 from xopd_core.data.manifest import manifest_path, read_rows
 from xopd_core.models.checkpoint import weights_sha256
@@ -67,6 +69,30 @@ def test_train_stage_writes_a_loadable_round_with_metrics_and_live_logs(
         "web_of_lies",
         "boolean_expressions",
     }
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_a_round_trains_against_a_teacher_of_another_family(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, family
+) -> None:
+    """#23: the teacher is any text causal LM folder (here a random tiny Qwen3 / Qwen3-MoE
+    with its own chat template); the round reads it, checks the vocabulary contract and
+    distills against it."""
+    tok = load_tokenizer(tiny_teacher.checkpoint)
+    teacher_dir = save_teacher(tiny_teacher_of(family, tok), tok, tmp_path / family)
+    start = tiny_student.summary.checkpoint
+    summary = train(
+        params_with(tiny_pipeline_params),
+        tiny_world,
+        start,
+        teacher_dir,
+        tmp_path / "round1",
+        tmp_path / "metrics.json",
+    )
+    assert summary.weights_sha256 != weights_sha256(start)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["teacher_tokens"] == metrics["student_tokens"] > 0
+    assert math.isfinite(metrics["final_loss"]) and metrics["final_reverse_kl_speech"] > 0
 
 
 @pytest.mark.parametrize("method", ["sft", "offline_kd", "grpo"])

@@ -7,6 +7,7 @@ safetensors only (never pickle): `require_safetensors_checkpoint` is called befo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import struct
@@ -14,13 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from xopd_core.atomic import atomic_directory, write_json_atomic
 from xopd_core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensors to files
 RESOLVED_CONFIG = "xopd.json"
 # transformers 5.17 writes Qwen2-Audio's language model as `language_model.model.model.*`;
 # it reloads that, but vLLM 0.31 refuses it ("no module or parameter named 'model'").
@@ -30,15 +34,20 @@ _LEGACY_PREFIX = "language_model.model."
 _PICKLED = ("pytorch_model.bin", "model.pt", "model.pth", "pytorch_model.bin.index.json")
 
 
-def require_safetensors_checkpoint(folder: Path) -> Path:
-    """`folder/model.safetensors`, checked before anything loads it: present (a folder with
-    only pickled weights is refused, never `torch.load`ed) and whole (its header parses and
-    the file is as long as the header says). Cheap: reads the header only."""
+def require_safetensors_checkpoint(folder: Path) -> list[Path]:
+    """The folder's weight files, checked before anything loads them: one `model.safetensors`,
+    or the shards its `model.safetensors.index.json` lists (how HF saves a model of more than
+    a few GB). Each must be present and whole (its header parses and the file is as long as
+    the header says); a folder with only pickled weights is refused, never `torch.load`ed.
+    Cheap: reads the headers only."""
     folder = Path(folder)
-    path = folder / WEIGHTS
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: checkpoint folder not found")
-    if not path.is_file():
+    if (folder / WEIGHTS).is_file():
+        files = [folder / WEIGHTS]
+    elif (folder / INDEX).is_file():
+        files = [folder / name for name in _shard_names(folder / INDEX)]
+    else:
         pickled = [name for name in _PICKLED if (folder / name).is_file()]
         hint = (
             f" (it holds {', '.join(pickled)}: xopd loads safetensors only, never pickle; "
@@ -46,7 +55,34 @@ def require_safetensors_checkpoint(folder: Path) -> Path:
             if pickled
             else ""
         )
-        raise CheckpointError(f"{path}: no safetensors weights{hint}")
+        raise CheckpointError(f"{folder / WEIGHTS}: no safetensors weights{hint}")
+    for path in files:
+        _require_whole(path)
+    return files
+
+
+def _shard_names(index: Path) -> list[str]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{index}: not a readable safetensors index ({err})") from None
+    if not names:
+        raise CheckpointError(f"{index}: its weight_map lists no shard")
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or Path(name).name != name
+            or not name.endswith(".safetensors")
+        ):
+            raise CheckpointError(
+                f"{index}: shard {name!r} is not a .safetensors file name inside the folder"
+            )
+        if not (index.parent / name).is_file():
+            raise CheckpointError(f"{index.parent / name}: a shard {INDEX} lists is missing")
+    return names
+
+
+def _require_whole(path: Path) -> None:
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -70,7 +106,33 @@ def require_safetensors_checkpoint(folder: Path) -> Path:
             f"{path}: truncated or padded safetensors file ({size} bytes, its header "
             f"describes {expected})"
         )
-    return path
+
+
+def causal_lm_config(folder: Path) -> Any:
+    """The config of a text teacher's folder, checked: safetensors weights, whole, and a model
+    `AutoModelForCausalLM` builds (Qwen2, Qwen2.5, Qwen3, Qwen3-MoE, ...). A folder of another
+    class (a speech model, an encoder) is refused naming its config."""
+    folder = Path(folder)
+    require_safetensors_checkpoint(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: transformers cannot read it ({err})"
+        ) from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        what = ", ".join(config.architectures or []) or config.model_type
+        raise CheckpointError(
+            f"{folder / 'config.json'}: {what} is not a text causal LM; a teacher is a model "
+            "AutoModelForCausalLM loads (Qwen2, Qwen2.5, Qwen3, Qwen3-MoE, ...)"
+        )
+    return config
+
+
+def load_causal_lm(folder: Path) -> Any:
+    """A text teacher (`causal_lm_config` checks it first), in the dtype it was saved in."""
+    config = causal_lm_config(folder)
+    return AutoModelForCausalLM.from_pretrained(str(folder), config=config).eval()
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -84,8 +146,8 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 def require_finite_weights(folder: Path) -> None:
     """Refuse a checkpoint whose weights hold a NaN or an infinity, naming the file."""
-    path = require_safetensors_checkpoint(folder)
-    _refuse_non_finite(load_file(str(path)), path)
+    for path in require_safetensors_checkpoint(folder):
+        _refuse_non_finite(load_file(str(path)), path)
 
 
 def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
@@ -110,13 +172,19 @@ def normalise_weight_names(folder: Path) -> None:
 
 
 def weights_sha256(folder: Path) -> str:
-    """Hash of the tensors (names, dtypes, shapes, bytes), independent of file metadata."""
+    """Hash of the tensors (names, dtypes, shapes, bytes), independent of file metadata and of
+    how the weights are sharded; reads one tensor at a time."""
     h = hashlib.sha256()
-    tensors = load_file(str(require_safetensors_checkpoint(folder)))
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    with contextlib.ExitStack() as stack:
+        files = [
+            stack.enter_context(safe_open(str(path), framework="pt"))
+            for path in require_safetensors_checkpoint(folder)
+        ]
+        where = {name: f for f in files for name in f.keys()}  # noqa: SIM118 (safe_open)
+        for name in sorted(where):
+            t = where[name].get_tensor(name).contiguous()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

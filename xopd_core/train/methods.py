@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast
 
 from xopd_core.config import TrainParams
 from xopd_core.engines.base import Prompt, RolloutEngine, TeacherScorer
 from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.eval.metrics import extract_answer
+from xopd_core.models.checkpoint import load_causal_lm
 from xopd_core.models.tokenizer import decode
 from xopd_core.train.objectives import Reward
 
@@ -62,7 +63,7 @@ def method_engines(
         spent = 0
 
         def hf_teacher(on: torch.device) -> Any:
-            return Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval().to(on)
+            return load_causal_lm(teacher_dir).to(on)
 
         if cfg.engine == "vllm" and cfg.method in ("xopd", "grpo"):
             from xopd_core.engines.vllm_engine import VllmEngine

@@ -10,12 +10,14 @@ import pytest
 import torch
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration, Qwen2ForCausalLM
 
+from tests.xopd_core.engines.test_teachers import save_teacher, tiny_teacher_of
 from xopd_core.config import TrainParams
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.engines.vllm_engine import VllmEngine, VllmSettings
-from xopd_core.models.checkpoint import save_checkpoint
+from xopd_core.models.checkpoint import load_causal_lm, save_checkpoint
+from xopd_core.models.tokenizer import load_tokenizer
 from xopd_core.train.distill import train
 
 SETTINGS = VllmSettings(max_model_len=1024, max_num_seqs=8)
@@ -143,6 +145,27 @@ def test_vllm_and_hf_teacher_scores_agree(
         vllm_teacher.score(rollouts, texts, mode="full")
     with pytest.raises(ValueError, match="cannot hear"):
         vllm_teacher.sample(chosen, "speech", n=1, temperature=1.0, max_new_tokens=4, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_moe"])
+def test_a_vllm_teacher_of_another_family_scores_as_hf(
+    vllm_student: VllmEngine, tiny_teacher, prompts: list[Prompt], tmp_path: Path, family: str
+) -> None:
+    """#23: a Qwen3 / Qwen3-MoE teacher folder with its own chat template, served by vLLM,
+    gives the HF teacher's log-probs of the student's response tokens."""
+    tok = load_tokenizer(tiny_teacher.checkpoint)
+    folder = save_teacher(tiny_teacher_of(family, tok), tok, tmp_path / family)
+    chosen = prompts[:4]
+    rollouts = vllm_student.sample(chosen, "speech", n=1, temperature=1.0, max_new_tokens=8, seed=2)
+    texts = [p.transcript for p in chosen]
+    teacher_tok = load_tokenizer(folder)
+    hf = HfTeacher(load_causal_lm(folder), teacher_tok, shared_vocab_size(tok, teacher_tok))
+    want = hf.score(rollouts, texts, mode="sampled")
+    with VllmEngine(folder, audio=False, settings=SETTINGS) as engine:
+        got = engine.score(rollouts, texts, mode="sampled")
+    for w, g in zip(want, got, strict=True):
+        assert torch.allclose(torch.tensor(g.sampled), torch.tensor(w.sampled), atol=1e-4)
 
 
 def test_trainer_runs_on_vllm_rollouts_and_vllm_teacher_scores(

@@ -12,6 +12,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from xopd_core.errors import CheckpointError
 from xopd_core.models.checkpoint import (
+    INDEX,
+    load_causal_lm,
     require_finite_weights,
     require_safetensors_checkpoint,
     save_checkpoint,
@@ -51,7 +53,7 @@ def test_only_a_whole_safetensors_checkpoint_is_accepted(tmp_path: Path) -> None
     out = tmp_path / "ckpt"
     save_checkpoint(tiny_lm(), out, savers=[], resolved_config={})
     weights = out / "model.safetensors"
-    assert require_safetensors_checkpoint(out) == weights
+    assert require_safetensors_checkpoint(out) == [weights]
     require_finite_weights(out)
     whole = weights.read_bytes()
     weights.write_bytes(whole[:-10])
@@ -76,3 +78,36 @@ def test_non_finite_weights_on_disk_are_found(tmp_path: Path) -> None:
         CheckpointError, match=r"1 weight tensor\(s\) hold NaN or infinity \(e\.g\. b\)"
     ):
         require_finite_weights(tmp_path / "m")
+
+
+def test_a_sharded_checkpoint_is_checked_shard_by_shard_and_hashes_as_one_file(
+    tmp_path: Path,
+) -> None:
+    """Real models arrive sharded (`model.safetensors.index.json` + shards): accepted, each
+    shard checked whole, and the weights hash equals the single-file save of the same model."""
+    model = tiny_lm()
+    single = tmp_path / "single"
+    save_checkpoint(model, single, savers=[], resolved_config={})
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(str(sharded), max_shard_size="1KB")
+    files = require_safetensors_checkpoint(sharded)
+    assert len(files) > 1 and {f.parent for f in files} == {sharded}
+    assert weights_sha256(sharded) == weights_sha256(single)
+    require_finite_weights(sharded)
+    assert isinstance(load_causal_lm(sharded), Qwen2ForCausalLM)
+    index = sharded / INDEX
+    mapping = json.loads(index.read_text())
+    files[-1].write_bytes(files[-1].read_bytes()[:-4])
+    with pytest.raises(CheckpointError, match=rf"^{files[-1]}: truncated or padded"):
+        weights_sha256(sharded)
+    files[-1].unlink()
+    with pytest.raises(CheckpointError, match=rf"^{files[-1]}: a shard .* lists is missing"):
+        require_safetensors_checkpoint(sharded)
+    name = next(iter(mapping["weight_map"]))
+    mapping["weight_map"][name] = "../outside.safetensors"
+    index.write_text(json.dumps(mapping))
+    with pytest.raises(CheckpointError, match=r"shard '\.\./outside\.safetensors' is not a"):
+        require_safetensors_checkpoint(sharded)
+    index.write_text("{not json")
+    with pytest.raises(CheckpointError, match=rf"^{index}: not a readable safetensors index"):
+        require_safetensors_checkpoint(sharded)
