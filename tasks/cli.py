@@ -256,7 +256,12 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from xopd_core.data.speech import SpeechToolError
     from xopd_core.data.validation import DataValidationError
     from xopd_core.data.world import WorldGenerationError
-    from xopd_core.errors import CheckpointError, NonFiniteTrainingError, ResumeStateError
+    from xopd_core.errors import (
+        AudioError,
+        CheckpointError,
+        NonFiniteTrainingError,
+        ResumeStateError,
+    )
     from xopd_core.eval.metrics import TeacherScoresError
     from xopd_core.gate import GateInputError
     from xopd_core.lock import Busy, exclusive
@@ -281,6 +286,7 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
         ReportInputError,
         StudyError,
         CheckpointError,
+        AudioError,
         ResumeStateError,
         NonFiniteTrainingError,
         RecordError,

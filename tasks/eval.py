@@ -21,9 +21,9 @@ from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
-from xopd_core.data.manifest import ManifestRow
+from xopd_core.data.manifest import ManifestRow, manifest_path
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.data.waveform import read_waveform
+from xopd_core.data.waveform import read_waveform, require_within_window
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
 from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
 from xopd_core.models.checkpoint import weights_sha256
@@ -118,9 +118,13 @@ def evaluate(
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     processor = AutoProcessor.from_pretrained(str(student_dir))
 
+    extractor = processor.feature_extractor
+    for name, rows in manifests.items():
+        require_within_window(rows, extractor.chunk_length, manifest_path(data_root, name))
+
     def waves(rows: list[ManifestRow]) -> list[Any]:
-        rate = processor.feature_extractor.sampling_rate
-        return [read_waveform(data_root / str(r.audio_path), rate) for r in rows]
+        rate, window = extractor.sampling_rate, extractor.chunk_length
+        return [read_waveform(data_root / str(r.audio_path), rate, window) for r in rows]
 
     speech = evaluate_speech(
         model, processor, eval_rows, waves(eval_rows), p.max_new_tokens, p.batch_size, p.processes

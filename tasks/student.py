@@ -22,8 +22,9 @@ from tasks.layout import DATA, STUDENT, STUDENT_METRICS, TEACHER
 from tasks.progress import phase_bar
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
+from xopd_core.data.manifest import manifest_path
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.data.waveform import read_waveform
+from xopd_core.data.waveform import read_waveform, require_within_window
 from xopd_core.data.world import HeardUtterance, speak_corpus
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import (
@@ -96,8 +97,9 @@ def student(
     tokenizer = load_tokenizer(Path(teacher_dir))
     teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
     processor = build_processor(tokenizer, p.audio)
-    rate = processor.feature_extractor.sampling_rate
-    waves = [read_waveform(data_root / str(r.audio_path), rate) for r in rows]
+    rate, window = processor.feature_extractor.sampling_rate, p.audio.chunk_length_s
+    require_within_window(rows, window, manifest_path(data_root, "train"))
+    waves = [read_waveform(data_root / str(r.audio_path), rate, window) for r in rows]
     feats = extract_features(processor, waves)
     lap("features")
     # Phases 1-2 hear the train split plus a pre-training corpus spoken from the text corpus,

@@ -29,6 +29,7 @@ from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
 from xopd_core.data.validation import read_validated_manifests
+from xopd_core.data.waveform import require_within_window
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import shared_vocab_size
@@ -155,6 +156,8 @@ def train(
     model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
     model.to(device)
     processor = AutoProcessor.from_pretrained(str(student_dir))
+    window = processor.feature_extractor.chunk_length
+    require_within_window(rows, window, manifest_path(data_root, "train"))
     teacher_tok = load_tokenizer(teacher_dir)
     vocab = shared_vocab_size(  # the vocabulary contract: refuses a mismatched pair
         processor.tokenizer,

@@ -10,6 +10,11 @@ class CheckpointError(ValueError):
     """A checkpoint folder xopd will not load or save; the message names the file."""
 
 
+class AudioError(ValueError):
+    """An utterance a model cannot take as it is (undecodable, another rate or channel count,
+    longer than the feature window); the message names the file or manifest row."""
+
+
 class ResumeStateError(ValueError):
     """A resume state that does not belong to this run; the message names the folder."""
 

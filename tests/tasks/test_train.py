@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -241,6 +242,25 @@ def test_the_train_stage_checks_its_manifest_before_any_step(
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1, err
     assert "train.jsonl:" in err and f"[{rule}" in err
+    assert_nothing_written(out, tmp_path)
+
+
+def test_the_train_stage_refuses_audio_longer_than_the_students_window(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
+) -> None:
+    """A student whose feature window (here cut to 1 s) is shorter than the train split's
+    utterances would hear only their start: stopped before any step, naming the row."""
+    student = tmp_path / "one_second"
+    shutil.copytree(tiny_student.summary.checkpoint, student)
+    config = json.loads((student / "processor_config.json").read_text())
+    config["feature_extractor"].update(chunk_length=1, n_samples=16_000, nb_max_frames=100)
+    (student / "processor_config.json").write_text(json.dumps(config))
+    params = params_with(tiny_pipeline_params, steps=1)
+    rc, out = cli_train(params, tmp_path, tiny_world, student, tiny_teacher.checkpoint)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert re.search(r"train\.jsonl row \d+ \(id train-.*\.wav\): [\d.]+ s of audio", err), err
+    assert "longer than the student's 1 s feature window" in err
     assert_nothing_written(out, tmp_path)
 
 

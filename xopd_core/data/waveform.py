@@ -4,21 +4,48 @@ suite checks whole datasets first; this guards every reader that comes after it)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from xopd_core.errors import AudioError
 
-def read_waveform(path: Path | str, sample_rate: int) -> np.ndarray:
-    """`path`'s samples as a 1-D float32 array; refused unless mono at `sample_rate` Hz."""
+
+def read_waveform(path: Path | str, sample_rate: int, window_s: float | None = None) -> np.ndarray:
+    """`path`'s samples as a 1-D float32 array; refused unless mono at `sample_rate` Hz and,
+    with `window_s`, no longer than the model's feature window (which would hear only the
+    window's worth: the rest of the question would be silently cut)."""
     try:
         wave, rate = sf.read(str(path), dtype="float32")
     except (sf.LibsndfileError, RuntimeError) as err:
-        raise ValueError(f"{path}: cannot decode audio ({err})") from None
+        raise AudioError(f"{path}: cannot decode audio ({err})") from None
     if rate != sample_rate or wave.ndim != 1:
         channels = 1 if wave.ndim == 1 else wave.shape[1]
-        raise ValueError(
+        raise AudioError(
             f"{path}: expected mono {sample_rate} Hz audio, got {rate} Hz with {channels} channels"
         )
+    if window_s is not None and len(wave) > window_s * sample_rate:
+        raise AudioError(f"{path}: {too_long(len(wave) / sample_rate, window_s)}")
     return wave
+
+
+def too_long(duration_s: float, window_s: float) -> str:
+    return (
+        f"{duration_s:.2f} s of audio, longer than the student's {window_s:g} s feature window "
+        "(its encoder hears one window); cut the utterance, or give the student a longer "
+        "window (student.audio.chunk_length_s for the mini world's)"
+    )
+
+
+def require_within_window(rows: Sequence[Any], window_s: float, manifest: Path) -> None:
+    """Refuse, before any step, a manifest row whose (validated) duration exceeds the
+    student's feature window, naming the manifest, the row and its audio file."""
+    for line, r in enumerate(rows, start=1):
+        if r.duration_s is not None and r.duration_s > window_s:
+            raise AudioError(
+                f"{manifest} row {line} (id {r.id}, {r.audio_path}): "
+                f"{too_long(r.duration_s, window_s)}"
+            )

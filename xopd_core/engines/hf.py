@@ -60,8 +60,9 @@ class HfStudent:
             return
         if not self.hears:
             raise ValueError("this student is a text-only model: it has no audio encoder")
-        rate = self.processor.feature_extractor.sampling_rate
-        waves = [read_waveform(p.audio_path, rate) for p in new]
+        extractor = self.processor.feature_extractor
+        rate, window = extractor.sampling_rate, extractor.chunk_length
+        waves = [read_waveform(p.audio_path, rate, window) for p in new]
         for p, f in zip(new, extract_features(self.processor, waves), strict=True):
             self._features[p.id] = f
 

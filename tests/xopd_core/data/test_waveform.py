@@ -37,3 +37,14 @@ def test_refuses_a_file_that_is_not_audio(tmp_path: Path) -> None:
     path.write_bytes(b"not audio at all")
     with pytest.raises(ValueError, match=r"c\.wav: cannot decode audio"):
         read_waveform(path, 16_000)
+
+
+def test_refuses_audio_longer_than_the_feature_window_naming_the_file(tmp_path: Path) -> None:
+    """A longer utterance would be cut to the window without a word: refused instead."""
+    path = tmp_path / "long.wav"
+    sf.write(path, np.zeros(3 * 16_000, dtype=np.float32), 16_000)
+    assert read_waveform(path, 16_000, window_s=3).shape == (48_000,)
+    with pytest.raises(
+        ValueError, match=r"long\.wav: 3\.00 s of audio, longer than the student's 2 s feature"
+    ):
+        read_waveform(path, 16_000, window_s=2)
