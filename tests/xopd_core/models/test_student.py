@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from tests.xopd_core.conftest import TINY_AUDIO, speech_inputs
 from xopd_core.config import AudioEncoderShape
 from xopd_core.data.manifest import manifest_path, read_manifest
 from xopd_core.models.checkpoint import WEIGHTS, save_checkpoint
+from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.student import audio_tokens_for, build_processor, build_student
 from xopd_core.models.tokenizer import AUDIO, load_tokenizer, token_id
 
@@ -144,3 +146,62 @@ def test_vllm_serves_the_saved_student_like_transformers(
     for out, inputs in ((vllm_audio, hf_audio), (vllm_text, hf_text)):
         hf = _hf_logprobs(student, inputs, out["token_ids"])
         assert max(abs(a - b) for a, b in zip(hf, out["logprobs"], strict=True)) < 1e-4
+
+
+# Written here to render as Qwen2-Audio-7B-Instruct's template does: a default system turn
+# when the conversation has none, and each audio part as "Audio k: " + its markers + newline.
+INSTRUCT_STYLE_TEMPLATE = (
+    "{% set audio_count = namespace(value=0) %}"
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'audio' %}{% set audio_count.value = audio_count.value + 1 %}"
+    "Audio {{ audio_count.value }}: <|audio_bos|><|AUDIO|><|audio_eos|>\n"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("instruction", [None, "transcribe the audio."])
+def test_prompts_follow_the_students_own_template_as_its_processor_does(
+    parts, tiny_world: Path, instruction: str | None
+) -> None:
+    """With a template laid out as Qwen2-Audio-Instruct's (system turn, "Audio 1: " before
+    the markers), xopd's speech and text prompts are what the processor and the template
+    give: the placeholder expanded in place, the rest untouched."""
+    tok, _, student, _ = parts
+    tok = copy.deepcopy(tok)
+    tok.chat_template = INSTRUCT_STYLE_TEMPLATE
+    processor = build_processor(tok, TINY_AUDIO)
+    row = read_manifest(manifest_path(tiny_world, "eval"))[0]
+    audio, rate = sf.read(str(tiny_world / row["audio_path"]), dtype="float32")
+    content: list[dict] = [{"type": "audio"}]
+    if instruction is not None:
+        content.append({"type": "text", "text": instruction})
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+    assert "<|im_start|>user\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\n" in text
+    inputs = processor(text=text, audio=[audio], sampling_rate=rate, return_tensors="pt")
+    n_audio = int((inputs["input_ids"] == token_id(tok, AUDIO)).sum())
+    assert n_audio == audio_tokens_for(len(audio), TINY_AUDIO.hop_length)
+    ids = speech_prompt_ids(tok, n_audio, instruction)
+    assert inputs["input_ids"][0].tolist() == ids
+    assert tok.decode(ids[:8]).startswith("<|im_start|>system")
+    assert (
+        text_prompt_ids(tok, row["transcript"])
+        == tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": row["transcript"]}],
+                add_generation_prompt=True,
+                tokenize=False,
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+    )
+    with torch.no_grad():
+        assert torch.isfinite(student(**inputs).logits).all()
