@@ -181,6 +181,7 @@ def student(
             lambda text: text_prompt_ids(tokenizer, text),
             p.read.text_replay_items,
             random.Random(p.seed),
+            restatement=p.read.replay_restatement,
         )
         read_losses = learn_to_read(
             model,

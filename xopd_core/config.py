@@ -216,6 +216,13 @@ class SynthParams(_Strict):
         default=16_000, ge=8_000, le=48_000, description="Output audio sample rate (Hz)."
     )
     workers: int = Field(default=2, ge=1, le=64, description="Parallel espeak-ng/sox processes.")
+    restate_question: bool = Field(
+        default=False,
+        description="Begin every reasoning item's worked solution with its question, word "
+        "for word (the teacher, the student and the references all answer that way). At the "
+        "default difficulty the longest solution is then 152 tokens: set teacher, eval and "
+        "train max_new_tokens to 176.",
+    )
     difficulty: Difficulty = Field(default=Difficulty(), description="Reasoning depth.")
     voices: Voices = Field(default=Voices(), description="Speaker settings.")
 
@@ -415,6 +422,12 @@ class ReadPhase(BatchedPhase):
         le=1_000_000,
         description="Text-only worked solutions from text_train mixed into the reading "
         "examples, so the LM keeps its text ability while it learns to read.",
+    )
+    replay_restatement: bool = Field(
+        default=False,
+        description="With synth.restate_question: keep the restated question at the start of "
+        "the replayed solutions. false drops it, so this phase never trains copying a question "
+        "from text, which costs the hearing of long spoken questions (docs/rounds.md).",
     )
 
 

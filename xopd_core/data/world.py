@@ -189,7 +189,8 @@ def plan_world(p: SynthParams) -> list[PlannedItem]:
 
     def reasoning(rng: random.Random, task: str) -> tuple[str, str, str, Speaker]:
         item = REASONING_TASKS[task](rng, p.difficulty)
-        return item.prompt, item.answer, item.solution, _ordinary_speaker(rng, p)
+        solution = f"{item.prompt} {item.solution}" if p.restate_question else item.solution
+        return item.prompt, item.answer, solution, _ordinary_speaker(rng, p)
 
     def para(rng: random.Random, task: str) -> tuple[str, str, str, Speaker]:
         transcript, answer, speaker = _para_item(rng, p, task)

@@ -482,11 +482,20 @@ def text_replay(
     text_prompt: Callable[[str], list[int]],
     n: int,
     rng: random.Random,
+    restatement: bool = True,
 ) -> list[SpeechExample]:
     """`n` text-only examples (question as text → worked solution) drawn from `text_rows`
-    without replacement: replayed beside speech so the LM keeps its text ability."""
+    without replacement: replayed beside speech so the LM keeps its text ability. Without
+    `restatement`, a solution that begins with its question (synth.restate_question) is
+    replayed from just after it."""
     eos = token_id(tokenizer, IM_END)
+
+    def answer(r: ManifestRow) -> str:
+        restated = r.transcript + " "
+        keep = restatement or not r.solution.startswith(restated)
+        return r.solution if keep else r.solution[len(restated) :]
+
     return [
-        SpeechExample(text_prompt(r.transcript), [*tokenizer(r.solution)["input_ids"], eos], None)
+        SpeechExample(text_prompt(r.transcript), [*tokenizer(answer(r))["input_ids"], eos], None)
         for r in rng.sample(list(text_rows), min(n, len(text_rows)))
     ]

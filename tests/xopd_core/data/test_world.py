@@ -185,3 +185,18 @@ def test_the_pretraining_corpus_is_deterministic_and_varied() -> None:
     assert [c.heard() for c in other] != [c.heard() for c in corpus]
     with pytest.raises(WorldGenerationError, match="no texts"):
         speak_corpus(p, [], 2, seed=0)
+
+
+def test_restate_question_begins_every_worked_solution_with_its_question() -> None:
+    """synth.restate_question changes the solutions' text only: the same prompts, answers
+    and voices, each reasoning solution prefixed with its question word for word."""
+    plain = plan_world(tiny_synth_params())
+    restated = plan_world(tiny_synth_params(restate_question=True))
+    assert len(plain) == len(restated)
+    for a, b in zip(plain, restated, strict=True):
+        same = (a.id, a.transcript, a.answer, a.speaker)
+        assert same == (b.id, b.transcript, b.answer, b.speaker)
+        if a.kind == "reasoning":
+            assert b.solution == f"{a.transcript} {a.solution}"
+        else:
+            assert b.solution == a.solution

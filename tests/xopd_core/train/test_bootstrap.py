@@ -146,6 +146,26 @@ def test_text_replay_draws_distinct_text_rows_with_their_solutions(parts, tiny_w
     assert replay(0, 0) == []
 
 
+def test_text_replay_can_drop_a_restated_question(parts, tiny_world: Path) -> None:
+    """synth.restate_question's solutions begin with their question; the reading phase
+    replays them from just after it (student.read.replay_restatement: false), the instruction
+    phase as written. A solution that does not restate is replayed as it is either way."""
+    tok = parts[0]
+    plain = read_rows(manifest_path(tiny_world, "text_train"))[:6]
+    restated = [r.model_copy(update={"solution": f"{r.transcript} {r.solution}"}) for r in plain]
+    prompt = lambda t: text_prompt_ids(tok, t)  # noqa: E731
+
+    def responses(rows, restatement: bool) -> list[list[int]]:
+        return [e.response_ids for e in text_replay(tok, rows, prompt, 6, Random(0), restatement)]
+
+    assert responses(restated, False) == responses(plain, True) == responses(plain, False)
+    assert responses(restated, True) != responses(plain, True)
+    eos = token_id(tok, IM_END)
+    first = text_replay(tok, restated, prompt, 6, Random(0), True)[0]
+    row = next(r for r in restated if tuple(prompt(r.transcript)) == tuple(first.prompt_ids))
+    assert first.response_ids == [*tok(row.solution)["input_ids"], eos]
+
+
 def test_each_phase_trains_only_its_parts_and_lowers_its_loss(parts, tiny_world: Path) -> None:
     tok, teacher, fresh, processor = parts
     model = copy.deepcopy(fresh)
