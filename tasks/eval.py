@@ -14,8 +14,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
-
 from tasks.layout import DATA, TEACHER_METRICS, round_checkpoint, round_eval
 from tasks.layout import EVAL_METRICS as METRICS
 from tasks.layout import EVAL_RESPONSES as RESPONSES
@@ -27,6 +25,7 @@ from xopd_core.data.waveform import read_waveform, require_within_window
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
 from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
 from xopd_core.models.checkpoint import weights_sha256
+from xopd_core.models.families import load_student
 
 TABLE = "table.md"
 TRANSCRIPTS = "transcripts.jsonl"  # what the student heard in each eval utterance
@@ -115,8 +114,7 @@ def evaluate(
     digest = weights_sha256(student_dir)
     manifests = read_validated_manifests(data_root, [split, f"para_{split}"], params.validate_)
     eval_rows, para_rows = manifests[split], manifests[f"para_{split}"]
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
-    processor = AutoProcessor.from_pretrained(str(student_dir))
+    model, processor = load_student(student_dir)
 
     extractor = processor.feature_extractor
     for name, rows in manifests.items():

@@ -20,10 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoProcessor,
-    Qwen2AudioForConditionalGeneration,
-)
 
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
@@ -39,6 +35,7 @@ from xopd_core.models.checkpoint import (
     save_checkpoint,
     weights_sha256,
 )
+from xopd_core.models.families import load_student
 from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
 from xopd_core.train.distill import AnchorItem
@@ -153,9 +150,8 @@ def train(
     base_hash = weights_sha256(student_dir)
     rows = read_validated_manifests(data_root, ["train"], params.validate_)["train"]
     prompts = distillation_prompts(data_root, rows)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(str(student_dir)).eval()
+    model, processor = load_student(student_dir)  # refuses a class xopd has no adapter for
     model.to(device)
-    processor = AutoProcessor.from_pretrained(str(student_dir))
     window = processor.feature_extractor.chunk_length
     require_within_window(rows, window, manifest_path(data_root, "train"))
     teacher_tok = load_tokenizer(teacher_dir)

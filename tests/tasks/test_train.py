@@ -15,12 +15,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.cli import main
+from tasks.eval import evaluate
 from tasks.train import anchor_items, distillation_prompts, train, training_device
+from tests.omni_fixtures import save_omni_student
+from tests.tasks.test_eval import TASKS
 from tests.xopd_core.data.test_validation import edit_rows
 from tests.xopd_core.engines.test_teachers import save_teacher, tiny_teacher_of
 from xopd_core.config import Params, TrainParams
 from xopd_core.data.manifest import manifest_path, read_rows
 from xopd_core.models.checkpoint import weights_sha256
+from xopd_core.models.families import load_student
 from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.tokenizer import load_tokenizer
 from xopd_core.train.distill import Interrupted
@@ -336,3 +340,40 @@ def test_anchor_items_are_each_train_items_gold_audio_only_answer(tiny_world, ti
             assert a.instruction == TRANSCRIBE and said == r.transcript
         else:
             assert a.instruction is None and said == r.solution
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_omni", "qwen3_omni"])
+def test_an_omni_student_runs_validate_train_eval_and_reloads(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tmp_path: Path, family: str
+) -> None:
+    """#23, each Omni family end to end through the stages: a tiny random thinker (the real
+    class, its family's tokenizer markers and template) with its paper-pair teacher class
+    (Qwen2 for Qwen2.5-Omni, Qwen3-MoE for Qwen3-Omni): the train stage validates the
+    manifest, runs two X-OPD steps and saves; the eval stage scores the saved folder; the
+    folder reloads as its class with the same weights."""
+    tok = load_tokenizer(tiny_teacher.checkpoint)
+    start = save_omni_student(family, tok, tmp_path / "student")
+    teacher_dir = (
+        tiny_teacher.checkpoint
+        if family == "qwen2_5_omni"
+        else save_teacher(tiny_teacher_of("qwen3_moe", tok), tok, tmp_path / "teacher")
+    )
+    params = params_with(tiny_pipeline_params, steps=2)
+    out = tmp_path / "round1"
+    summary = train(params, tiny_world, start, teacher_dir, out, tmp_path / "metrics.json")
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["student_tokens"] == metrics["teacher_tokens"] > 0
+    assert summary.weights_sha256 == weights_sha256(out) != weights_sha256(start)
+    model, _ = load_student(out)
+    assert type(model).__name__ == type(load_student(start)[0]).__name__
+    reference = tmp_path / "teacher_metrics.json"
+    reference.write_text(
+        json.dumps({"text_accuracy_mean": 0.8, **{f"text_accuracy_{t}": 0.8 for t in TASKS}})
+    )
+    fast = params.model_copy(update={"eval": params.eval.model_copy(update={"max_new_tokens": 8})})
+    result = evaluate(fast, tiny_world, out, reference, tmp_path / "eval")
+    assert result.metrics["weights_sha256"] == weights_sha256(out)
+    heard = (tmp_path / "eval" / "transcripts.jsonl").read_text().splitlines()
+    assert len(heard) == len(read_rows(manifest_path(tiny_world, "eval")))
+    for key in ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy", "asr_wer"):
+        assert math.isfinite(result.metrics[key])

@@ -21,13 +21,15 @@ from xopd_core.engines.sampler import sample_from_embeds
 from xopd_core.engines.scoring import padded, prompt_groups, response_logits, response_tokens
 from xopd_core.losses import log_normalizer, token_logprobs
 from xopd_core.models.attention import use_gqa_sdpa
-from xopd_core.models.audio import encoder_states, extract_features, merge_audio
+from xopd_core.models.audio import extract_features, merge_audio
+from xopd_core.models.families import family_of
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
 
 
 class HfStudent:
-    """A `Qwen2AudioForConditionalGeneration` and its processor as a `RolloutEngine`, plus
+    """A speech student of any `models.families` family (Qwen2-Audio, the Qwen2.5-Omni and
+    Qwen3-Omni thinkers) and its processor as a `RolloutEngine`, plus
     `response_logits`/`response_logprobs` for training on rollouts.
 
     Audio is read once per prompt; while the encoder is frozen its outputs are cached (call
@@ -43,7 +45,8 @@ class HfStudent:
         self.model = use_gqa_sdpa(model)
         self.processor = processor
         # A text-only causal LM (with its tokenizer as `processor`) works for text prompts.
-        self.hears = hasattr(getattr(model, "model", None), "audio_tower")
+        self.family = family_of(model)
+        self.hears = self.family is not None
         self.tokenizer: PreTrainedTokenizerFast = getattr(processor, "tokenizer", processor)
         self.batch_size = batch_size
         self.vocab_size = vocab_size if vocab_size is not None else len(self.tokenizer.get_vocab())
@@ -51,6 +54,7 @@ class HfStudent:
         self.eos_id = token_id(self.tokenizer, IM_END)
         self._features: dict[str, Any] = {}
         self._states: dict[str, torch.Tensor] = {}
+        self._audio_tokens: dict[str, int] = {}
 
     # -- audio -------------------------------------------------------------------------
     def load_audio(self, prompts: Sequence[Prompt]) -> None:
@@ -63,8 +67,12 @@ class HfStudent:
         extractor = self.processor.feature_extractor
         rate, window = extractor.sampling_rate, extractor.chunk_length
         waves = [read_waveform(p.audio_path, rate, window) for p in new]
-        for p, f in zip(new, extract_features(self.processor, waves), strict=True):
+        feats = extract_features(self.processor, waves)
+        assert self.family is not None
+        counts = self.family.audio_tokens(self.model, [f.frames for f in feats])
+        for p, f, n in zip(new, feats, counts, strict=True):
             self._features[p.id] = f
+            self._audio_tokens[p.id] = n
 
     @property
     def device(self) -> torch.device:
@@ -79,8 +87,8 @@ class HfStudent:
         self._states.clear()
 
     def _encoder_frozen(self) -> bool:
-        return not self.hears or not any(
-            p.requires_grad for p in self.model.model.audio_tower.parameters()
+        return self.family is None or not any(
+            p.requires_grad for p in self.family.audio_tower(self.model).parameters()
         )
 
     def audio_embeddings(self, prompt_ids: Sequence[str]) -> list[torch.Tensor]:
@@ -91,26 +99,43 @@ class HfStudent:
             raise KeyError(f"audio not loaded for prompts {missing[:3]}; call load_audio")
         frozen = self._encoder_frozen()
         todo = [i for i in dict.fromkeys(prompt_ids) if not (frozen and i in self._states)]
+        assert self.family is not None
         states: dict[str, torch.Tensor] = {}
         if todo:
             with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-                padded, lengths = encoder_states(self.model, [self._features[i] for i in todo])
-            for i, s, n in zip(todo, padded, lengths.tolist(), strict=True):
-                states[i] = s[:n]
+                outputs = self.family.encoder_outputs(self.model, [self._features[i] for i in todo])
+            for i, s in zip(todo, outputs, strict=True):
+                states[i] = s
                 if frozen:
-                    self._states[i] = s[:n].detach()
-        projector = self.model.model.multi_modal_projector
+                    self._states[i] = s.detach()
+        projector = self.family.audio_projector(self.model) or torch.nn.Identity()
         return [projector(states.get(i, self._states.get(i))) for i in prompt_ids]
 
     def audio_tokens(self, prompt_id: str) -> int:
-        return int(self._features[prompt_id].audio_tokens)
+        return self._audio_tokens[prompt_id]
 
     # -- prompts -----------------------------------------------------------------------
     def prompt_ids(self, prompt: Prompt, modality: Modality) -> list[int]:
         if modality == "speech":
             self.load_audio([prompt])
-            return speech_prompt_ids(self.tokenizer, self.audio_tokens(prompt.id))
-        return text_prompt_ids(self.tokenizer, prompt.transcript)
+            return self.speech_prompt_ids(self.audio_tokens(prompt.id))
+        return text_prompt_ids(self.tokenizer, prompt.transcript, system=self.system_prompt)
+
+    @property
+    def system_prompt(self) -> str | None:
+        return self.family.system_prompt if self.family is not None else None
+
+    def speech_prompt_ids(self, audio_tokens: int, instruction: str | None = None) -> list[int]:
+        """The family's speech prompt: its system turn, if any, then the audio (and an
+        optional instruction) as a user turn, its placeholder repeated `audio_tokens` times."""
+        assert self.family is not None
+        return speech_prompt_ids(
+            self.tokenizer,
+            audio_tokens,
+            instruction,
+            audio_token=self.family.audio_token,
+            system=self.family.system_prompt,
+        )
 
     def _embed(
         self, ids_B_L: torch.Tensor, audio_ids: Sequence[str], prompt_B_L: torch.Tensor

@@ -17,7 +17,8 @@ from transformers import PreTrainedTokenizerFast
 from xopd_core.data.manifest import ManifestRow
 from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.metrics import extract_answer
-from xopd_core.models.audio import encode_audio, extract_features
+from xopd_core.models.audio import extract_features
+from xopd_core.models.families import family_of
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, decode, token_id
 
@@ -66,9 +67,11 @@ def evaluate_text(
 ) -> list[ItemResult]:
     """Greedy answers of a causal LM to each row's transcript (`processes`: see
     `greedy_generate`)."""
+    family = family_of(model)  # a speech student's text prompts keep its system turn
+    system = family.system_prompt if family is not None else None
     outs = greedy_generate(
         model,
-        [text_prompt_ids(tokenizer, r.transcript) for r in rows],
+        [text_prompt_ids(tokenizer, r.transcript, system=system) for r in rows],
         pad_id=token_id(tokenizer, PAD),
         eos_id=token_id(tokenizer, IM_END),
         max_new_tokens=max_new_tokens,
@@ -94,16 +97,26 @@ def speech_outputs(
     ~5x cheaper here); tests/xopd_core/eval/test_generate.py compares the answers with
     `generate` on the processor's inputs."""
     tokenizer = processor.tokenizer
+    family = family_of(model)
+    if family is None:
+        raise ValueError(f"{type(model).__name__} is no speech student xopd knows")
     feats = extract_features(processor, list(waveforms))
+    counts = family.audio_tokens(model, [f.frames for f in feats])
     order = sorted(range(len(feats)), key=lambda i: feats[i].frames)
     audio: dict[int, torch.Tensor] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        for i, a in zip(chunk, encode_audio(model, [feats[i] for i in chunk]), strict=True):
+        for i, a in zip(chunk, family.encode(model, [feats[i] for i in chunk]), strict=True):
             audio[i] = a
+    prompts = [
+        speech_prompt_ids(
+            tokenizer, n, instruction, audio_token=family.audio_token, system=family.system_prompt
+        )
+        for n in counts
+    ]
     return greedy_generate(
         model,
-        [speech_prompt_ids(tokenizer, f.audio_tokens, instruction) for f in feats],
+        prompts,
         pad_id=token_id(tokenizer, PAD),
         eos_id=token_id(tokenizer, IM_END),
         max_new_tokens=max_new_tokens,

@@ -45,7 +45,7 @@ from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import response_tokens
 from xopd_core.errors import ResumeStateError, require_finite
 from xopd_core.losses import token_cross_entropy, token_logprobs, weighted_sum
-from xopd_core.models.prompts import speech_prompt_ids
+from xopd_core.models.families import family_of
 from xopd_core.train.objectives import (
     Objective,
     Part,
@@ -97,13 +97,24 @@ def within_budget(mask_B_T: torch.Tensor, remaining: int) -> torch.Tensor:
 
 def set_trainable(model: Any, *, audio_encoder: bool, projector: bool) -> list[torch.nn.Parameter]:
     """Freeze or unfreeze the audio parts (a text-only model has none); the language model
-    always trains. Returns the trainable parameters in a fixed order."""
+    always trains. The Omni thinkers' projection is the encoder's last layers, so there
+    `projector` must equal `audio_encoder`. Their vision tower never trains. Returns the
+    trainable parameters in a fixed order."""
     for p in model.parameters():
         p.requires_grad_(True)
-    inner = getattr(model, "model", None)
-    for name, on in (("audio_tower", audio_encoder), ("multi_modal_projector", projector)):
-        for p in getattr(inner, name, torch.nn.Module()).parameters():
-            p.requires_grad_(on)
+    family = family_of(model)
+    if family is not None:
+        projector_module = family.audio_projector(model)
+        if projector_module is None and projector != audio_encoder:
+            raise ValueError(
+                f"{family.architecture} projects audio inside its encoder: train.projector "
+                f"({projector}) must equal train.audio_encoder ({audio_encoder})"
+            )
+        parts = [(family.audio_tower(model), audio_encoder), (projector_module, projector)]
+        parts.append((getattr(model, "visual", None), False))
+        for module, on in parts:
+            for p in module.parameters() if module is not None else ():
+                p.requires_grad_(on)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -212,7 +223,7 @@ def anchor_loss(student: HfStudent, items: Sequence[AnchorItem], vocab_size: int
             a.prompt.id,
             "speech",
             0,
-            speech_prompt_ids(student.tokenizer, student.audio_tokens(a.prompt.id), a.instruction),
+            student.speech_prompt_ids(student.audio_tokens(a.prompt.id), a.instruction),
             a.response_ids,
             [],
             True,

@@ -1,0 +1,277 @@
+"""Student families (#23): the Qwen2.5-Omni and Qwen3-Omni thinkers (tiny, random, the real
+classes) give through xopd's own audio path, prompts and 1-D positions the same log-probs as
+their own forward on the processor's inputs; folders load by their config's class."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from tests.omni_fixtures import (
+    MEL_BINS,
+    omni_feature_extractor,
+    omni_tokenizer,
+    save_omni_student,
+    tiny_omni,
+)
+from tests.xopd_core.engines.test_teachers import tiny_teacher_of
+from xopd_core.config import TrainParams
+from xopd_core.engines.base import Rollout
+from xopd_core.engines.hf import HfStudent, HfTeacher
+from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.errors import CheckpointError
+from xopd_core.models.audio import AudioFeatures
+from xopd_core.models.families import (
+    QWEN2_5_OMNI,
+    QWEN3_OMNI,
+    SpeechProcessor,
+    family_of,
+    load_student,
+    student_family,
+)
+from xopd_core.models.prompts import text_prompt_ids
+from xopd_core.models.tokenizer import token_id
+from xopd_core.train.distill import train
+
+FAMILIES = ["qwen2_5_omni", "qwen3_omni"]
+
+
+def _hf_inputs(tok, family, extractor, wave: np.ndarray, ids: list[int]) -> dict:
+    """The model's own inputs for one utterance: the features of the full window with the
+    extractor's attention mask, and the prompt ids (placeholders already expanded)."""
+    features = extractor(
+        [wave],
+        sampling_rate=16_000,
+        return_attention_mask=True,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    return {
+        "input_ids": torch.tensor([ids]),
+        "input_features": features["input_features"],
+        "feature_attention_mask": features["attention_mask"],
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_omni_students_log_probs_equal_its_own_forward(
+    parts, prompts, tmp_path: Path, family: str
+) -> None:
+    """Two utterances of different lengths in one left-padded batch, with response ids
+    after them: `HfStudent.response_logprobs` (flattened valid frames through the real
+    encoder, placeholders filled by `merge_audio`, 1-D positions, the prompt read once)
+    equals a lone `model(input_ids, input_features, feature_attention_mask)` per item, whose
+    multimodal RoPE positions the model computes itself."""
+    tok = omni_tokenizer(parts[0], family, tmp_path / "tok")
+    model = tiny_omni(family, tok)
+    extractor = omni_feature_extractor()
+    student = HfStudent(model, SpeechProcessor(tok, extractor, tmp_path), batch_size=2)
+    assert student.family is family_of(model) and student.hears
+    chosen = sorted(prompts, key=lambda p: sf.info(str(p.audio_path)).frames)[::3][:2]
+    rng = np.random.default_rng(0)
+    rollouts = []
+    for i, p in enumerate(chosen):
+        ids = student.prompt_ids(p, "speech")
+        response = rng.integers(10, 300, size=5 + 3 * i).tolist()  # no special ids
+        rollouts.append(Rollout(p.id, "speech", 0, ids, response, [], True))
+    ours, mask = student.response_logprobs(rollouts)
+    for row, (p, r) in enumerate(zip(chosen, rollouts, strict=True)):
+        wave, _ = sf.read(str(p.audio_path), dtype="float32")
+        audio_id = token_id(tok, student.family.audio_token)
+        assert r.prompt_ids.count(audio_id) == student.audio_tokens(p.id) > 0
+        with torch.no_grad():
+            logits = model(
+                **_hf_inputs(tok, family, extractor, wave, r.prompt_ids + r.response_ids)
+            ).logits[0]
+        # over the tokenizer's ids: the checkpoint's padded embedding rows are no tokens
+        lone = torch.log_softmax(logits[len(r.prompt_ids) - 1 : -1, : student.vocab_size], -1)
+        expected = lone[torch.arange(len(r.response_ids)), r.response_ids]
+        n = len(r.response_ids)
+        assert mask[row, :n].all() and not mask[row, n:].any()
+        torch.testing.assert_close(ours[row, :n].detach(), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_the_qwen2_5_omni_prompt_holds_its_system_turn_and_markers(parts, tmp_path) -> None:
+    tok = omni_tokenizer(parts[0], "qwen2_5_omni", tmp_path / "tok")
+    ids = HfStudent(
+        tiny_omni("qwen2_5_omni", tok), SpeechProcessor(tok, omni_feature_extractor(), tmp_path)
+    ).speech_prompt_ids(3)
+    text = tok.decode(ids)
+    assert text.startswith(f"<|im_start|>system\n{QWEN2_5_OMNI.system_prompt}<|im_end|>\n")
+    assert "<|audio_bos|>" + "<|AUDIO|>" * 3 + "<|audio_eos|>" in text
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_qwen3_omni_counts_placeholders_per_100_frame_chunk(parts, tmp_path) -> None:
+    """Qwen3-Omni's encoder downsamples each 100-frame chunk to 13 positions; the count is
+    transformers' own formula, and it is what the encoder yields."""
+    tok = omni_tokenizer(parts[0], "qwen3_omni", tmp_path / "tok")
+    model = tiny_omni("qwen3_omni", tok)
+    frames = [100, 200, 250, 37]
+    assert QWEN3_OMNI.audio_tokens(model, frames) == [13, 26, 33, 5]
+    feats = [AudioFeatures(torch.randn(MEL_BINS, n + 4), n) for n in frames]
+    with torch.no_grad():
+        assert [len(e) for e in QWEN3_OMNI.encode(model, feats)] == [13, 26, 33, 5]
+    # Qwen2.5-Omni keeps Qwen2-Audio's strides: 4x down, whatever the chunking.
+    assert QWEN2_5_OMNI.audio_tokens(model, [100, 37]) == [25, 9]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_omni_student_reloads_as_its_class_and_keeps_its_processor_files(
+    parts, tmp_path: Path, family: str
+) -> None:
+    folder = save_omni_student(family, parts[0], tmp_path / family)
+    model, processor = load_student(folder)
+    assert family_of(model) is student_family(folder)
+    assert (
+        type(model).__name__ == json.loads((folder / "config.json").read_text())["architectures"][0]
+    )
+    assert processor.feature_extractor.feature_size == model.config.audio_config.num_mel_bins
+    again = tmp_path / "again"
+    again.mkdir()
+    processor.save_pretrained(str(again))
+    assert (again / "tokenizer.json").read_bytes() == (folder / "tokenizer.json").read_bytes()
+    assert (again / "preprocessor_config.json").is_file()
+
+
+def test_a_folder_of_an_unsupported_class_is_refused_naming_its_config(
+    parts, tmp_path: Path
+) -> None:
+    folder = save_omni_student("qwen2_5_omni", parts[0], tmp_path / "omni")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["Qwen2_5OmniForConditionalGeneration"]  # thinker + talker
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError,
+        match=r"omni/config\.json: Qwen2_5OmniForConditionalGeneration is not a speech student",
+    ):
+        load_student(folder)
+
+
+class Recording:
+    """A rollout engine that keeps what it sampled."""
+
+    def __init__(self, engine: HfStudent) -> None:
+        self.engine, self.sampled = engine, []
+
+    def sample(self, prompts, modality, **kwargs):
+        out = self.engine.sample(prompts, modality, **kwargs)
+        self.sampled.append(out)
+        return out
+
+
+def _student_of(family: str, parts, tmp_path: Path):
+    """The family's tiny student and processor over the mini tokenizer (Qwen2-Audio: the
+    module's own), and the teacher to pair it with: the tiny Qwen2 for Qwen2-Audio and
+    Qwen2.5-Omni, a tiny Qwen3-MoE for Qwen3-Omni (the paper's pair's classes)."""
+    tok, teacher, student, processor = parts
+    if family == "qwen2_audio":
+        return copy.deepcopy(student), processor, teacher
+    otok = omni_tokenizer(tok, family, tmp_path / "tok")
+    model = tiny_omni(family, otok)
+    if family == "qwen3_omni":
+        teacher = tiny_teacher_of("qwen3_moe", tok)
+    return model, SpeechProcessor(otok, omni_feature_extractor(), tmp_path), teacher
+
+
+def _lone_logprobs(model, ids: list[int], n: int, vocab: int, audio=None) -> torch.Tensor:
+    """log-probs of the last `n` of `ids` from one plain forward of the model, over `vocab`."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), **(audio or {})).logits[0]
+    lps = torch.log_softmax(logits[len(ids) - n - 1 : -1, :vocab].float(), -1)
+    return lps[torch.arange(n), ids[-n:]]
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", *FAMILIES])
+def test_the_first_xopd_loss_is_the_sampled_token_reverse_kl_estimate(
+    parts, prompts, tmp_path: Path, family: str
+) -> None:
+    """Two X-OPD steps (λ 0.5, `loss: sampled`) for each family against its teacher (the
+    Omni students' embedding rows differ from the teacher's); step 0's loss equals
+    λ·mean_text + (1−λ)·mean_speech over rollouts of mean_t (log π_s − log π_t), with both
+    log-probs from lone plain forwards of the models on the processor's own inputs
+    (multimodal positions from the model) and the teacher's own prompt."""
+    model, processor, teacher = _student_of(family, parts, tmp_path)
+    tok = processor.tokenizer
+    vocab = shared_vocab_size(
+        tok,
+        parts[0],
+        student_rows=model.get_output_embeddings().weight.shape[0],
+        teacher_rows=teacher.get_output_embeddings().weight.shape[0],
+    )
+    if family != "qwen2_audio":  # the mini world's pair shares one embedding size
+        assert model.get_output_embeddings().weight.shape[0] != teacher.config.vocab_size
+    student = HfStudent(model, processor, batch_size=4, vocab_size=vocab)
+    engine = Recording(student)
+    cfg = TrainParams(
+        steps=2,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=8,
+        lr=1e-3,
+        loss="sampled",
+        anchor_items=0,
+        lmbda=0.5,
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(
+        student, engine, HfTeacher(teacher, parts[0], vocab), prompts[:4], cfg, vocab_size=vocab
+    )
+    assert result.steps == 2 and len(engine.sampled) == 4  # text, speech per step
+    model.load_state_dict(before)  # the weights that sampled step 0
+    means = {}
+    for rollouts in engine.sampled[:2]:
+        per_rollout = []
+        for r in rollouts:
+            p = next(q for q in prompts if q.id == r.prompt_id)
+            n = len(r.response_ids)
+            audio = None
+            if r.modality == "speech":
+                wave, _ = sf.read(str(p.audio_path), dtype="float32")
+                feats = processor.feature_extractor(
+                    [wave],
+                    sampling_rate=16_000,
+                    return_attention_mask=True,
+                    padding="max_length",
+                    return_tensors="pt",
+                )
+                audio = {
+                    "input_features": feats["input_features"],
+                    "feature_attention_mask": feats["attention_mask"],
+                }
+            s = _lone_logprobs(model, r.prompt_ids + r.response_ids, n, vocab, audio)
+            t_prompt = text_prompt_ids(parts[0], p.transcript)
+            t = _lone_logprobs(teacher, t_prompt + r.response_ids, n, vocab)
+            per_rollout.append(float((s - t).mean()))
+        means[rollouts[0].modality] = sum(per_rollout) / len(per_rollout)
+    estimate = 0.5 * means["text"] + 0.5 * means["speech"]
+    assert result.history[0]["loss"] == pytest.approx(estimate, abs=2e-6)
+
+
+@pytest.mark.parametrize("loss", ["topk", "full"])
+def test_topk_and_full_losses_run_on_a_pair_whose_embedding_sizes_differ(
+    parts, prompts, tmp_path: Path, loss: str
+) -> None:
+    model, processor, teacher = _student_of("qwen3_omni", parts, tmp_path)
+    vocab = shared_vocab_size(processor.tokenizer, parts[0])
+    student = HfStudent(model, processor, batch_size=4, vocab_size=vocab)
+    cfg = TrainParams(
+        steps=1,
+        prompts_per_step=2,
+        rollouts_per_prompt=2,
+        max_new_tokens=6,
+        loss=loss,
+        top_k=4,
+        anchor_items=0,
+    )
+    result = train(
+        student, student, HfTeacher(teacher, parts[0], vocab), prompts[:2], cfg, vocab_size=vocab
+    )
+    assert math.isfinite(result.history[0]["loss"]) and result.history[0]["loss"] > 0
