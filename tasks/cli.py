@@ -205,6 +205,14 @@ def build_parser(
     )
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "export-thinker",
+        help="a whole Qwen2.5-Omni / Qwen3-Omni checkpoint's thinker as a student folder",
+    )
+    p.add_argument("source", type=Path, help="the whole Omni checkpoint folder")
+    p.add_argument("out", type=Path, help="the student folder to write")
+    p.set_defaults(func=cmd_export_thinker)
+
     p = sub.add_parser("gate", help="promote a round's candidate to champion, or keep it")
     add_params(p)
     p.add_argument("--candidate", type=Path, required=True, help="candidate checkpoint")
@@ -238,6 +246,14 @@ def build_parser(
     if extra is not None:
         extra(sub)
     return parser
+
+
+def cmd_export_thinker(args: argparse.Namespace) -> int:
+    from xopd_core.models.families import export_thinker
+
+    files = export_thinker(args.source, args.out)
+    print(f"export-thinker: {len(files)} weight file(s) → {args.out}")
+    return 0
 
 
 def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = None) -> int:

@@ -150,8 +150,11 @@ def train(
     base_hash = weights_sha256(student_dir)
     rows = read_validated_manifests(data_root, ["train"], params.validate_)["train"]
     prompts = distillation_prompts(data_root, rows)
-    model, processor = load_student(student_dir)  # refuses a class xopd has no adapter for
+    # Refuses a class xopd has no adapter for.
+    model, processor = load_student(student_dir, dtype=getattr(torch, p.dtype))
     model.to(device)
+    if p.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     window = processor.feature_extractor.chunk_length
     require_within_window(rows, window, manifest_path(data_root, "train"))
     teacher_tok = load_tokenizer(teacher_dir)

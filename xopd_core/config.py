@@ -580,6 +580,17 @@ class TrainParams(_Strict):
     )
     train_audio_encoder: bool = Field(default=False, description="Paper: frozen.")
     train_projector: bool = Field(default=False, description="Paper: frozen (the adapter).")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="Weights of the HF student and teacher while training: bfloat16 halves "
+        "their memory (7B–30B models); log-probs and losses are taken in float32 either way.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute the student's layer activations in the backward pass instead "
+        "of keeping them (far less activation memory, about one more forward of compute); "
+        "each rollout then reads its prompt itself.",
+    )
     anchor_items: int = Field(
         default=8,
         ge=0,

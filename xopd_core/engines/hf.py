@@ -9,7 +9,8 @@ over the vocabulary shared with the teacher, no top-k/top-p.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +26,21 @@ from xopd_core.models.audio import extract_features, merge_audio
 from xopd_core.models.families import family_of
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, PAD, token_id
+
+
+@contextlib.contextmanager
+def _without_checkpointing(model: Any) -> Iterator[None]:
+    """Eval mode while sampling when the model checkpoints its layers: a checkpointed layer
+    in training mode drops the key/value cache decoding reads (the Qwen families set dropout
+    0, so the samples are the same)."""
+    if not (getattr(model, "is_gradient_checkpointing", False) and model.training):
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 class HfStudent:
@@ -161,6 +177,18 @@ class HfStudent:
     ) -> list[Rollout]:
         if temperature <= 0:
             raise ValueError("sampling needs temperature > 0")
+        with _without_checkpointing(self.model):
+            return self._sample(prompts, modality, n, temperature, max_new_tokens, seed)
+
+    def _sample(
+        self,
+        prompts: Sequence[Prompt],
+        modality: Modality,
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+    ) -> list[Rollout]:
         if modality == "speech":
             self.load_audio(prompts)
         rollouts: list[Rollout] = []

@@ -94,6 +94,31 @@ def response_logits(
     rows_B = torch.tensor(list(prompt_of), dtype=torch.long, device=device)
     lengths_B = torch.tensor([len(r) for r in responses], dtype=torch.long, device=device)
     width = int(lengths_B.max()) if len(responses) else 0
+    if backbone.gradient_checkpointing and backbone.training:
+        # Checkpointed layers keep no cache (transformers drops it to recompute them), so
+        # each row reads its prompt and response in one pass: the prompt m times, for
+        # activations kept only at layer boundaries.
+        if prompt_embeds_U_L_D is None:
+            assert prompt_ids_U_L is not None
+            prompt_embeds_U_L_D = model.get_input_embeddings()(prompt_ids_U_L.to(device))
+        ids_B_R, mask_B_R = padded([list(r[:-1]) for r in responses], pad_id)
+        ids_B_R, mask_B_R = ids_B_R.to(device), mask_B_R.to(device)
+        last_B = positions_U_L[rows_B, -1:]
+        states_B_S_E = backbone(
+            inputs_embeds=torch.cat(
+                [prompt_embeds_U_L_D[rows_B], model.get_input_embeddings()(ids_B_R)], dim=1
+            ),
+            attention_mask=torch.cat([mask_U_L[rows_B], mask_B_R], dim=1),
+            position_ids=torch.cat(
+                [positions_U_L[rows_B], last_B + 1 + torch.arange(ids_B_R.shape[1], device=device)],
+                dim=1,
+            ),
+            use_cache=False,
+        ).last_hidden_state
+        start = mask_U_L.shape[1] - 1  # the last prompt position predicts response token 0
+        states_B_T_E = states_B_S_E[:, start : start + width]
+        inside_B_T = torch.arange(width, device=device)[None, :] < lengths_B[:, None]
+        return model.lm_head(states_B_T_E * inside_B_T[..., None])
     cache = DynamicCache(config=backbone.config)
     prompt_states = backbone(
         input_ids=None if prompt_ids_U_L is None else prompt_ids_U_L.to(device),

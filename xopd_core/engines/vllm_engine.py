@@ -32,6 +32,7 @@ from transformers import AutoFeatureExtractor
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
 from xopd_core.models.checkpoint import save_checkpoint
+from xopd_core.models.families import QWEN2_AUDIO, student_family
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
 
@@ -209,6 +210,17 @@ class VllmEngine:
         vocab_size: int | None = None,
     ) -> None:
         self.model_dir = Path(model_dir)
+        if audio and student_family(self.model_dir) is not QWEN2_AUDIO:
+            # vLLM 0.31 serves the Omni thinkers only from a whole Omni checkpoint (config
+            # with thinker_config, `thinker.`-prefixed weights) through the Omni processor,
+            # which builds a video processor that needs torchvision; this CPU build has no
+            # torchvision that loads (PyPI's 0.28 is CUDA-linked: "torchvision::nms does not
+            # exist"), so that path is untested and not offered.
+            raise EngineError(
+                f"{self.model_dir / 'config.json'}: xopd serves only Qwen2-Audio students with "
+                f"vLLM; {student_family(self.model_dir).architecture} trains and evaluates "
+                "with train.engine: hf (README: Real models)"
+            )
         self._sync_dir: Path | None = None
         self.audio = audio
         self.settings = settings or VllmSettings()

@@ -129,10 +129,11 @@ def causal_lm_config(folder: Path) -> Any:
     return config
 
 
-def load_causal_lm(folder: Path) -> Any:
-    """A text teacher (`causal_lm_config` checks it first), in the dtype it was saved in."""
+def load_causal_lm(folder: Path, *, dtype: torch.dtype | None = None) -> Any:
+    """A text teacher (`causal_lm_config` checks it first), in `dtype` (None: as saved)."""
     config = causal_lm_config(folder)
-    return AutoModelForCausalLM.from_pretrained(str(folder), config=config).eval()
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    return AutoModelForCausalLM.from_pretrained(str(folder), config=config, **kwargs).eval()
 
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:

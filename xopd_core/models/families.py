@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from transformers import (
     AutoFeatureExtractor,
     AutoProcessor,
@@ -33,9 +35,10 @@ from transformers import (
 )
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe
 
+from xopd_core.atomic import atomic_directory
 from xopd_core.errors import CheckpointError
 from xopd_core.models.audio import AudioFeatures, encoder_states
-from xopd_core.models.checkpoint import require_safetensors_checkpoint
+from xopd_core.models.checkpoint import INDEX, WEIGHTS, require_safetensors_checkpoint
 
 # The system turn Qwen2.5-Omni was trained with (its model card: other system prompts
 # degrade it); the thinker alone answers in text, but its prompts keep that turn.
@@ -229,3 +232,61 @@ def load_student(folder: Path, *, dtype: torch.dtype | None = None) -> tuple[Any
         folder,
     )
     return model, processor
+
+
+# Whole Omni checkpoints (thinker + talker + vocoder) and the thinker class inside each.
+_OMNI_WHOLE = {
+    "Qwen2_5OmniModel": QWEN2_5_OMNI,
+    "Qwen2_5OmniForConditionalGeneration": QWEN2_5_OMNI,
+    "Qwen3OmniMoeForConditionalGeneration": QWEN3_OMNI,
+}
+_THINKER_PREFIX = "thinker."
+
+
+def export_thinker(source: Path, out: Path) -> list[Path]:
+    """Write the thinker of a whole Qwen2.5-Omni / Qwen3-Omni checkpoint as a student folder
+    of its own: config.json from the `thinker_config`, the `thinker.`-prefixed tensors with
+    the prefix dropped (shard by shard, a tensor at a time: a 30B model never sits in
+    memory), the processor and tokenizer files as they are. The talker and vocoder (speech
+    output) are left behind: X-OPD trains the text answer. `out` appears whole or not at
+    all. Returns the weight files written."""
+    source = Path(source)
+    files = require_safetensors_checkpoint(source)
+    path = source / "config.json"
+    try:
+        config = json.loads(path.read_text())
+        architectures = config.get("architectures") or []
+    except (OSError, ValueError, AttributeError) as err:
+        raise CheckpointError(f"{path}: not a readable model config ({err})") from None
+    family = next((_OMNI_WHOLE[a] for a in architectures if a in _OMNI_WHOLE), None)
+    if family is None or not isinstance(config.get("thinker_config"), dict):
+        raise CheckpointError(
+            f"{path}: {', '.join(architectures) or 'no architectures'} is not a whole Omni "
+            f"checkpoint with a thinker_config (export reads {', '.join(_OMNI_WHOLE)})"
+        )
+    thinker = {**config["thinker_config"], "architectures": [family.architecture]}
+    thinker.setdefault("model_type", getattr(family.model_class.config_class, "model_type", ""))
+    written: list[Path] = []
+    with atomic_directory(Path(out)) as staging:
+        weight_map: dict[str, str] = {}
+        for file in files:
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if name.startswith(_THINKER_PREFIX):
+                        tensors[name.removeprefix(_THINKER_PREFIX)] = f.get_tensor(name)
+            if tensors:
+                save_file(tensors, str(staging / file.name), metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, file.name))
+                written.append(Path(out) / file.name)
+        if not weight_map:
+            raise CheckpointError(f"{source}: no tensor named {_THINKER_PREFIX}* to export")
+        if len(written) == 1 and written[0].name != WEIGHTS:
+            (staging / written[0].name).rename(staging / WEIGHTS)
+            written = [Path(out) / WEIGHTS]
+        elif len(written) > 1:
+            index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+            (staging / INDEX).write_text(json.dumps(index, indent=2))
+        (staging / "config.json").write_text(json.dumps(thinker, indent=2))
+        SpeechProcessor(None, None, source).save_pretrained(str(staging))
+    return written

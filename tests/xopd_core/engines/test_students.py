@@ -7,25 +7,30 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from safetensors.torch import save_file
 
+from tasks.cli import main
 from tests.omni_fixtures import (
     MEL_BINS,
+    SPECIALS,
     omni_feature_extractor,
     omni_tokenizer,
     save_omni_student,
     tiny_omni,
 )
-from tests.xopd_core.engines.test_teachers import tiny_teacher_of
+from tests.xopd_core.engines.test_teachers import save_teacher, tiny_teacher_of
 from xopd_core.config import TrainParams
 from xopd_core.engines.base import Rollout
 from xopd_core.engines.hf import HfStudent, HfTeacher
 from xopd_core.engines.scoring import shared_vocab_size
+from xopd_core.engines.vllm_engine import EngineError, VllmEngine
 from xopd_core.errors import CheckpointError
 from xopd_core.models.audio import AudioFeatures
 from xopd_core.models.families import (
@@ -37,7 +42,7 @@ from xopd_core.models.families import (
     student_family,
 )
 from xopd_core.models.prompts import text_prompt_ids
-from xopd_core.models.tokenizer import token_id
+from xopd_core.models.tokenizer import load_tokenizer, token_id
 from xopd_core.train.distill import train
 
 FAMILIES = ["qwen2_5_omni", "qwen3_omni"]
@@ -275,3 +280,129 @@ def test_topk_and_full_losses_run_on_a_pair_whose_embedding_sizes_differ(
         student, student, HfTeacher(teacher, parts[0], vocab), prompts[:2], cfg, vocab_size=vocab
     )
     assert math.isfinite(result.history[0]["loss"]) and result.history[0]["loss"] > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_refuses_an_omni_student_before_starting(parts, tmp_path: Path, family) -> None:
+    """vLLM 0.31 serves the Omni thinkers only through processors that need torchvision,
+    which this CPU build lacks: the engine says so naming the folder, before any process
+    starts (the HF engine is the tested path)."""
+    folder = save_omni_student(family, parts[0], tmp_path / family)
+    with pytest.raises(EngineError, match=rf"{family}/config\.json: xopd serves only Qwen2-Audio"):
+        VllmEngine(folder, audio=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2_audio", "qwen2_5_omni"])
+def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(
+    parts, prompts, tmp_path: Path, family: str
+) -> None:
+    """`train.gradient_checkpointing`: the checkpointed layers keep no cache, so each rollout
+    reads its prompt in one pass with its response; same values and gradients as the cached
+    pass, and sampling (eval mode meanwhile) still decodes with its cache."""
+    model, processor, _ = _student_of(family, parts, tmp_path)
+    student = HfStudent(model, processor, batch_size=4)
+    rollouts = student.sample(prompts[:2], "speech", n=2, temperature=1.0, max_new_tokens=6, seed=3)
+    rollouts += student.sample(prompts[:2], "text", n=1, temperature=1.0, max_new_tokens=6, seed=4)
+    results = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        model.train()
+        lps, mask = student.response_logprobs(rollouts)
+        (lps * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((lps.detach(), grads))
+    (plain, plain_grads), (ckpt, ckpt_grads) = results
+    torch.testing.assert_close(ckpt, plain, atol=1e-5, rtol=1e-5)
+    assert plain_grads.keys() == ckpt_grads.keys() and len(plain_grads) > 10
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert model.training and model.is_gradient_checkpointing
+    again = student.sample(prompts[:2], "speech", n=2, temperature=1.0, max_new_tokens=6, seed=3)
+    assert [r.response_ids for r in again] == [r.response_ids for r in rollouts[:4]]
+    assert model.training  # sampling restored the mode
+
+
+def test_a_bfloat16_checkpointed_round_runs_through_the_train_stage(
+    tiny_world, tiny_pipeline_params, tiny_teacher, tmp_path: Path
+) -> None:
+    """The memory settings a 7B–30B pair needs (bf16 weights, gradient checkpointing) on the
+    tiny Qwen3-Omni thinker and Qwen3-MoE teacher: the stage loads both in bfloat16 and
+    saves a bfloat16 checkpoint that reloads."""
+    from tasks.train import train as train_stage
+    from tests.tasks.test_train import params_with
+
+    tok = load_tokenizer(tiny_teacher.checkpoint)
+    start = save_omni_student("qwen3_omni", tok, tmp_path / "student")
+    teacher = save_teacher(tiny_teacher_of("qwen3_moe", tok), tok, tmp_path / "teacher")
+    params = params_with(
+        tiny_pipeline_params, steps=2, dtype="bfloat16", gradient_checkpointing=True
+    )
+    train_stage(params, tiny_world, start, teacher, tmp_path / "r1", tmp_path / "m.json")
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
+    model, _ = load_student(tmp_path / "r1")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    ("family", "whole"),
+    [
+        ("qwen2_5_omni", "Qwen2_5OmniForConditionalGeneration"),
+        ("qwen3_omni", "Qwen3OmniMoeForConditionalGeneration"),
+    ],
+)
+@pytest.mark.parametrize("shards", [1, 2])
+def test_export_thinker_makes_a_student_of_a_whole_omni_checkpoint(
+    parts, tmp_path: Path, family: str, whole: str, shards: int
+) -> None:
+    """A whole Omni folder (config with thinker_config, `thinker.`/`talker.` tensors, one
+    file or shards): `xopd export-thinker` writes the thinker alone, which loads as the
+    student class with the thinker's weights; the talker stays behind."""
+    thinker_dir = save_omni_student(family, parts[0], tmp_path / "thinker")
+    thinker, _ = load_student(thinker_dir)
+    tensors = {f"thinker.{k}": v.contiguous() for k, v in thinker.state_dict().items()}
+    tensors["talker.model.embed_tokens.weight"] = torch.ones(3, 2)
+    full = tmp_path / "whole"
+    full.mkdir()
+    names = sorted(tensors)
+    groups = [names[i::shards] for i in range(shards)]
+    files = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+    if shards == 1:
+        files = ["model.safetensors"]
+    for group, file in zip(groups, files, strict=True):
+        save_file({k: tensors[k] for k in group}, str(full / file))
+    if shards > 1:
+        weight_map = {k: f for g, f in zip(groups, files, strict=True) for k in g}
+        (full / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    thinker_config = json.loads((thinker_dir / "config.json").read_text())
+    (full / "config.json").write_text(
+        json.dumps(
+            {"architectures": [whole], "thinker_config": thinker_config, "talker_config": {}}
+        )
+    )
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copyfile(thinker_dir / name, full / name)
+    with pytest.raises(CheckpointError, match="is not a speech student"):
+        load_student(full)
+    assert main(["export-thinker", str(full), str(tmp_path / "student")]) == 0
+    model, processor = load_student(tmp_path / "student")
+    assert type(model) is type(thinker)
+    exported = model.state_dict()
+    assert exported.keys() == thinker.state_dict().keys()
+    for k, v in thinker.state_dict().items():
+        assert torch.equal(exported[k], v), k
+    assert processor.tokenizer.audio_token == SPECIALS[family]["audio_token"]
+
+
+def test_export_thinker_refuses_a_folder_that_is_no_whole_omni_checkpoint(
+    parts, tmp_path: Path, capsys
+) -> None:
+    folder = save_omni_student("qwen3_omni", parts[0], tmp_path / "thinker")
+    assert main(["export-thinker", str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "thinker/config.json: Qwen3OmniMoeThinkerForConditionalGeneration is not a whole" in err
+    assert not (tmp_path / "out").exists()
