@@ -580,10 +580,15 @@ class TrainParams(_Strict):
     )
     train_audio_encoder: bool = Field(default=False, description="Paper: frozen.")
     train_projector: bool = Field(default=False, description="Paper: frozen (the adapter).")
-    dtype: Literal["float32", "bfloat16"] = Field(
+    precision: Precision = Field(
         default="float32",
-        description="Weights of the HF student and teacher while training: bfloat16 halves "
-        "their memory (7B–30B models); log-probs and losses are taken in float32 either way.",
+        description="The student's training forward: float32, or bfloat16 autocast on its "
+        "device (matrix products in bf16; weights, gradients, optimizer state and loss "
+        "float32: a bf16 weight would round away updates at the paper's lr 2e-6).",
+    )
+    teacher_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="The HF teacher's weights: bfloat16 halves its memory (it never trains).",
     )
     gradient_checkpointing: bool = Field(
         default=False,

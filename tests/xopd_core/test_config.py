@@ -185,3 +185,27 @@ def test_the_nightly_cron_reads_in_utc_unless_a_zone_is_named() -> None:
     assert parse_params({"nightly": {"timezone": "America/New_York"}}).nightly.timezone == (
         "America/New_York"
     )
+
+
+@pytest.mark.parametrize(
+    "name", ["qwen2-audio-7b.yaml", "qwen2.5-omni-7b.yaml", "qwen3-omni-30b-a3b.yaml"]
+)
+def test_the_example_configs_carry_the_papers_settings(name: str) -> None:
+    """configs/ (README: Real models): each real pair's file parses, with the paper's X-OPD
+    hyperparameters and the memory settings a 7B–30B pair needs."""
+    t = load_params(Path(__file__).parents[2] / "configs" / name).train
+    assert (t.method, t.lr, t.prompts_per_step, t.rollouts_per_prompt, t.lmbda, t.loss) == (
+        "xopd",
+        2e-6,
+        256,
+        4,
+        0.5,
+        "sampled",
+    )
+    assert (t.device, t.precision, t.teacher_dtype, t.gradient_checkpointing) == (
+        "cuda",
+        "bf16",
+        "bfloat16",
+        True,
+    )
+    assert t.engine == ("vllm" if name.startswith("qwen2-audio") else "hf")

@@ -46,7 +46,10 @@ def gqa_sdpa_forward(
     causal = bool(causal and attention_mask is None and q_len > 1)
     dtype = query_B_H_Q_D.dtype
     on_cpu = query_B_H_Q_D.device.type == "cpu"
-    if on_cpu and dtype in (torch.bfloat16, torch.float16):
+    half = (torch.bfloat16, torch.float16)
+    if on_cpu and any(t.dtype in half for t in (query_B_H_Q_D, key_B_K_S_D, value_B_K_S_D)):
+        # (Under autocast a layer that normalises q and k in float32, as Qwen3's do, hands
+        # over float32 queries and keys beside bfloat16 values.)
         # PyTorch's CPU attention kernels are ~4x slower in bf16 than in float32 at these
         # head sizes; attend in float32 (outside autocast, which would cast back) and
         # return the input dtype.

@@ -278,6 +278,12 @@ def train(
     )
     torch.manual_seed(cfg.seed)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    device_type = model.get_input_embeddings().weight.device.type
+
+    def autocast() -> torch.autocast:
+        """The student's training forward in `cfg.precision` (the weights stay float32)."""
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     start, history = 0, list[dict[str, float]]()
     counters = {"student_tokens": 0, "teacher_tokens": teacher_tokens_spent}
     if state_dir is not None and (state_dir / STATE_META).is_file():
@@ -353,7 +359,8 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss_total, ratios, gaps = 0.0, [], []
                 for rows in micro_batches(rollouts, cfg.micro_batch_size):
-                    logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
+                    with autocast():
+                        logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
                     logits_B_T_V = logits_B_T_V[..., :vocab_size]
                     if cfg.temperature != 1.0:
                         logits_B_T_V = logits_B_T_V / cfg.temperature
@@ -369,7 +376,8 @@ def train(
                     extra = mean_over_ranks(extra)
                 if cfg.anchor_items and rank == 0:
                     drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
-                    anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
+                    with autocast():
+                        anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
                     (cfg.anchor_weight * anchor).backward()
                     extra["anchor_loss"] = anchor.item()
                     loss_total += cfg.anchor_weight * extra["anchor_loss"]

@@ -63,7 +63,7 @@ def method_engines(
         spent = 0
 
         def hf_teacher(on: torch.device) -> Any:
-            return load_causal_lm(teacher_dir, dtype=getattr(torch, cfg.dtype)).to(on)
+            return load_causal_lm(teacher_dir, dtype=getattr(torch, cfg.teacher_dtype)).to(on)
 
         if cfg.engine == "vllm" and cfg.method in ("xopd", "grpo"):
             from xopd_core.engines.vllm_engine import VllmEngine

@@ -33,6 +33,7 @@ from xopd_core.engines.scoring import shared_vocab_size
 from xopd_core.engines.vllm_engine import EngineError, VllmEngine
 from xopd_core.errors import CheckpointError
 from xopd_core.models.audio import AudioFeatures
+from xopd_core.models.checkpoint import weights_sha256
 from xopd_core.models.families import (
     QWEN2_5_OMNI,
     QWEN3_OMNI,
@@ -326,12 +327,13 @@ def test_gradient_checkpointing_gives_the_same_log_probs_and_gradients(
     assert model.training  # sampling restored the mode
 
 
-def test_a_bfloat16_checkpointed_round_runs_through_the_train_stage(
+def test_a_bf16_checkpointed_round_runs_through_the_train_stage(
     tiny_world, tiny_pipeline_params, tiny_teacher, tmp_path: Path
 ) -> None:
-    """The memory settings a 7B–30B pair needs (bf16 weights, gradient checkpointing) on the
-    tiny Qwen3-Omni thinker and Qwen3-MoE teacher: the stage loads both in bfloat16 and
-    saves a bfloat16 checkpoint that reloads."""
+    """The memory settings for 7B–30B pairs (the student's forward under bf16 autocast with
+    float32 weights, gradient checkpointing, a bfloat16 teacher) on the tiny Qwen3-Omni
+    thinker and Qwen3-MoE teacher: the stage trains and saves a float32 checkpoint that
+    reloads and differs from the start."""
     from tasks.train import train as train_stage
     from tests.tasks.test_train import params_with
 
@@ -339,13 +341,31 @@ def test_a_bfloat16_checkpointed_round_runs_through_the_train_stage(
     start = save_omni_student("qwen3_omni", tok, tmp_path / "student")
     teacher = save_teacher(tiny_teacher_of("qwen3_moe", tok), tok, tmp_path / "teacher")
     params = params_with(
-        tiny_pipeline_params, steps=2, dtype="bfloat16", gradient_checkpointing=True
+        tiny_pipeline_params,
+        steps=2,
+        precision="bf16",
+        teacher_dtype="bfloat16",
+        gradient_checkpointing=True,
     )
-    train_stage(params, tiny_world, start, teacher, tmp_path / "r1", tmp_path / "m.json")
+    summary = train_stage(params, tiny_world, start, teacher, tmp_path / "r1", tmp_path / "m.json")
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["steps"] == 2 and math.isfinite(metrics["final_loss"])
+    assert summary.weights_sha256 != weights_sha256(start)
     model, _ = load_student(tmp_path / "r1")
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_a_bfloat16_weight_would_round_away_the_papers_updates() -> None:
+    """Why `train.precision: bf16` keeps float32 weights: an AdamW step at lr 2e-6 moves a
+    weight of typical size by ~1e-4 of itself, under bfloat16's resolution (2^-8)."""
+    weight = torch.full((1000,), 0.02)
+    for dtype, changed in ((torch.float32, True), (torch.bfloat16, False)):
+        w = torch.nn.Parameter(weight.to(dtype))
+        opt = torch.optim.AdamW([w], lr=2e-6, weight_decay=0.0)
+        w.grad = torch.randn_like(w)
+        before = w.detach().clone()
+        opt.step()
+        assert bool((w.detach() != before).any()) is changed
 
 
 @pytest.mark.parametrize(
@@ -406,3 +426,55 @@ def test_export_thinker_refuses_a_folder_that_is_no_whole_omni_checkpoint(
     err = capsys.readouterr().err
     assert "thinker/config.json: Qwen3OmniMoeThinkerForConditionalGeneration is not a whole" in err
     assert not (tmp_path / "out").exists()
+
+
+class Routes:
+    """The experts each Qwen3-Omni MoE layer's router picks, token by token, in call order."""
+
+    def __init__(self, model) -> None:
+        self.picked: dict[str, list[torch.Tensor]] = {}
+        self.handles = [
+            m.register_forward_hook(self._hook(name))
+            for name, m in model.named_modules()
+            if name.endswith("mlp.gate")
+        ]
+        assert self.handles
+
+    def _hook(self, name: str):
+        def hook(module, args, out) -> None:
+            self.picked.setdefault(name, []).append(out[2].sort(-1).values.clone())
+
+        return hook
+
+    def tokens(self) -> dict[str, torch.Tensor]:
+        for h in self.handles:
+            h.remove()
+        return {k: torch.cat(v) for k, v in self.picked.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen3_omni_routes_the_same_experts_in_rollouts_and_training(
+    parts, prompts, tmp_path: Path, dtype
+) -> None:
+    """Router behaviour (#23): with the HF engine the rollout (cached decoding) and the
+    training pass (prompt once, then the response teacher-forced) send every token of a
+    rollout to the same top-k experts in every MoE layer, in float32 and in bfloat16, so
+    π_old and π_θ at step start differ by arithmetic alone and the sampled loss's ratio r
+    (1 at step start, clipped by train.clip_eps) needs no router replay."""
+    model, processor, _ = _student_of("qwen3_omni", parts, tmp_path)
+    model.to(dtype)
+    student = HfStudent(model, processor, batch_size=1)
+    agree = total = 0
+    for p in prompts[:3]:
+        sampling = Routes(model)
+        (rollout,) = student.sample([p], "speech", n=1, temperature=1.0, max_new_tokens=10, seed=1)
+        decoded = sampling.tokens()
+        training = Routes(model)
+        with torch.no_grad():
+            student.response_logits([rollout])
+        forced = training.tokens()
+        for layer, picks in decoded.items():
+            assert picks.shape == forced[layer].shape  # prompt + all response tokens but the last
+            agree += int((picks == forced[layer]).all(-1).sum())
+            total += picks.shape[0]
+    assert total > 100 and agree == total
