@@ -21,7 +21,7 @@ from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.data.waveform import read_waveform, require_within_window
+from xopd_core.data.waveform import read_waveform, require_audio_fits
 from xopd_core.eval.evaluate import accuracy_by_task, evaluate_speech, evaluate_text, transcribe
 from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
 from xopd_core.models.checkpoint import weights_sha256
@@ -118,7 +118,12 @@ def evaluate(
 
     extractor = processor.feature_extractor
     for name, rows in manifests.items():
-        require_within_window(rows, extractor.chunk_length, manifest_path(data_root, name))
+        require_audio_fits(
+            rows,
+            manifest_path(data_root, name),
+            window_s=extractor.chunk_length,
+            sample_rate=extractor.sampling_rate,
+        )
 
     def waves(rows: list[ManifestRow]) -> list[Any]:
         rate, window = extractor.sampling_rate, extractor.chunk_length

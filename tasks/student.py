@@ -24,7 +24,7 @@ from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import manifest_path
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.data.waveform import read_waveform, require_within_window
+from xopd_core.data.waveform import read_waveform, require_audio_fits
 from xopd_core.data.world import HeardUtterance, speak_corpus
 from xopd_core.models.audio import extract_features
 from xopd_core.models.checkpoint import (
@@ -98,7 +98,7 @@ def student(
     teacher = Qwen2ForCausalLM.from_pretrained(str(teacher_dir)).eval()
     processor = build_processor(tokenizer, p.audio)
     rate, window = processor.feature_extractor.sampling_rate, p.audio.chunk_length_s
-    require_within_window(rows, window, manifest_path(data_root, "train"))
+    require_audio_fits(rows, manifest_path(data_root, "train"), window_s=window, sample_rate=rate)
     waves = [read_waveform(data_root / str(r.audio_path), rate, window) for r in rows]
     feats = extract_features(processor, waves)
     lap("features")

@@ -25,7 +25,7 @@ from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
 from xopd_core.data.validation import read_validated_manifests
-from xopd_core.data.waveform import require_within_window
+from xopd_core.data.waveform import require_audio_fits
 from xopd_core.engines.base import Prompt
 from xopd_core.engines.hf import HfStudent
 from xopd_core.engines.scoring import shared_vocab_size
@@ -154,8 +154,13 @@ def train(
     model.to(device)
     if p.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    window = processor.feature_extractor.chunk_length
-    require_within_window(rows, window, manifest_path(data_root, "train"))
+    extractor = processor.feature_extractor
+    require_audio_fits(
+        rows,
+        manifest_path(data_root, "train"),
+        window_s=extractor.chunk_length,
+        sample_rate=extractor.sampling_rate,
+    )
     teacher_tok = load_tokenizer(teacher_dir)
     vocab = shared_vocab_size(  # the vocabulary contract: refuses a mismatched pair
         processor.tokenizer,

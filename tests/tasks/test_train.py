@@ -268,6 +268,25 @@ def test_the_train_stage_refuses_audio_longer_than_the_students_window(
     assert_nothing_written(out, tmp_path)
 
 
+def test_the_train_stage_refuses_audio_at_another_rate_than_the_students_extractor(
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
+) -> None:
+    """A student whose feature extractor takes 24 kHz, given the 16 kHz train split: stopped
+    before any step, naming the manifest row and both rates."""
+    student = tmp_path / "rate24k"
+    shutil.copytree(tiny_student.summary.checkpoint, student)
+    config = json.loads((student / "processor_config.json").read_text())
+    config["feature_extractor"].update(sampling_rate=24_000)
+    (student / "processor_config.json").write_text(json.dumps(config))
+    params = params_with(tiny_pipeline_params, steps=1)
+    rc, out = cli_train(params, tmp_path, tiny_world, student, tiny_teacher.checkpoint)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1, err
+    assert re.search(r"train\.jsonl row 1 \(id train-.*\.wav\): 16000 Hz audio, but", err), err
+    assert "feature extractor takes 24000 Hz" in err
+    assert_nothing_written(out, tmp_path)
+
+
 @pytest.mark.parametrize("which", ["student", "teacher"])
 @pytest.mark.parametrize("fault", ["pickle_only", "truncated"])
 def test_the_train_stage_refuses_a_non_safetensors_checkpoint_naming_the_file(

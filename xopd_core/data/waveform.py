@@ -40,12 +40,19 @@ def too_long(duration_s: float, window_s: float) -> str:
     )
 
 
-def require_within_window(rows: Sequence[Any], window_s: float, manifest: Path) -> None:
-    """Refuse, before any step, a manifest row whose (validated) duration exceeds the
-    student's feature window, naming the manifest, the row and its audio file."""
+def require_audio_fits(
+    rows: Sequence[Any], manifest: Path, *, window_s: float, sample_rate: int
+) -> None:
+    """Refuse, before any step, a manifest row the student cannot hear as it is: audio at
+    another sample rate than its feature extractor's (the validated `sample_rate` field), or
+    longer than its feature window (the validated `duration_s`), naming the manifest, the row
+    and its audio file."""
     for line, r in enumerate(rows, start=1):
-        if r.duration_s is not None and r.duration_s > window_s:
+        where = f"{manifest} row {line} (id {r.id}, {r.audio_path})"
+        if r.sample_rate is not None and r.sample_rate != sample_rate:
             raise AudioError(
-                f"{manifest} row {line} (id {r.id}, {r.audio_path}): "
-                f"{too_long(r.duration_s, window_s)}"
+                f"{where}: {r.sample_rate} Hz audio, but the student's feature extractor "
+                f"takes {sample_rate} Hz; resample the data (or validate.sample_rate)"
             )
+        if r.duration_s is not None and r.duration_s > window_s:
+            raise AudioError(f"{where}: {too_long(r.duration_s, window_s)}")
