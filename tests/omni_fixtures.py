@@ -17,8 +17,9 @@ from transformers import (
     WhisperFeatureExtractor,
 )
 
+from tests.xopd_core.engines.test_teachers import tiny_lm_config
 from xopd_core.models.checkpoint import save_checkpoint
-from xopd_core.models.tokenizer import IM_END, PAD, load_tokenizer, token_id
+from xopd_core.models.tokenizer import load_tokenizer, token_id
 
 MEL_BINS = 16
 
@@ -77,19 +78,7 @@ def omni_tokenizer(tok: Any, family: str, where: Path) -> Any:
 
 
 def _text_config(tok: Any, rows: int) -> dict[str, Any]:
-    return dict(
-        vocab_size=rows,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        pad_token_id=token_id(tok, PAD),
-        eos_token_id=token_id(tok, IM_END),
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    return {**tiny_lm_config(tok, rows), "tie_word_embeddings": False}
 
 
 def _audio_config() -> dict[str, Any]:
@@ -151,7 +140,6 @@ def tiny_omni(family: str, tok: Any, seed: int = 5) -> Any:
         ),
         text_config={
             **_text_config(tok, rows),
-            "head_dim": 32,
             "num_experts": 4,
             "num_experts_per_tok": 2,
             "moe_intermediate_size": 32,

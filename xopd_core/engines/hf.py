@@ -178,55 +178,46 @@ class HfStudent:
         if temperature <= 0:
             raise ValueError("sampling needs temperature > 0")
         with _without_checkpointing(self.model):
-            return self._sample(prompts, modality, n, temperature, max_new_tokens, seed)
-
-    def _sample(
-        self,
-        prompts: Sequence[Prompt],
-        modality: Modality,
-        n: int,
-        temperature: float,
-        max_new_tokens: int,
-        seed: int,
-    ) -> list[Rollout]:
-        if modality == "speech":
-            self.load_audio(prompts)
-        rollouts: list[Rollout] = []
-        for chunk_no, start in enumerate(range(0, len(prompts), self.batch_size)):
-            chunk = prompts[start : start + self.batch_size]
-            seqs = [self.prompt_ids(p, modality) for p in chunk]
-            ids, mask = self._left_padded(seqs)  # every prompt ends where decoding starts
-            embeds = self._embed(ids, [p.id for p in chunk] if modality == "speech" else [], mask)
-            # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
-            generator = torch.Generator(device=embeds.device)
-            generator.manual_seed(seed * 1_000_003 + chunk_no)
-            out = sample_from_embeds(
-                self.model,
-                embeds,
-                mask,
-                n=n,
-                temperature=temperature,
-                max_new_tokens=max_new_tokens,
-                eos_id=self.eos_id,
-                pad_id=self.pad_id,
-                generator=generator,
-                vocab_size=self.vocab_size,
-            )
-            tokens_BG_T, logprobs_BG_T = out.tokens_BG_T.tolist(), out.logprobs_BG_T.tolist()
-            lengths, finished = out.lengths_BG.tolist(), out.finished_BG.tolist()
-            for row, end in enumerate(lengths):
-                rollouts.append(
-                    Rollout(
-                        prompt_id=chunk[row // n].id,
-                        modality=modality,
-                        sample_index=row % n,
-                        prompt_ids=seqs[row // n],
-                        response_ids=tokens_BG_T[row][:end],
-                        logprobs=logprobs_BG_T[row][:end],
-                        finished=bool(finished[row]),
-                    )
+            if modality == "speech":
+                self.load_audio(prompts)
+            rollouts: list[Rollout] = []
+            for chunk_no, start in enumerate(range(0, len(prompts), self.batch_size)):
+                chunk = prompts[start : start + self.batch_size]
+                seqs = [self.prompt_ids(p, modality) for p in chunk]
+                ids, mask = self._left_padded(seqs)  # every prompt ends where decoding starts
+                embeds = self._embed(
+                    ids, [p.id for p in chunk] if modality == "speech" else [], mask
                 )
-        return rollouts
+                # Own RNG stream per (seed, chunk): reproducible, and the caller's RNG untouched.
+                generator = torch.Generator(device=embeds.device)
+                generator.manual_seed(seed * 1_000_003 + chunk_no)
+                out = sample_from_embeds(
+                    self.model,
+                    embeds,
+                    mask,
+                    n=n,
+                    temperature=temperature,
+                    max_new_tokens=max_new_tokens,
+                    eos_id=self.eos_id,
+                    pad_id=self.pad_id,
+                    generator=generator,
+                    vocab_size=self.vocab_size,
+                )
+                tokens_BG_T, logprobs_BG_T = out.tokens_BG_T.tolist(), out.logprobs_BG_T.tolist()
+                lengths, finished = out.lengths_BG.tolist(), out.finished_BG.tolist()
+                for row, end in enumerate(lengths):
+                    rollouts.append(
+                        Rollout(
+                            prompt_id=chunk[row // n].id,
+                            modality=modality,
+                            sample_index=row % n,
+                            prompt_ids=seqs[row // n],
+                            response_ids=tokens_BG_T[row][:end],
+                            logprobs=logprobs_BG_T[row][:end],
+                            finished=bool(finished[row]),
+                        )
+                    )
+            return rollouts
 
     # -- teacher-forced ----------------------------------------------------------------
     def response_logits(self, rollouts: Sequence[Rollout]) -> torch.Tensor:

@@ -23,10 +23,10 @@ SYSTEM = "you are a careful reasoner."
 TEACHER_TEMPLATE = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n" + CHAT_TEMPLATE
 
 
-def tiny_teacher_of(family: str, tok, seed: int = 3) -> torch.nn.Module:
-    """A random tiny Qwen3 (dense) or Qwen3-MoE causal LM over `tok`'s vocabulary."""
-    common = dict(
-        vocab_size=len(tok),
+def tiny_lm_config(tok, rows: int | None = None) -> dict:
+    """A two-layer LM's config over `tok` (`rows` embedding rows: default one per token)."""
+    return dict(
+        vocab_size=rows or len(tok),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -38,6 +38,11 @@ def tiny_teacher_of(family: str, tok, seed: int = 3) -> torch.nn.Module:
         eos_token_id=token_id(tok, IM_END),
         bos_token_id=None,
     )
+
+
+def tiny_teacher_of(family: str, tok, seed: int = 3) -> torch.nn.Module:
+    """A random tiny Qwen3 (dense) or Qwen3-MoE causal LM over `tok`'s vocabulary."""
+    common = tiny_lm_config(tok)
     torch.manual_seed(seed)
     if family == "qwen3":
         return Qwen3ForCausalLM(Qwen3Config(**common)).eval()
