@@ -238,6 +238,10 @@ def test_a_round_on_a_work_pool_is_run_by_a_worker(
             assert str(run.id) in log.read_text(errors="replace")  # this worker ran it
         finally:
             worker.terminate()
-            worker.wait(60)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:  # still running a flow: no orphan left behind
+                worker.kill()
+                worker.wait()
     assert (work / "models" / "rounds" / "round1" / "model.safetensors").is_file()
     assert "registered on work pool 'xopd-test-pool'" in served.log.read_text()
