@@ -38,8 +38,13 @@ class AudioFeatures:
     @property
     def audio_tokens(self) -> int:
         """Embeddings (= <|AUDIO|> placeholders) the encoder yields for this utterance."""
-        after_conv = (self.frames - 1) // 2 + 1
-        return (after_conv - 2) // 2 + 1
+        return pooled_length(self.frames)
+
+
+def pooled_length(frames: Any) -> Any:
+    """Qwen2-Audio's (and Qwen2.5-Omni's) encoder outputs for `frames` feature frames (an
+    int or a tensor of them): conv stride 2, then average pooling by 2."""
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
 
 
 def extract_features(

@@ -37,11 +37,11 @@ from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe
 
 from xopd_core.atomic import atomic_directory
 from xopd_core.errors import CheckpointError
-from xopd_core.models.audio import AudioFeatures, encoder_states
+from xopd_core.models.audio import AudioFeatures, encoder_states, pooled_length
 from xopd_core.models.checkpoint import INDEX, WEIGHTS, require_safetensors_checkpoint
 
-# The system turn Qwen2.5-Omni was trained with (its model card: other system prompts
-# degrade it); the thinker alone answers in text, but its prompts keep that turn.
+# The system turn Qwen2.5-Omni's model card prescribes (DESIGN.md 4.2: the model expects
+# it); the thinker alone answers in text, and its prompts keep that turn.
 QWEN2_5_OMNI_SYSTEM = (
     "You are Qwen, a virtual human developed by the Qwen Team, Alibaba Group, capable of "
     "perceiving auditory and visual inputs, as well as generating text and speech."
@@ -94,7 +94,7 @@ class StudentFamily:
 
 
 def _qwen2_audio_tokens(model: Any, frames: torch.Tensor) -> torch.Tensor:
-    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+    return pooled_length(frames)
 
 
 def _qwen2_audio_encode(model: Any, feats: Sequence[AudioFeatures]) -> list[torch.Tensor]:
