@@ -1,5 +1,6 @@
 """Prefect flow `xopd-campaign`: what `make run` runs. Bootstrap the mini world where it is
-missing or stale, then N X-OPD rounds (`campaign.rounds`), then report, record in DVC and push.
+missing or stale (unless `inputs` name your own data and models), then N X-OPD rounds
+(`campaign.rounds`), then report, record in DVC and push.
 
 Orchestration only: the stages are dvc.yaml's, in its order, and each step calls the function
 `xopd stage NAME` calls (tasks/<name>.py `run`; the rounds as one subflow a round). In a DVC
@@ -21,7 +22,7 @@ from flows.publish import publish, push_owed
 from flows.round import gate_step, xopd_round
 from tasks.layout import CAMPAIGN_TABLE, CHAMPION, LOCK, ROUND_REPORTS, ROUNDS, ROUNDS_METRICS
 from tasks.record import is_dvc_repo, stage_changes
-from tasks.stages import Stage, built, pipeline_of, runner
+from tasks.stages import Stage, built, needed, pipeline_of, runner
 from xopd_core.config import Params, load_params
 from xopd_core.lock import exclusive
 
@@ -105,9 +106,11 @@ def xopd_campaign(params: Params, workdir: str = ".") -> dict[str, Any]:
         log = get_run_logger()
 
         promoted: list[bool] = []
-        # dvc.yaml's stages in its order; the report comes last, with the record and push.
+        # dvc.yaml's stages in its order, those the report needs (with your own `inputs`,
+        # not the mini world's builders); the report comes last, with the record and push.
+        wanted = needed(params, root)
         for stage in pipeline_of(root):
-            if stage.name == "report":
+            if stage.name == "report" or stage.name not in wanted:
                 continue
             if not due(root, stage, ran, params, changed):
                 log.info("%s: up to date, skipped", stage.name)

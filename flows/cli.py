@@ -96,10 +96,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         ("round checkpoints", layout.ROUNDS),
         ("round reports", layout.ROUND_REPORTS),
         ("round-0 eval", layout.EVAL),
-        ("teacher", layout.TEACHER),
-        ("student (round 0)", layout.STUDENT),
+        ("teacher", Path(params.inputs.teacher)),
+        ("student (round 0)", Path(params.inputs.student)),
         ("validation report", layout.VALIDATE / "validation.html"),
-        ("data", layout.DATA),
+        ("data", Path(params.inputs.data)),
     ):
         print(f"  {name:<18} {root / path}")
     print("  plots page         `dvc plots show` (offline), headline metrics: `dvc metrics show`")

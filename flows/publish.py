@@ -32,7 +32,7 @@ from tasks.record import (
 from tasks.remote import RemoteError, push
 from tasks.report import report
 from tasks.rounds import write_rounds_metrics
-from tasks.stages import stage_names
+from tasks.stages import needed
 from xopd_core.config import Params
 
 PUSH_RETRY_DELAYS_S = [2.0, 4.0, 8.0]  # up to 4 attempts, backing off between them
@@ -68,7 +68,9 @@ def record_step(params: Params, root: Path, *, one_round: bool = False) -> bool:
     if not params_in_sync(root, params):
         log.warning(not_recorded_advice(root, params, one_round=one_round))
         return False
-    stages = stage_names(root)  # named: with no targets dvc would also commit study/dvc.yaml's
+    # Named: with no targets dvc would also commit study/dvc.yaml's, and the mini world's
+    # builders when `inputs` point elsewhere (their outputs are then not there).
+    stages = needed(params, root)
     record(root, list(stages))
     log.info("recorded in %s (dvc commit %s)", root / "dvc.lock", " ".join(stages))
     return True

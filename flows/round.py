@@ -33,9 +33,10 @@ from tasks.eval import eval_round
 from tasks.gate import describe
 from tasks.layout import (
     CHAMPION,
-    DATA,
     LOCK,
+    WEIGHT_FILES,
     completed_rounds,
+    data_root,
     round_checkpoint,
     round_eval,
     round_reports,
@@ -109,7 +110,7 @@ def log_train_steps(k: int, steps: int) -> Callable[[int, dict[str, float]], Non
 
 @task(name="validate")
 def validate_step(params: Params, root: Path, out: Path) -> dict[str, Any]:
-    summary = validate(params, [root / DATA], out)
+    summary = validate(params, [data_root(params, root)], out)
     create_markdown_artifact(
         key="validation-report",
         markdown=f"Validation passed: {summary.n_rows} rows; report `{summary.report_html}`",
@@ -142,7 +143,7 @@ def _round_table(k: int, train_m: dict[str, Any], eval_m: dict[str, Any], verdic
     rows = [
         ("speech Avg-Drop (%)", eval_m["avg_drop_speech"]),
         ("text Avg-Drop (%)", eval_m["avg_drop_text"]),
-        ("paralinguistic accuracy", eval_m["paralinguistic_accuracy"]),
+        ("paralinguistic accuracy", eval_m.get("paralinguistic_accuracy", "–")),
         ("final reverse KL, speech", train_m.get("final_reverse_kl_speech")),
         ("final reverse KL, text", train_m.get("final_reverse_kl_text")),
         ("student tokens trained", train_m["student_tokens"]),
@@ -189,8 +190,8 @@ def xopd_round(
     k = next_round(root) if round is None else round
     if k < 1:
         raise ValueError("rounds are numbered from 1 (round 0 is the bootstrapped student)")
-    start = round_checkpoint(root, k - 1)
-    if not (start / "model.safetensors").is_file():
+    start = round_checkpoint(params, root, k - 1)
+    if not any((start / name).is_file() for name in WEIGHT_FILES):
         raise ValueError(
             f"round {k} starts from round {k - 1}'s student, which is not in {start}; "
             f"the next round to run is {next_round(root)}"
@@ -263,11 +264,11 @@ def _round(params: Params, k: int, root: Path, check: bool) -> dict[str, Any]:
     log.info("round %d: evaluating", k)
     eval_m = eval_step(params, root, k)
     log.info(
-        "round %d: speech Avg-Drop %.2f %%, text Avg-Drop %.2f %%, paralinguistic accuracy %.3f",
+        "round %d: speech Avg-Drop %.2f %%, text Avg-Drop %.2f %%, paralinguistic accuracy %s",
         k,
         eval_m["avg_drop_speech"],
         eval_m["avg_drop_text"],
-        eval_m["paralinguistic_accuracy"],
+        eval_m.get("paralinguistic_accuracy", "– (no such items)"),
     )
     decision = gate_step(params, root, k)
     seconds["train"] = train_m["seconds"]

@@ -50,7 +50,7 @@ def xopd_study(params: Params, workdir: str = ".") -> dict[str, Any]:
     """Every arm of `study.methods` × `study.seeds` from `models/student` at the same token
     budget; returns the table, the plots' paths and the wall time in seconds."""
     root = Path(workdir)
-    paths = StudyPaths.of(root)
+    paths = StudyPaths.of(params, root)
     start = time.perf_counter()
     with exclusive(root / LOCK, what="xopd study"):
         round0 = round0_step(params, paths)

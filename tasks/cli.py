@@ -27,7 +27,6 @@ LOCKED_COMMANDS = frozenset({"stage", "validate", "eval", "train", "gate", "stud
 DEFAULT_DATA = layout.DATA
 DEFAULT_VALIDATE_OUT = layout.VALIDATE
 DEFAULT_TEACHER = layout.TEACHER
-DEFAULT_TEACHER_METRICS = layout.TEACHER_METRICS
 DEFAULT_STUDENT = layout.STUDENT
 DEFAULT_EVAL_OUT = layout.EVAL
 
@@ -50,9 +49,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from xopd_core.config import load_params
 
     params = load_params(args.params)
-    summary = evaluate(
-        params, args.data, args.model, args.teacher_metrics, args.out, split=args.split
-    )
+    summary = evaluate(params, args.data, args.model, args.teacher, args.out, split=args.split)
     print(summary.table_path.read_text())
     print(f"eval: → {summary.metrics_path}")
     return 0
@@ -101,7 +98,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from xopd_core.config import load_params
 
     params = load_params(args.params)
-    summary = study(params, StudyPaths.of(args.workdir))
+    summary = study(params, StudyPaths.of(params, args.workdir))
     print(summary.table)
     plots = ", ".join(map(str, summary.plots))
     print(f"study: {summary.seconds:.0f} s → {summary.table_path}, {summary.summary_path}, {plots}")
@@ -169,10 +166,13 @@ def build_parser(
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data root (eval splits)")
     p.add_argument("--model", type=Path, default=DEFAULT_STUDENT, help="student checkpoint")
     p.add_argument(
+        "--teacher",
         "--teacher-metrics",
+        dest="teacher",
         type=Path,
-        default=DEFAULT_TEACHER_METRICS,
-        help="the teacher's metrics JSON (its text scores are the Avg-Drop reference)",
+        default=DEFAULT_TEACHER,
+        help="the teacher's folder (its text accuracy on the split, measured here, is the "
+        "Avg-Drop reference) or a metrics JSON with its text_accuracy_<task> scores",
     )
     p.add_argument(
         "--out",

@@ -1,14 +1,17 @@
 """Where every stage reads and writes, relative to a work folder laid out like the repo.
 
-One table for `dvc.yaml`, the flows and the CLI: round 0 is the bootstrapped student
-(`models/student`, evaluated by the `eval` stage into `reports/eval`); round k ≥ 1 lives under
-`models/rounds/round<k>` and `reports/rounds/round<k>/` (DVC tracks the two folders as the
-`rounds` stage's outputs, so their number can come from params.yaml).
+One table for `dvc.yaml`, the flows and the CLI: round 0 is `inputs.student` (by default
+the bootstrapped `models/student`), evaluated by the `eval` stage into `reports/eval`;
+round k ≥ 1 lives under `models/rounds/round<k>` and `reports/rounds/round<k>/` (DVC tracks
+the two folders as the `rounds` stage's outputs, so their number can come from params.yaml).
+The data and the teacher are `inputs.data` and `inputs.teacher`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from xopd_core.config import Params
 
 DATA = Path("data/mini")
 VALIDATE = Path("reports/validate")
@@ -33,8 +36,26 @@ LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
 PUSH_PENDING = Path(".xopd.push-pending")  # a promotion whose push has not gone through yet
 
 
-def round_checkpoint(root: Path, k: int) -> Path:
-    return root / (STUDENT if k == 0 else ROUNDS / f"round{k}")
+def data_root(params: Params, root: Path) -> Path:
+    """`inputs.data`, relative to the work folder `root` (data/mini: the synth stage's)."""
+    return root / params.inputs.data
+
+
+def teacher_dir(params: Params, root: Path) -> Path:
+    """`inputs.teacher` (models/teacher: the teacher stage's)."""
+    return root / params.inputs.teacher
+
+
+def teacher_reference(params: Params, root: Path) -> Path:
+    """What the Avg-Drop is measured against: `inputs.teacher_scores` where given, else the
+    teacher's folder (its text accuracy is measured on the eval items)."""
+    given = params.inputs.teacher_scores
+    return root / given if given else teacher_dir(params, root)
+
+
+def round_checkpoint(params: Params, root: Path, k: int) -> Path:
+    """Round k's student: `inputs.student` for round 0, else models/rounds/round<k>."""
+    return root / (params.inputs.student if k == 0 else ROUNDS / f"round{k}")
 
 
 def round_reports(root: Path, k: int) -> Path:
@@ -47,6 +68,9 @@ def round_eval(root: Path, k: int) -> Path:
 
 def round_gate(root: Path, k: int) -> Path:
     return round_reports(root, k) / "gate" / "metrics.json"
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 
 
 def completed_rounds(root: Path) -> list[int]:

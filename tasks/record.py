@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.remote import dvc
-from tasks.stages import stage_names
+from tasks.stages import needed
 from xopd_core.config import Params, load_params
 
 PARAMS_FILE = "params.yaml"
@@ -218,7 +218,7 @@ def not_recorded_advice(root: Path, ran: Params, *, one_round: bool) -> str:
             "and run the same command."
         )
     else:
-        commit = dvc_command(root, "commit", "--force", *stage_names(root))
+        commit = dvc_command(root, "commit", "--force", *needed(ran, root))
         lines.append(
             "or, to keep what this run made (every stage that reads those settings ran with "
             f"them), write them into params.yaml and record it: {commit}"

@@ -40,6 +40,10 @@ class ReportSummary:
     table: str
 
 
+def _para(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"  # none: the data has no such items
+
+
 def campaign_table(rounds: dict[str, Any], champion_line: str) -> str:
     lines = [
         "| round | speech Avg-Drop (%) | text Avg-Drop (%) | paralinguistic | promoted |",
@@ -48,7 +52,7 @@ def campaign_table(rounds: dict[str, Any], champion_line: str) -> str:
     for name, r in sorted(rounds.items(), key=lambda kv: int(kv[0].removeprefix("round"))):
         lines.append(
             f"| {name.removeprefix('round')} | {r['avg_drop_speech']:.2f} | "
-            f"{r['avg_drop_text']:.2f} | {r['paralinguistic_accuracy']:.3f} | "
+            f"{r['avg_drop_text']:.2f} | {_para(r.get('paralinguistic_accuracy'))} | "
             f"{'yes' if r['promoted'] else 'no'} |"
         )
     return "\n".join(lines) + f"\n\n{champion_line}\n"
@@ -64,7 +68,10 @@ def headline_metrics(root: Path, rounds: dict[str, Any], champion_round: int | N
 
     def group(k: int) -> dict[str, Any]:
         r = rounds[f"round{k}"]
-        out: dict[str, Any] = {"round": k, **{key: r[key] for key in HEADLINE_KEYS}}
+        out: dict[str, Any] = {
+            "round": k,
+            **{key: r[key] for key in HEADLINE_KEYS if r.get(key) is not None},
+        }
         path = round_eval(root, k) / EVAL_METRICS
         wer = json.loads(path.read_text()).get("asr_wer") if path.is_file() else None
         if isinstance(wer, (int, float)):
@@ -108,7 +115,9 @@ def _plots(root: Path, rounds: dict[str, Any]) -> list[Path]:
         left.plot(ks, [rounds[f"round{k}"][key] for k in ks], marker="o", label=label)
     left.set(xlabel="round", ylabel="Avg-Drop (%)", title="Avg-Drop vs the text teacher")
     left.legend()
-    right.plot(ks, [rounds[f"round{k}"]["paralinguistic_accuracy"] for k in ks], marker="o")
+    para = [rounds[f"round{k}"].get("paralinguistic_accuracy") for k in ks]
+    if all(v is not None for v in para):
+        right.plot(ks, para, marker="o")
     right.set(xlabel="round", ylabel="accuracy", title="paralinguistic accuracy")
     for ax in (left, right):
         ax.set_xticks(ks)

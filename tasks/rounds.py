@@ -20,14 +20,14 @@ from tasks.eval import eval_round
 from tasks.gate import GateSummary, gate
 from tasks.layout import (
     CHAMPION,
-    DATA,
     ROUND_REPORTS,
     ROUNDS_METRICS,
-    TEACHER,
+    data_root,
     round_checkpoint,
     round_eval,
     round_gate,
     round_reports,
+    teacher_dir,
 )
 from tasks.train import TrainSummary, train
 from xopd_core.atomic import write_json_atomic
@@ -50,10 +50,10 @@ def train_round(
     reports = round_reports(root, k) / "train"
     return train(
         round_params(params, k),
-        root / DATA,
-        round_checkpoint(root, k - 1),
-        root / TEACHER,
-        round_checkpoint(root, k),
+        data_root(params, root),
+        round_checkpoint(params, root, k - 1),
+        teacher_dir(params, root),
+        round_checkpoint(params, root, k),
         reports / "metrics.json",
         live_dir=reports / "live",
         on_step=on_step,
@@ -64,11 +64,11 @@ def gate_round(params: Params, root: Path, k: int) -> GateSummary:
     return gate(
         params,
         round_eval(root, k) / "metrics.json",
-        round_checkpoint(root, k),
+        round_checkpoint(params, root, k),
         root / CHAMPION,
         round_gate(root, k),
         k,
-        label=str(round_checkpoint(Path(), k)),
+        label=str(round_checkpoint(params, Path(), k)),
     )
 
 
@@ -85,7 +85,7 @@ def write_rounds_metrics(root: Path) -> dict[str, Any]:
     ):
         g = json.loads(path.read_text())
         table[f"round{g['round']}"] = {
-            **{key: g[key] for key in ROUND_KEYS},
+            **{key: g.get(key) for key in ROUND_KEYS},
             "reasons": g["reasons"],
         }
     write_json_atomic(root / ROUNDS_METRICS, table)
@@ -105,7 +105,9 @@ def run_rounds(params: Params, root: Path, *, rounds: int | None = None) -> Roun
     start = time.perf_counter()
     n = params.campaign.rounds if rounds is None else rounds
     # The splits the rounds read, checked before round 0 is gated (each stage checks again).
-    read_validated_manifests(root / DATA, ["train", "eval", "para_eval"], params.validate_)
+    read_validated_manifests(
+        data_root(params, root), ["train", "eval"], params.validate_, optional=["para_eval"]
+    )
     gate_round(params, root, 0)
     promoted = []
     for k in range(1, n + 1):
@@ -128,7 +130,7 @@ def run(params: Params, root: Path, progress: bool = False) -> str:
 def built(params: Params, root: Path) -> bool:
     """Without DVC: is every round of `campaign.rounds` on disk and gated?"""
     return all(
-        (round_checkpoint(root, k) / "model.safetensors").is_file()
+        (round_checkpoint(params, root, k) / "model.safetensors").is_file()
         and round_gate(root, k).is_file()
         for k in range(1, params.campaign.rounds + 1)
     )

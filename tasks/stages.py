@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import ModuleType
+from typing import Any
+
+import yaml
 
 from xopd_core.config import Params
 
@@ -51,6 +55,52 @@ def pipeline(dvc_yaml: Path = PIPELINE_FILE) -> tuple[Stage, ...]:
             )
             for s in stages
         )
+
+
+def _overlap(a: str, b: str) -> bool:
+    """The same path, or one inside the other (how DVC links an output to a dependency)."""
+    pa, pb = PurePosixPath(os.path.normpath(a)), PurePosixPath(os.path.normpath(b))
+    return pa == pb or pa in pb.parents or pb in pa.parents
+
+
+def _links(params: Params, root: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """Each stage's (deps, outs) paths in dvc.yaml's order, interpolated with `params` by
+    DVC's own resolver."""
+    from dvc.parsing.context import Context
+
+    own = Path(root) / "dvc.yaml"
+    table = yaml.safe_load((own if own.is_file() else PIPELINE_FILE).read_text())["stages"]
+    context = Context(params.to_yaml_dict())
+
+    def paths(entries: list[Any] | None) -> list[str]:
+        keys = (e if isinstance(e, str) else next(iter(e)) for e in entries or [])
+        return [context.resolve_str(k) for k in keys]
+
+    return {
+        name: (paths(t.get("deps")), paths(t.get("outs")) + paths(t.get("metrics")))
+        for name, t in table.items()
+    }
+
+
+def _feeds(links: dict[str, tuple[list[str], list[str]]], a: str, b: str) -> bool:
+    """Does stage `a` write something stage `b` reads?"""
+    return any(_overlap(o, d) for o in links[a][1] for d in links[b][0])
+
+
+def needed(params: Params, root: Path) -> tuple[str, ...]:
+    """The stages a run needs, in order: the pipeline's ends (the stages nothing reads from
+    with the default `inputs`: the report, and any stage added after it) and each stage
+    that writes what a needed stage reads, with the run's params. So `inputs` pointed at
+    your own data and models leave the mini world's builders (synth, teacher, student) out,
+    as `dvc repro report` does."""
+    default = params.model_copy(update={"inputs": type(params.inputs)()})
+    plain, links = _links(default, root), _links(params, root)
+    names = list(links)
+    wanted = {n for n in names if not any(_feeds(plain, n, m) for m in names if m != n)}
+    for name in reversed(names):
+        if any(_feeds(links, name, w) for w in wanted if w != name):
+            wanted.add(name)
+    return tuple(n for n in names if n in wanted)
 
 
 def stage_names(root: Path = PIPELINE_FILE.parent) -> tuple[str, ...]:

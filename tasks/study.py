@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from tasks.layout import (
-    DATA,
     EVAL_RESPONSES,
-    STUDENT,
     STUDY,
     STUDY_MODELS,
-    TEACHER,
-    TEACHER_METRICS,
+    WEIGHT_FILES,
+    data_root,
+    round_checkpoint,
+    teacher_dir,
+    teacher_reference,
 )
 from tasks.report import png_bytes
 from xopd_core.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
@@ -47,8 +48,9 @@ class StudyError(RuntimeError):
 
 @dataclass(frozen=True)
 class StudyPaths:
-    """What the study reads (data, the round-0 student, the teacher and its text scores)
-    and the two folders it writes (reports, checkpoints)."""
+    """What the study reads (data, the round-0 student, the teacher and its text scores:
+    its folder, where they are measured, or a metrics file) and the two folders it writes
+    (reports, checkpoints)."""
 
     data: Path
     student: Path
@@ -58,13 +60,14 @@ class StudyPaths:
     models: Path
 
     @classmethod
-    def of(cls, root: Path) -> StudyPaths:
-        """The paths of a work folder laid out like the repo (tasks/layout.py)."""
+    def of(cls, params: Params, root: Path) -> StudyPaths:
+        """The paths of a work folder laid out like the repo (tasks/layout.py), with the
+        data and models of `params.inputs`."""
         return cls(
-            root / DATA,
-            root / STUDENT,
-            root / TEACHER,
-            root / TEACHER_METRICS,
+            data_root(params, root),
+            round_checkpoint(params, root, 0),
+            teacher_dir(params, root),
+            teacher_reference(params, root),
             root / STUDY,
             root / STUDY_MODELS,
         )
@@ -107,7 +110,12 @@ def run_folder(out: Path, name: str, seed: int) -> Path:
     return out / "runs" / name / f"seed{seed}"
 
 
-def _file_sha256(path: Path) -> str:
+def _scores_sha256(path: Path) -> str:
+    """The teacher's scores' identity: its weights' hash, or its metrics file's."""
+    if Path(path).is_dir():
+        from xopd_core.models.checkpoint import weights_sha256
+
+        return weights_sha256(path)
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
@@ -119,7 +127,7 @@ def _fingerprint(params: Params, paths: StudyPaths, **extra: Any) -> dict[str, A
     return {
         "eval": params.eval.model_dump(mode="json"),
         "student_sha256": weights_sha256(paths.student),
-        "teacher_scores_sha256": _file_sha256(paths.teacher_metrics),
+        "teacher_scores_sha256": _scores_sha256(paths.teacher_metrics),
         **extra,
     }
 
@@ -137,15 +145,15 @@ def eval_round0(params: Params, paths: StudyPaths) -> dict[str, Any]:
     from tasks.eval import evaluate
 
     for need in (paths.student, paths.teacher):
-        if not (need / "model.safetensors").is_file():
+        if not any((need / name).is_file() for name in WEIGHT_FILES):
             raise StudyError(
                 f"{need}: no checkpoint; the study starts from the mini world's teacher and "
                 "round-0 student: run `make run` first"
             )
     # Every split a run reads, checked before the first run (a recorded run is reused
     # without reading them again).
-    splits = ["train", "eval", "para_eval", "dev", "para_dev"]
-    read_validated_manifests(paths.data, splits, params.validate_)
+    splits = ["train", "eval", "dev"]
+    read_validated_manifests(paths.data, splits, params.validate_, ["para_eval", "para_dev"])
     folder = paths.out / "round0"
     fingerprint = _fingerprint(params, paths)
     if (record := _recorded(folder / RUN, fingerprint)) is not None:
@@ -250,7 +258,11 @@ def columns(round0_eval: dict[str, Any]) -> list[tuple[str, str]]:
         ("avg_drop_speech", "speech Avg-Drop (%)"),
         ("avg_drop_text", "text Avg-Drop (%)"),
         *((f"speech_accuracy_{t}", t.replace("_", " ")) for t in tasks),
-        ("paralinguistic_accuracy", "paralinguistic"),
+        *(
+            [("paralinguistic_accuracy", "paralinguistic")]
+            if "paralinguistic_accuracy" in round0_eval
+            else []
+        ),
         ("asr_wer", "ASR WER"),
     ]
 

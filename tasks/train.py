@@ -24,6 +24,7 @@ import torch
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
+from xopd_core.data.tasks import answer_sets, task_table
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.waveform import require_audio_fits
 from xopd_core.engines.base import Prompt
@@ -195,7 +196,16 @@ def train(
     log = _DvcLiveLog(live_dir) if live_dir else None
     with (
         method_engines(
-            p, student, student_dir, teacher_dir, teacher_tok, vocab, prompts, solutions, device
+            p,
+            student,
+            student_dir,
+            teacher_dir,
+            teacher_tok,
+            vocab,
+            prompts,
+            solutions,
+            device,
+            answer_sets(task_table(params.validate_)),
         ) as engines,
         contextlib.closing(log) if log is not None else contextlib.nullcontext(),
     ):

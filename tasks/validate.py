@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.layout import DATA, VALIDATE
+from tasks.layout import VALIDATE, data_root
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import MANIFEST_DIR, default_data_root
@@ -80,5 +80,5 @@ def validate(
 
 def run(params: Params, root: Path, progress: bool = False) -> str:
     """The stage on the work folder `root` (dvc.yaml's paths)."""
-    s = validate(params, [root / DATA], root / VALIDATE)
+    s = validate(params, [data_root(params, root)], root / VALIDATE)
     return f"passed, {s.n_rows} rows in {s.seconds:.1f} s → {s.report_html}"

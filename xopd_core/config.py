@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zoneinfo
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -227,8 +228,39 @@ class SynthParams(_Strict):
     voices: Voices = Field(default=Voices(), description="Speaker settings.")
 
 
+_ANSWER_WORD = re.compile(r"[a-z0-9]+")
+
+
+class TaskSpec(_Strict):
+    """One task of your own dataset."""
+
+    kind: Literal["reasoning", "paralinguistic"] = Field(
+        description="reasoning: scored by Avg-Drop against the teacher; paralinguistic: "
+        "answered from what only the audio carries (accuracy, kept by the gate)."
+    )
+    answers: list[str] = Field(
+        min_length=1,
+        description="The legal answers: lower-case words of letters and digits; a response "
+        'ends with "the answer is <word>."',
+    )
+
+    @model_validator(mode="after")
+    def _check_answers(self) -> TaskSpec:
+        bad = [a for a in self.answers if not _ANSWER_WORD.fullmatch(a)]
+        if bad:
+            raise ValueError(f"answers {bad}: each must be one lower-case word of [a-z0-9]")
+        return self
+
+
 class ValidateParams(_Strict):
     """Rules the `validate` stage enforces on every dataset before it is used."""
+
+    tasks: dict[str, TaskSpec] | None = Field(
+        default=None,
+        description="Your dataset's tasks, {name: {kind, answers}}; null: the mini world's "
+        "seven (navigate, object_counting, web_of_lies, boolean_expressions; speaking_rate, "
+        "pitch, whisper).",
+    )
 
     sample_rate: int = Field(
         default=16_000, ge=8_000, le=48_000, description="Required audio sample rate (Hz)."
@@ -829,12 +861,44 @@ class NightlyParams(_Strict):
         return self
 
 
+class InputsParams(_Strict):
+    """What the rounds start from. The defaults are the mini world's, built by the synth,
+    teacher and student stages; point them at your own and those stages are not run."""
+
+    data: str = Field(
+        default="data/mini",
+        min_length=1,
+        description="Data root: manifests/<split>.jsonl, audio paths relative to it "
+        "(relative to the work folder).",
+    )
+    teacher: str = Field(
+        default="models/teacher",
+        min_length=1,
+        description="The text teacher's folder (AutoModelForCausalLM, safetensors).",
+    )
+    student: str = Field(
+        default="models/student",
+        min_length=1,
+        description="The round-0 student's folder (Qwen2-Audio, Qwen2.5-Omni thinker or "
+        "Qwen3-Omni thinker, safetensors).",
+    )
+    teacher_scores: str | None = Field(
+        default=None,
+        description="A JSON file of the teacher's text_accuracy_<task> on the eval items, "
+        "used instead of measuring them; null: each evaluation measures the teacher (once "
+        "per campaign: the rounds reuse round 0's).",
+    )
+
+
 class Params(_Strict):
     """Everything in params.yaml. One group per pipeline stage (DESIGN.md §2)."""
 
     synth: SynthParams = Field(default=SynthParams(), description="The `synth` stage.")
     validate_: ValidateParams = Field(
         default=ValidateParams(), alias="validate", description="The `validate` stage."
+    )
+    inputs: InputsParams = Field(
+        default=InputsParams(), description="The data and models the rounds start from."
     )
     teacher: TeacherParams = Field(default=TeacherParams(), description="The `teacher` stage.")
     student: StudentParams = Field(default=StudentParams(), description="The `student` stage.")

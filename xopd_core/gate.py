@@ -19,7 +19,8 @@ from typing import Any
 from xopd_core.atomic import write_json_atomic
 from xopd_core.eval.metrics import mcnemar_exact_p
 
-REQUIRED = ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy")
+REQUIRED = ("avg_drop_speech", "avg_drop_text")
+PARA = "paralinguistic_accuracy"  # present where the eval data has paralinguistic items
 _SLACK = 1e-9
 AVG_DROP_CEILING = 100.0  # a score of 0: the most a model can drop
 DEFAULT_AVG_DROP_FLOOR = -100.0
@@ -61,7 +62,7 @@ def gate_metrics(
     [0, 1], Avg-Drops in [`avg_drop_floor`, 100] (a percentage drop from the teacher's score).
     An infinity or a NaN would otherwise win or poison every later comparison."""
     out = {}
-    for key in REQUIRED:
+    for key in (*REQUIRED, *([PARA] if PARA in metrics else [])):
         value = metrics.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise GateInputError(f"{source}: '{key}' must be a number, got {value!r}")
@@ -107,10 +108,15 @@ def decide(
     if champion is None:
         return GateDecision(True, ["no champion yet: the first evaluated checkpoint becomes it"])
     improvement = champion.metrics["avg_drop_speech"] - candidate["avg_drop_speech"]
-    para_drop = champion.metrics["paralinguistic_accuracy"] - candidate["paralinguistic_accuracy"]
+    if (PARA in candidate) != (PARA in champion.metrics):
+        raise GateInputError(
+            f"only the {'candidate' if PARA in candidate else 'champion'} has a {PARA}: "
+            "the two were evaluated on different data"
+        )
+    para_drop = champion.metrics[PARA] - candidate[PARA] if PARA in candidate else None
     # Both bounds inclusive; the slack keeps 0.90 − 0.88 (= 0.0200…02 in floats) within ε = 0.02.
     better = improvement >= delta - _SLACK
-    kept = para_drop <= epsilon + _SLACK
+    kept = para_drop is None or para_drop <= epsilon + _SLACK
     reasons = [
         f"speech Avg-Drop {candidate['avg_drop_speech']:.2f} vs champion "
         f"{champion.metrics['avg_drop_speech']:.2f} (round {champion.round}): improvement "
@@ -134,8 +140,10 @@ def decide(
             f"{'ok' if significant else 'REJECT'}"
         )
     reasons.append(
-        f"paralinguistic accuracy {candidate['paralinguistic_accuracy']:.3f} vs champion "
-        f"{champion.metrics['paralinguistic_accuracy']:.3f}: drop {para_drop:+.3f}, allowed "
+        "no paralinguistic items in the eval data: nothing to keep"
+        if para_drop is None
+        else f"paralinguistic accuracy {candidate[PARA]:.3f} vs champion "
+        f"{champion.metrics[PARA]:.3f}: drop {para_drop:+.3f}, allowed "
         f"≤ {epsilon:.3f} → {'ok' if kept else 'REJECT'}"
     )
     checks["paralinguistics_kept"] = kept

@@ -26,7 +26,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.server import healthy
-from xopd_core.config import EvalParams, NightlyParams, Params, TrainParams
+from xopd_core.config import EvalParams, InputsParams, NightlyParams, Params, TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,6 +45,8 @@ def flow_params(tiny_pipeline_params: Params) -> Params:
                 steps=1, prompts_per_step=2, rollouts_per_prompt=2, max_new_tokens=8
             ),
             "eval": EvalParams(max_new_tokens=8),
+            # The stand-in scores lay_out_work writes (8 tokens answer nothing right).
+            "inputs": InputsParams(teacher_scores="reports/teacher/metrics.json"),
         }
     )
 

@@ -57,7 +57,7 @@ def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Pat
     assert teacher["text_accuracy_mean"] == 0.0
     assert (tmp_path / "models" / "student" / "model.safetensors").is_file()
     assert proc.returncode == 2
-    assert "teacher/metrics.json: the teacher scores 0 on every task" in proc.stderr
+    assert "models/teacher: the teacher scores 0 on every task" in proc.stderr
     assert not (tmp_path / "reports" / "eval").exists()  # nothing half-written
     assert not (tmp_path / "models" / "rounds").exists()
 

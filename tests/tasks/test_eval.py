@@ -6,11 +6,22 @@ from pathlib import Path
 
 import pytest
 
-from tasks.eval import METRICS, TeacherScoresError, evaluate, teacher_scores
+import tasks.eval
+from tasks.eval import (
+    METRICS,
+    TEACHER_SCORES,
+    TeacherScoresError,
+    evaluate,
+    measured_teacher_scores,
+    teacher_scores,
+)
 from tests.pipeline_fixtures import TinyStudent
 from xopd_core.config import EvalParams, Params
 from xopd_core.data.manifest import manifest_path, read_manifest
+from xopd_core.data.validation import read_validated_manifests
+from xopd_core.data.world import ANSWER_SETS
 from xopd_core.eval.metrics import edit_distance
+from xopd_core.models.checkpoint import weights_sha256
 
 TASKS = ("boolean_expressions", "navigate", "object_counting", "web_of_lies")
 PARA = ("pitch", "speaking_rate", "whisper")
@@ -81,3 +92,47 @@ def test_eval_names_a_bad_teacher_metrics_file(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(TeacherScoresError, match=r"teacher\.json: cannot read"):
         teacher_scores(bad)
+
+
+def test_the_teacher_is_measured_on_the_eval_items_once_a_campaign(
+    tiny_teacher, tiny_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given its folder, the eval stage measures the teacher's text accuracy itself (your
+    own teacher has no teacher-stage metrics): the same numbers the teacher stage measured
+    in memory after training, written with what they were measured on, and reused by a
+    later evaluation of the same teacher, items and settings (each round reuses round 0's)."""
+    params = Params(eval=EvalParams(max_new_tokens=24))  # the tiny teacher stage's length
+    rows = read_validated_manifests(tiny_world, ["eval"], params.validate_)["eval"]
+    out = tmp_path / "round0" / TEACHER_SCORES
+    calls, real = [], tasks.eval.evaluate_text
+
+    def spy(model, tokenizer, rows, *args):  # the tiny teacher answers nothing right: show
+        calls.append((model.config.model_type, tokenizer.name_or_path, len(rows), args))
+        return real(model, tokenizer, rows, *args)
+
+    monkeypatch.setattr(tasks.eval, "evaluate_text", spy)  # what it decodes, and how
+    measured = measured_teacher_scores(params, tiny_teacher.checkpoint, rows, ANSWER_SETS, out)
+    monkeypatch.undo()
+    assert calls == [("qwen2", str(tiny_teacher.checkpoint), len(rows), (24, 64, 2, ANSWER_SETS))]
+    by_stage = {
+        k.removeprefix("text_accuracy_"): v
+        for k, v in tiny_teacher.metrics.items()
+        if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
+    }
+    assert measured == by_stage
+    recorded = json.loads(out.read_text())
+    assert recorded["teacher_weights_sha256"] == weights_sha256(tiny_teacher.checkpoint)
+    # A record of the same teacher, items and settings is read, not measured again (shown
+    # by a score no measurement gave), and copied beside the round's own eval.
+    out.write_text(json.dumps({**recorded, "text_accuracy_navigate": 0.625}))
+    later = tmp_path / "round1" / TEACHER_SCORES
+    reused = measured_teacher_scores(
+        params, tiny_teacher.checkpoint, rows, ANSWER_SETS, later, reuse=out
+    )
+    assert reused["navigate"] == 0.625 and json.loads(later.read_text())["text_accuracy_navigate"]
+    # Other eval settings: measured again.
+    longer = Params(eval=EvalParams(max_new_tokens=25))
+    again = measured_teacher_scores(
+        longer, tiny_teacher.checkpoint, rows, ANSWER_SETS, tmp_path / "t.json", reuse=out
+    )
+    assert again["navigate"] == by_stage["navigate"]

@@ -95,6 +95,15 @@ def test_out_of_range_value_is_rejected_by_name(data: dict, key: str, shown: str
             {"nightly": {"timezone": "CET+1"}},
             "timezone must be an IANA time zone name such as UTC or Europe/Berlin (got 'CET+1')",
         ),
+        (
+            {"validate": {"tasks": {"parity": {"kind": "reasoning", "answers": ["Odd", "a b"]}}}},
+            "validate.tasks.parity: Value error, answers ['Odd', 'a b']: each must be one "
+            "lower-case word of [a-z0-9]",
+        ),
+        (
+            {"validate": {"tasks": {"parity": {"kind": "arithmetic", "answers": ["odd"]}}}},
+            "validate.tasks.parity.kind: Input should be 'reasoning' or 'paralinguistic'",
+        ),
     ],
 )
 def test_inconsistent_settings_are_rejected_with_the_reason(data: dict, needle: str) -> None:

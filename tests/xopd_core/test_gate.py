@@ -123,3 +123,22 @@ def test_decide_refuses_a_paired_test_without_per_item_results() -> None:
             alpha=0.05,
             candidate_correct={"b": True},
         )
+
+
+def test_data_without_paralinguistic_items_has_nothing_to_keep() -> None:
+    """Your own eval data may have no paralinguistic items: neither side has the metric,
+    the speech rule alone decides, and the reason says so. Only one side having it means the
+    two were evaluated on different data: refused."""
+    no_para = {k: v for k, v in CHAMP.metrics.items() if k != "paralinguistic_accuracy"}
+    champion = Champion(1, "models/round1", "ab" * 32, no_para)
+    better = {"avg_drop_speech": 38.0, "avg_drop_text": 1.0}
+    assert gate_metrics(better, "eval.json") == better
+    d = decide(better, champion, delta=0.5, epsilon=0.02)
+    assert d.promoted and d.paralinguistic_drop is None
+    assert d.reasons[-1] == "no paralinguistic items in the eval data: nothing to keep"
+    small = {**better, "avg_drop_speech": 39.9}
+    assert not decide(small, champion, delta=0.5, epsilon=0.02).promoted
+    with pytest.raises(GateInputError, match="only the candidate has a paralinguistic_accuracy"):
+        decide(cand(38.0, 0.9), champion, delta=0.5, epsilon=0.02)
+    with pytest.raises(GateInputError, match="only the champion has"):
+        decide(better, CHAMP, delta=0.5, epsilon=0.02)

@@ -34,15 +34,8 @@ from xopd_core.data.manifest import (
     read_manifest,
     read_rows,
 )
-from xopd_core.data.reasoning import REASONING_TASKS
 from xopd_core.data.speech import sha256_file
-from xopd_core.data.world import ANSWER_SETS, PARA_TASKS
-
-# What a row's `kind` may be, and the tasks of each kind.
-TASKS_OF_KIND: dict[str, tuple[str, ...]] = {
-    "reasoning": tuple(REASONING_TASKS),
-    "paralinguistic": tuple(PARA_TASKS),
-}
+from xopd_core.data.tasks import KINDS, task_table
 
 REPORT_JSON = "validation.json"
 REPORT_HTML = "validation.html"
@@ -231,6 +224,7 @@ def build_rules(p: ValidateParams) -> list[Any]:
             **kwargs,
         )
 
+    tasks = task_table(p)
     return [
         *(
             _rule(
@@ -254,27 +248,28 @@ def build_rules(p: ValidateParams) -> list[Any]:
             column="id",
         ),
         in_set("split_known", f"split is one of {list(SPLITS)}", "split", list(SPLITS)),
-        in_set("kind_known", f"kind is one of {list(TASKS_OF_KIND)}", "kind", list(TASKS_OF_KIND)),
-        in_set("task_known", f"task is one of {sorted(ANSWER_SETS)}", "task", sorted(ANSWER_SETS)),
+        in_set("kind_known", f"kind is one of {list(KINDS)}", "kind", list(KINDS)),
+        in_set("task_known", f"task is one of {sorted(tasks)}", "task", sorted(tasks)),
         *(
             in_set(
                 f"task_of_kind:{kind}",
-                f"a {kind} row's task is one of {list(tasks)}",
+                f"a {kind} row's task is one of {of_kind}",
                 "task",
-                list(tasks),
+                of_kind,
                 row_condition=Column("kind") == kind,
             )
-            for kind, tasks in TASKS_OF_KIND.items()
+            for kind in KINDS
+            for of_kind in [[t for t, d in tasks.items() if d.kind == kind]]
         ),
         *(
             in_set(
                 f"answer_in_set:{task}",
-                f"a {task} row's answer is one of {sorted(answers)}",
+                f"a {task} row's answer is one of {sorted(d.answers)}",
                 "answer",
-                sorted(answers),
+                sorted(d.answers),
                 row_condition=Column("task") == task,
             )
-            for task, answers in sorted(ANSWER_SETS.items())
+            for task, d in sorted(tasks.items())
         ),
         _rule(
             "transcript_not_blank",
@@ -469,13 +464,19 @@ def validate_dataset(
 
 
 def read_validated_manifests(
-    data_root: Path, splits: Sequence[str], params: ValidateParams
+    data_root: Path,
+    splits: Sequence[str],
+    params: ValidateParams,
+    optional: Sequence[str] = (),
 ) -> dict[str, list[ManifestRow]]:
-    """The typed rows of `data_root`'s manifests for `splits`, after the validate stage's suite
-    passed on them (audio probed too). Every stage that reads a manifest calls this before
-    its first step, so bad data stops a run before anything is trained or written.
-    Raises DataValidationError with one line naming the manifest, line and rule."""
+    """The typed rows of `data_root`'s manifests for `splits` (and those of `optional` whose
+    file exists: a dataset without paralinguistic items has no `para_eval`), after the
+    validate stage's suite passed on them (audio probed too). Every stage that reads a
+    manifest calls this before its first step, so bad data stops a run before anything is
+    trained or written. Raises DataValidationError with one line naming the manifest, line
+    and rule."""
     root = Path(data_root)
+    splits = [*splits, *(s for s in optional if manifest_path(root, s).is_file())]
     manifests = [manifest_path(root, split) for split in splits]
     report = validate_dataset(manifests, root, params)
     if not report.success:

@@ -7,7 +7,8 @@ so a malformed response counts as wrong.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from xopd_core.data.manifest import ManifestRow
+from xopd_core.data.world import ANSWER_SETS
 from xopd_core.engines.greedy import greedy_generate
 from xopd_core.eval.metrics import extract_answer
 from xopd_core.models.audio import extract_features
@@ -43,16 +45,21 @@ def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:
     return {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
 
 
+AnswerSets = Mapping[str, AbstractSet[str]]
+
+
 def _graded(
     tokenizer: PreTrainedTokenizerFast,
     rows: Sequence[ManifestRow],
     outs: Sequence[list[int]],
+    answer_sets: AnswerSets,
 ) -> list[ItemResult]:
     """Each row's response decoded and its answer taken by the strict extractor."""
     results = []
     for r, ids in zip(rows, outs, strict=True):
         text = decode(tokenizer, ids)
-        results.append(ItemResult(r.id, r.task, r.answer, extract_answer(text, r.task), text))
+        said = extract_answer(text, r.task, answer_sets)
+        results.append(ItemResult(r.id, r.task, r.answer, said, text))
     return results
 
 
@@ -64,9 +71,11 @@ def evaluate_text(
     max_new_tokens: int,
     batch_size: int = 64,
     processes: int = 1,
+    answer_sets: AnswerSets = ANSWER_SETS,
 ) -> list[ItemResult]:
     """Greedy answers of a causal LM to each row's transcript (`processes`: see
-    `greedy_generate`)."""
+    `greedy_generate`; `answer_sets`: each task's legal answers, the mini world's by
+    default)."""
     family = family_of(model)  # a speech student's text prompts keep its system turn
     system = family.system_prompt if family is not None else None
     outs = greedy_generate(
@@ -78,7 +87,7 @@ def evaluate_text(
         batch_size=batch_size,
         processes=processes,
     )
-    return _graded(tokenizer, rows, outs)
+    return _graded(tokenizer, rows, outs, answer_sets)
 
 
 @torch.no_grad()
@@ -134,11 +143,12 @@ def evaluate_speech(
     max_new_tokens: int,
     batch_size: int = 64,
     processes: int = 1,
+    answer_sets: AnswerSets = ANSWER_SETS,
 ) -> list[ItemResult]:
     """Greedy answers of a speech LLM to each row's audio alone (the spoken question, no
     text)."""
     outs = speech_outputs(model, processor, waveforms, max_new_tokens, batch_size, processes)
-    return _graded(processor.tokenizer, rows, outs)
+    return _graded(processor.tokenizer, rows, outs, answer_sets)
 
 
 def transcribe(

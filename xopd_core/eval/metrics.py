@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 from xopd_core.data.world import ANSWER_SETS
 
@@ -22,20 +23,23 @@ class TeacherScoresError(ValueError):
 _FINAL = re.compile(r"the answer is (\w+)\s*\.\s*$")
 
 
-def extract_answer(response: str, task: str) -> str | None:
+def extract_answer(
+    response: str, task: str, answer_sets: Mapping[str, AbstractSet[str]] = ANSWER_SETS
+) -> str | None:
     """The final answer of a response, or None when the response is malformed.
 
     Strict on purpose: the response must end with exactly one "the answer is <word>." whose
-    word is a legal answer for the task. Anything else (no final statement, two of them,
-    trailing text, an answer outside the task's set) scores as wrong, never as a guess.
+    word is a legal answer for the task (`answer_sets`: task → its answers; the mini world's
+    by default). Anything else (no final statement, two of them, trailing text, an answer
+    outside the task's set) scores as wrong, never as a guess.
     """
-    if task not in ANSWER_SETS:
-        raise KeyError(f"unknown task {task!r}; known: {sorted(ANSWER_SETS)}")
+    if task not in answer_sets:
+        raise KeyError(f"unknown task {task!r}; known: {sorted(answer_sets)}")
     text = " ".join(response.lower().split())
     if text.count("the answer is") != 1:
         return None
     m = _FINAL.search(text)
-    if m is None or m.group(1) not in ANSWER_SETS[task]:
+    if m is None or m.group(1) not in answer_sets[task]:
         return None
     return m.group(1)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,14 @@ class MethodEngines:
     teacher_tokens_spent: int  # offline KD: the tokens the teacher wrote before the loop
 
 
-def answer_reward(tokenizer: PreTrainedTokenizerFast) -> Reward:
+def answer_reward(
+    tokenizer: PreTrainedTokenizerFast, answer_sets: Mapping[str, AbstractSet[str]]
+) -> Reward:
     """GRPO's reward: 1 when the response's final answer is the prompt's, else 0."""
 
     def reward(prompt: Prompt, ids: list[int]) -> float:
-        return float(extract_answer(decode(tokenizer, ids), prompt.task) == prompt.answer)
+        said = extract_answer(decode(tokenizer, ids), prompt.task, answer_sets)
+        return float(said == prompt.answer)
 
     return reward
 
@@ -52,11 +56,13 @@ def method_engines(
     prompts: Sequence[Prompt],
     solutions: Mapping[str, str],
     device: torch.device,
+    answer_sets: Mapping[str, AbstractSet[str]],
 ) -> Iterator[MethodEngines]:
     """The engines `cfg.method` trains with on `cfg.engine`; vLLM engines are closed on exit.
     vLLM serves the sampling methods (xopd, grpo) and X-OPD's teacher unless `loss` is full
     (vLLM returns no full distributions); an HF teacher is loaded only where one is needed.
-    `solutions`: SFT's reference response per prompt id."""
+    `solutions`: SFT's reference response per prompt id; `answer_sets`: each task's legal
+    answers (GRPO's reward)."""
     with contextlib.ExitStack() as stack:
         rollout: RolloutEngine = student
         scorer: TeacherScorer | None = None
@@ -85,4 +91,4 @@ def method_engines(
             )
             spent = sum(len(v) for v in written.values())
             rollout = FixedResponses(student, written)
-        yield MethodEngines(rollout, scorer, answer_reward(teacher_tokenizer), spent)
+        yield MethodEngines(rollout, scorer, answer_reward(teacher_tokenizer, answer_sets), spent)

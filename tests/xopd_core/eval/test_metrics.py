@@ -102,3 +102,12 @@ def test_mcnemar_exact_p_stays_finite_for_large_counts() -> None:
     assert 0.0 < mcnemar_exact_p(600, 500) < 0.002
     with pytest.raises(ValueError, match="non-negative"):
         mcnemar_exact_p(-1, 2)
+
+
+def test_extractor_reads_your_own_tasks_answer_sets() -> None:
+    """`validate.tasks` gives the answer sets of your own tasks."""
+    mine = {"parity": frozenset({"even", "odd"})}
+    assert extract_answer("seven is odd, so the answer is odd.", "parity", mine) == "odd"
+    assert extract_answer("the answer is yes.", "parity", mine) is None  # not a legal answer
+    with pytest.raises(KeyError, match=r"unknown task 'navigate'; known: \['parity'\]"):
+        extract_answer("the answer is yes.", "navigate", mine)
