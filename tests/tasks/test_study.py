@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dvc.parsing.context import Context
 
 from tasks.cli import main
 from tasks.layout import EVAL_RESPONSES
@@ -23,7 +24,14 @@ from tasks.study import (
     run_method,
     write_study,
 )
-from xopd_core.config import ConfigError, Params, StudyMethod, StudyParams, parse_params
+from xopd_core.config import (
+    ConfigError,
+    Params,
+    StudyMethod,
+    StudyParams,
+    load_params,
+    parse_params,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TASKS = ("navigate", "object_counting", "web_of_lies", "boolean_expressions")
@@ -205,8 +213,13 @@ def test_the_dvc_stage_runs_the_study_on_what_the_pipeline_makes() -> None:
         for s in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
         for out in [*s.get("outs", []), *s.get("metrics", [])]
     }
-    for dep in stage["deps"]:
+    # `${inputs.*}` read from the root params.yaml (the file's `vars`), as DVC resolves them.
+    context = Context(load_params(REPO / "params.yaml").to_yaml_dict())
+    deps = [context.resolve_str(d) for d in stage["deps"]]
+    for dep in deps:
         assert (REPO / dep).exists() or dep in produced, dep
-    assert {"models/student", "models/teacher", "data/mini", "tasks/study.py"} <= set(stage["deps"])
-    assert set(stage["params"]) == {"study", "train", "eval"} <= set(Params.model_fields)
+    assert {"models/student", "models/teacher", "data/mini", "tasks/study.py"} <= set(deps)
+    groups = {p.split(".")[0] for p in stage["params"]}
+    assert groups == {"study", "train", "eval", "inputs", "validate"}
+    assert groups - {"validate"} <= set(Params.model_fields)
     assert set(stage["outs"]) == {"reports/study", "models/study"}
