@@ -85,11 +85,11 @@ def measured_teacher_scores(
     answers: AnswerSets,
     out: Path,
     reuse: Path | None = None,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Any]]:
     """The teacher's greedy text accuracy per task on `rows` (their transcripts rendered with
-    its own chat template), decoded as the student's text answers are; written to `out`
-    with what it was measured on (weights, items, eval settings). A file at `reuse` (or
-    `out`) that was measured on the same is read instead: each round reuses round 0's."""
+    its own chat template), decoded as the student's text answers are, and the record to
+    write to `out` with what it was measured on (weights, items, eval settings). A record at
+    `reuse` (or `out`) measured on the same is read instead: each round reuses round 0's."""
     key = {
         "teacher_weights_sha256": weights_sha256(teacher_dir),
         "items_sha256": hashlib.sha256("\n".join(r.id for r in rows).encode()).hexdigest(),
@@ -102,10 +102,7 @@ def measured_teacher_scores(
             except json.JSONDecodeError:
                 continue
             if {k: recorded.get(k) for k in key} == key:
-                scores = _text_accuracies(recorded, path)
-                if path != out:
-                    write_json_atomic(out, recorded)
-                return scores
+                return _text_accuracies(recorded, path), recorded
     p = params.eval
     model = load_causal_lm(teacher_dir)
     tokenizer = load_tokenizer(teacher_dir)
@@ -113,8 +110,7 @@ def measured_teacher_scores(
         model, tokenizer, rows, p.max_new_tokens, p.batch_size, p.processes, answers
     )
     scores = accuracy_by_task(results)
-    write_json_atomic(out, {**key, **{f"text_accuracy_{t}": a for t, a in scores.items()}})
-    return scores
+    return scores, {**key, **{f"text_accuracy_{t}": a for t, a in scores.items()}}
 
 
 def _table(
@@ -178,7 +174,7 @@ def evaluate(
     )
     eval_rows, para_rows = manifests[split], manifests.get(f"para_{split}", [])
     if Path(teacher).is_dir():
-        measured = measured_teacher_scores(
+        measured, teacher_record = measured_teacher_scores(
             params,
             Path(teacher),
             eval_rows,
@@ -189,10 +185,10 @@ def evaluate(
         teacher_acc = _usable(measured, Path(teacher))
     else:
         teacher_acc = teacher_scores(teacher)
-        write_json_atomic(
-            Path(out_dir) / TEACHER_SCORES,
-            {"from": str(teacher), **{f"text_accuracy_{t}": a for t, a in teacher_acc.items()}},
-        )
+        teacher_record = {
+            "from": str(teacher),
+            **{f"text_accuracy_{t}": a for t, a in teacher_acc.items()},
+        }
     # A relative drop from 0 is undefined: such a task is left out of both Avg-Drops, and
     # the table and `avg_drop_tasks` say so (only tiny test teachers score 0 anywhere).
     reference = {t: v for t, v in teacher_acc.items() if v > 0}
@@ -271,6 +267,7 @@ def evaluate(
         for r, h in zip(eval_rows, heard, strict=True)
     )
     write_text_atomic(out_dir / TRANSCRIPTS, transcripts)
+    write_json_atomic(out_dir / TEACHER_SCORES, teacher_record)
     table = _table(teacher_acc, speech_acc, text_acc, para_acc, metrics)
     write_text_atomic(out_dir / TABLE, table)
     write_json_atomic(out_dir / METRICS, metrics)

@@ -52,8 +52,8 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     assert result["ran"] == ["validate", "eval", "rounds", "report"]
     assert len(result["rounds"]) == 3 and not result["recorded"]  # not a DVC repository
     # Round 2 started from round 1's weights, with the next seed.
-    r2 = json.loads((round_checkpoint(work, 2) / RESOLVED_CONFIG).read_text())
-    assert r2["from_weights_sha256"] == weights_sha256(round_checkpoint(work, 1))
+    r2 = json.loads((round_checkpoint(params, work, 2) / RESOLVED_CONFIG).read_text())
+    assert r2["from_weights_sha256"] == weights_sha256(round_checkpoint(params, work, 1))
     assert r2["params"]["seed"] == params.train.seed + 1
     table = (work / "reports" / "campaign.md").read_text()
     assert all(f"| {k} |" in table for k in (0, 1, 2)) and "Champion: round" in table

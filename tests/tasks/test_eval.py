@@ -111,7 +111,9 @@ def test_the_teacher_is_measured_on_the_eval_items_once_a_campaign(
         return real(model, tokenizer, rows, *args)
 
     monkeypatch.setattr(tasks.eval, "evaluate_text", spy)  # what it decodes, and how
-    measured = measured_teacher_scores(params, tiny_teacher.checkpoint, rows, ANSWER_SETS, out)
+    measured, recorded = measured_teacher_scores(
+        params, tiny_teacher.checkpoint, rows, ANSWER_SETS, out
+    )
     monkeypatch.undo()
     assert calls == [("qwen2", str(tiny_teacher.checkpoint), len(rows), (24, 64, 2, ANSWER_SETS))]
     by_stage = {
@@ -120,19 +122,20 @@ def test_the_teacher_is_measured_on_the_eval_items_once_a_campaign(
         if k.startswith("text_accuracy_") and k != "text_accuracy_mean"
     }
     assert measured == by_stage
-    recorded = json.loads(out.read_text())
     assert recorded["teacher_weights_sha256"] == weights_sha256(tiny_teacher.checkpoint)
+    assert recorded["text_accuracy_navigate"] == by_stage["navigate"]
     # A record of the same teacher, items and settings is read, not measured again (shown
-    # by a score no measurement gave), and copied beside the round's own eval.
+    # by a score no measurement gave); it is what the round's own eval writes beside it.
+    out.parent.mkdir(parents=True)
     out.write_text(json.dumps({**recorded, "text_accuracy_navigate": 0.625}))
     later = tmp_path / "round1" / TEACHER_SCORES
-    reused = measured_teacher_scores(
+    reused, again_recorded = measured_teacher_scores(
         params, tiny_teacher.checkpoint, rows, ANSWER_SETS, later, reuse=out
     )
-    assert reused["navigate"] == 0.625 and json.loads(later.read_text())["text_accuracy_navigate"]
+    assert reused["navigate"] == 0.625 == again_recorded["text_accuracy_navigate"]
     # Other eval settings: measured again.
     longer = Params(eval=EvalParams(max_new_tokens=25))
-    again = measured_teacher_scores(
+    again, _ = measured_teacher_scores(
         longer, tiny_teacher.checkpoint, rows, ANSWER_SETS, tmp_path / "t.json", reuse=out
     )
     assert again["navigate"] == by_stage["navigate"]
