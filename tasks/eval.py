@@ -88,11 +88,14 @@ def measured_teacher_scores(
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The teacher's greedy text accuracy per task on `rows` (their transcripts rendered with
     its own chat template), decoded as the student's text answers are, and the record to
-    write to `out` with what it was measured on (weights, items, eval settings). A record at
-    `reuse` (or `out`) measured on the same is read instead: each round reuses round 0's."""
+    write to `out` with what it was measured on (weights, items, answer sets, eval
+    settings). A record at `reuse` (or `out`) measured on the same is read instead: each
+    round reuses round 0's."""
+    items = json.dumps([[r.id, r.task, r.transcript, r.answer] for r in rows])
     key = {
         "teacher_weights_sha256": weights_sha256(teacher_dir),
-        "items_sha256": hashlib.sha256("\n".join(r.id for r in rows).encode()).hexdigest(),
+        "items_sha256": hashlib.sha256(items.encode()).hexdigest(),
+        "answers": {t: sorted(a) for t, a in sorted(answers.items())},
         "eval": params.eval.model_dump(mode="json"),
     }
     for path in (reuse, out):
