@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,18 +22,17 @@ from tasks.layout import data_root, round_checkpoint, round_eval, teacher_refere
 from xopd_core.atomic import write_json_atomic, write_text_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path
-from xopd_core.data.tasks import answer_sets, task_table
+from xopd_core.data.tasks import answer_sets
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.waveform import read_waveform, require_audio_fits
 from xopd_core.eval.evaluate import (
-    AnswerSets,
     ItemResult,
     accuracy_by_task,
     evaluate_speech,
     evaluate_text,
     transcribe,
 )
-from xopd_core.eval.metrics import TeacherScoresError, avg_drop, word_error_rate
+from xopd_core.eval.metrics import AnswerSets, TeacherScoresError, avg_drop, word_error_rate
 from xopd_core.models.checkpoint import load_causal_lm, weights_sha256
 from xopd_core.models.families import load_student
 from xopd_core.models.tokenizer import load_tokenizer
@@ -83,13 +83,12 @@ def measured_teacher_scores(
     teacher_dir: Path,
     rows: list[ManifestRow],
     answers: AnswerSets,
-    out: Path,
-    reuse: Path | None = None,
+    records: Sequence[Path] = (),
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """The teacher's greedy text accuracy per task on `rows` (their transcripts rendered with
-    its own chat template), decoded as the student's text answers are, and the record to
-    write to `out` with what it was measured on (weights, items, answer sets, eval
-    settings). A record at `reuse` (or `out`) measured on the same is read instead: each
+    its own chat template), decoded as the student's text answers are, and its record: the
+    scores with what they were measured on (weights, items, answer sets, eval settings). The
+    first of `records` (earlier records' files) measured on the same is read instead: each
     round reuses round 0's."""
     items = json.dumps([[r.id, r.task, r.transcript, r.answer] for r in rows])
     key = {
@@ -98,8 +97,8 @@ def measured_teacher_scores(
         "answers": {t: sorted(a) for t, a in sorted(answers.items())},
         "eval": params.eval.model_dump(mode="json"),
     }
-    for path in (reuse, out):
-        if path is not None and path.is_file():
+    for path in records:
+        if path.is_file():
             try:
                 recorded = json.loads(path.read_text())
             except json.JSONDecodeError:
@@ -168,7 +167,7 @@ def evaluate(
     it), or a metrics file with its `text_accuracy_<task>`."""
     p = params.eval
     start = time.perf_counter()
-    answers = answer_sets(task_table(params.validate_))
+    answers = answer_sets(params.validate_)
     # The hash also checks the checkpoint is whole safetensors before anything loads it; the
     # gate compares it with the candidate's, so metrics cannot be pinned on other weights.
     digest = weights_sha256(student_dir)
@@ -182,8 +181,7 @@ def evaluate(
             Path(teacher),
             eval_rows,
             answers,
-            Path(out_dir) / TEACHER_SCORES,
-            reuse_teacher_scores,
+            [p for p in (reuse_teacher_scores, Path(out_dir) / TEACHER_SCORES) if p is not None],
         )
         teacher_acc = _usable(measured, Path(teacher))
     else:

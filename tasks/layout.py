@@ -70,7 +70,9 @@ def round_gate(root: Path, k: int) -> Path:
     return round_reports(root, k) / "gate" / "metrics.json"
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
+# One file, or shards: models/checkpoint.py's WEIGHTS and INDEX, named here so that the flows
+# can look for a checkpoint without importing torch.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 
 def completed_rounds(root: Path) -> list[int]:

@@ -24,7 +24,7 @@ import torch
 from xopd_core.atomic import write_json_atomic
 from xopd_core.config import Params
 from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
-from xopd_core.data.tasks import answer_sets, task_table
+from xopd_core.data.tasks import answer_sets
 from xopd_core.data.validation import read_validated_manifests
 from xopd_core.data.waveform import require_audio_fits
 from xopd_core.engines.base import Prompt
@@ -205,7 +205,7 @@ def train(
             prompts,
             solutions,
             device,
-            answer_sets(task_table(params.validate_)),
+            answer_sets(params.validate_),
         ) as engines,
         contextlib.closing(log) if log is not None else contextlib.nullcontext(),
     ):

@@ -111,9 +111,7 @@ def test_the_teacher_is_measured_on_the_eval_items_once_a_campaign(
         return real(model, tokenizer, rows, *args)
 
     monkeypatch.setattr(tasks.eval, "evaluate_text", spy)  # what it decodes, and how
-    measured, recorded = measured_teacher_scores(
-        params, tiny_teacher.checkpoint, rows, ANSWER_SETS, out
-    )
+    measured, recorded = measured_teacher_scores(params, tiny_teacher.checkpoint, rows, ANSWER_SETS)
     monkeypatch.undo()
     assert calls == [("qwen2", str(tiny_teacher.checkpoint), len(rows), (24, 64, 2, ANSWER_SETS))]
     by_stage = {
@@ -128,14 +126,11 @@ def test_the_teacher_is_measured_on_the_eval_items_once_a_campaign(
     # by a score no measurement gave); it is what the round's own eval writes beside it.
     out.parent.mkdir(parents=True)
     out.write_text(json.dumps({**recorded, "text_accuracy_navigate": 0.625}))
-    later = tmp_path / "round1" / TEACHER_SCORES
     reused, again_recorded = measured_teacher_scores(
-        params, tiny_teacher.checkpoint, rows, ANSWER_SETS, later, reuse=out
+        params, tiny_teacher.checkpoint, rows, ANSWER_SETS, [out]
     )
     assert reused["navigate"] == 0.625 == again_recorded["text_accuracy_navigate"]
     # Other eval settings: measured again.
     longer = Params(eval=EvalParams(max_new_tokens=25))
-    again, _ = measured_teacher_scores(
-        longer, tiny_teacher.checkpoint, rows, ANSWER_SETS, tmp_path / "t.json", reuse=out
-    )
+    again, _ = measured_teacher_scores(longer, tiny_teacher.checkpoint, rows, ANSWER_SETS, [out])
     assert again["navigate"] == by_stage["navigate"]

@@ -7,7 +7,6 @@ strict answer extractor of the evaluation and GRPO's reward all read this one ta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,5 +37,6 @@ def task_table(p: ValidateParams) -> dict[str, TaskDef]:
     return {name: TaskDef(t.kind, frozenset(t.answers)) for name, t in p.tasks.items()}
 
 
-def answer_sets(table: Mapping[str, TaskDef]) -> dict[str, frozenset[str]]:
-    return {name: t.answers for name, t in table.items()}
+def answer_sets(p: ValidateParams) -> dict[str, frozenset[str]]:
+    """Each task's legal answers (the extractor's and GRPO's reward's view of the table)."""
+    return {name: t.answers for name, t in task_table(p).items()}

@@ -7,8 +7,7 @@ so a malformed response counts as wrong.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ from transformers import PreTrainedTokenizerFast
 from xopd_core.data.manifest import ManifestRow
 from xopd_core.data.world import ANSWER_SETS
 from xopd_core.engines.greedy import greedy_generate
-from xopd_core.eval.metrics import extract_answer
+from xopd_core.eval.metrics import AnswerSets, extract_answer
 from xopd_core.models.audio import extract_features
 from xopd_core.models.families import family_of
 from xopd_core.models.prompts import TRANSCRIBE, speech_prompt_ids, text_prompt_ids
@@ -43,9 +42,6 @@ def accuracy_by_task(results: Sequence[ItemResult]) -> dict[str, float]:
     for r in results:
         by_task[r.task].append(r.correct)
     return {t: sum(v) / len(v) for t, v in sorted(by_task.items())}
-
-
-AnswerSets = Mapping[str, AbstractSet[str]]
 
 
 def _graded(

@@ -14,6 +14,8 @@ from collections.abc import Set as AbstractSet
 
 from xopd_core.data.world import ANSWER_SETS
 
+AnswerSets = Mapping[str, AbstractSet[str]]  # task → its legal answers
+
 
 class TeacherScoresError(ValueError):
     """The teacher's metrics file lacks a score the Avg-Drop needs (here, not in the eval
@@ -23,9 +25,7 @@ class TeacherScoresError(ValueError):
 _FINAL = re.compile(r"the answer is (\w+)\s*\.\s*$")
 
 
-def extract_answer(
-    response: str, task: str, answer_sets: Mapping[str, AbstractSet[str]] = ANSWER_SETS
-) -> str | None:
+def extract_answer(response: str, task: str, answer_sets: AnswerSets = ANSWER_SETS) -> str | None:
     """The final answer of a response, or None when the response is malformed.
 
     Strict on purpose: the response must end with exactly one "the answer is <word>." whose

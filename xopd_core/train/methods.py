@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from xopd_core.config import TrainParams
 from xopd_core.engines.base import Prompt, RolloutEngine, TeacherScorer
 from xopd_core.engines.fixed import FixedResponses, reference_responses, teacher_written_responses
 from xopd_core.engines.hf import HfStudent, HfTeacher
-from xopd_core.eval.metrics import extract_answer
+from xopd_core.eval.metrics import AnswerSets, extract_answer
 from xopd_core.models.checkpoint import load_causal_lm
 from xopd_core.models.tokenizer import decode
 from xopd_core.train.objectives import Reward
@@ -33,9 +32,7 @@ class MethodEngines:
     teacher_tokens_spent: int  # offline KD: the tokens the teacher wrote before the loop
 
 
-def answer_reward(
-    tokenizer: PreTrainedTokenizerFast, answer_sets: Mapping[str, AbstractSet[str]]
-) -> Reward:
+def answer_reward(tokenizer: PreTrainedTokenizerFast, answer_sets: AnswerSets) -> Reward:
     """GRPO's reward: 1 when the response's final answer is the prompt's, else 0."""
 
     def reward(prompt: Prompt, ids: list[int]) -> float:
@@ -56,7 +53,7 @@ def method_engines(
     prompts: Sequence[Prompt],
     solutions: Mapping[str, str],
     device: torch.device,
-    answer_sets: Mapping[str, AbstractSet[str]],
+    answer_sets: AnswerSets,
 ) -> Iterator[MethodEngines]:
     """The engines `cfg.method` trains with on `cfg.engine`; vLLM engines are closed on exit.
     vLLM serves the sampling methods (xopd, grpo) and X-OPD's teacher unless `loss` is full
