@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -281,9 +282,17 @@ def main(argv: list[str] | None = None, extra: Callable[[Any], None] | None = No
     from xopd_core.eval.metrics import TeacherScoresError
     from xopd_core.gate import GateInputError
     from xopd_core.lock import Busy, exclusive
+    from xopd_core.runtime import launched_rank
 
     try:
-        if args.command in LOCKED_COMMANDS:
+        launched = launched_rank()
+        if (
+            args.command in LOCKED_COMMANDS
+            and (launched is None or launched[0] == 0)
+            and not os.environ.get(layout.LOCK_HELD_ENV)
+        ):
+            # Of a launcher's ranks, rank 0 writes the outputs (xopd_core/distributed.py); the
+            # ranks `train.launcher: torchrun` starts work for a stage that holds the lock.
             workdir = Path(getattr(args, "workdir", None) or ".")
             note = f"xopd {args.command}"
             with exclusive(workdir / layout.LOCK, what="xopd command", note=note):

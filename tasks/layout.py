@@ -33,6 +33,9 @@ EVAL_METRICS = "metrics.json"  # in every eval folder: the flat metrics (DVC met
 EVAL_RESPONSES = "responses.jsonl"  # beside them: every graded response, one JSON per line
 CHAMPION = Path("champion.json")  # the champion pointer, tracked in git
 LOCK = Path(".xopd.lock")  # one writer per work folder (xopd_core/lock.py)
+# Set for the `xopd train` that `train.launcher: torchrun` starts: the stage that launched it
+# holds the work folder's lock, which the ranks must not wait for.
+LOCK_HELD_ENV = "XOPD_LOCK_HELD"
 PUSH_PENDING = Path(".xopd.push-pending")  # a promotion whose push has not gone through yet
 
 

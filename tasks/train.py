@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
+from tasks.layout import LOCK_HELD_ENV
 from xopd_core.atomic import write_json_atomic
-from xopd_core.config import Params
+from xopd_core.config import ConfigError, Params, TrainParams
 from xopd_core.data.manifest import ManifestRow, manifest_path, read_rows
 from xopd_core.data.tasks import answer_sets
 from xopd_core.data.validation import read_validated_manifests
@@ -39,6 +45,7 @@ from xopd_core.models.checkpoint import (
 from xopd_core.models.families import load_student
 from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
+from xopd_core.runtime import launched_rank
 from xopd_core.train.distill import AnchorItem
 from xopd_core.train.distill import train as run_trainer
 from xopd_core.train.methods import method_engines
@@ -114,14 +121,66 @@ class _DvcLiveLog:
         self.live.end()
 
 
-def training_device(name: str) -> torch.device:
-    """`train.device` as a torch device, refused when no such device is visible."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+def training_device(p: TrainParams) -> torch.device:
+    """`train.device` as a torch device, refused when no such device is visible; under a
+    launcher, this rank's GPU (LOCAL_RANK). Several ranks on CUDA must be launched: forks
+    of one process cannot share a GPU."""
+    if p.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(
             "params train.device is 'cuda' but torch sees no CUDA device "
             f"(torch {torch.__version__}); set train.device: cpu or install a CUDA build"
         )
-    return torch.device(name)
+    if launched_rank() is None:
+        if p.processes > 1:
+            raise ConfigError(
+                f"params train.processes is {p.processes} with train.device cuda: start one "
+                f"process per GPU with torchrun --nproc-per-node {p.processes} (README: "
+                "Scaling out), or set train.processes: 1"
+            )
+        return torch.device("cuda")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def launch_torchrun(
+    params: Params,
+    data_root: Path,
+    student_dir: Path,
+    teacher_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    live_dir: Path | None,
+) -> TrainSummary:
+    """`train.launcher: torchrun`: the same training as `xopd train` under `torchrun
+    --standalone --nproc-per-node train.processes` on this machine; its output streams to
+    this process's. Raises when torchrun fails (the state folder keeps the last checkpoint,
+    so running again resumes)."""
+    bin_dir = Path(sys.executable).parent
+    torchrun, xopd = bin_dir / "torchrun", bin_dir / "xopd"
+    with tempfile.TemporaryDirectory(prefix="xopd-launch-") as folder:
+        params_file = Path(folder) / "params.yaml"
+        params_file.write_text(yaml.safe_dump(params.to_yaml_dict(), sort_keys=False))
+        cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(params.train.processes)]
+        cmd += ["--no-python", str(xopd), "train", "--params", str(params_file)]
+        cmd += ["--data", str(data_root), "--student", str(student_dir)]
+        cmd += ["--teacher", str(teacher_dir), "--out", str(out_dir)]
+        cmd += ["--metrics", str(metrics_path)]
+        cmd += ["--live", str(live_dir)] if live_dir is not None else []
+        env = os.environ | {LOCK_HELD_ENV: "1"}  # the stage that launches holds the lock
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)  # torchrun sets its own
+        done = subprocess.run(cmd, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"train.launcher torchrun: `{' '.join(cmd[:5])} … xopd train` exited with "
+            f"{done.returncode} (its ranks' errors are above); the round resumes from "
+            f"{out_dir.name}.state when run again"
+        )
+    metrics = json.loads(metrics_path.read_text())
+    return TrainSummary(out_dir, metrics_path, metrics, weights_sha256(out_dir))
 
 
 def train(
@@ -142,8 +201,19 @@ def train(
     the first step whose cumulative student tokens reach the i-th count. One already on disk
     (a resumed run) is kept: each records the step and tokens it was saved at."""
     p = params.train
+    if p.launcher == "torchrun" and launched_rank() is None:
+        if snapshot_tokens:
+            raise ConfigError(
+                "params train.launcher is torchrun, and this run saves snapshots along the "
+                "way (the study), which only train.launcher: inline does"
+            )
+        return launch_torchrun(
+            params, data_root, student_dir, teacher_dir, out_dir, metrics_path, live_dir
+        )
     clock = time.perf_counter()
-    device = training_device(p.device)
+    device = training_device(p)
+    launched = launched_rank()
+    rank0 = launched is None or launched[0] == 0  # the rank that logs and writes
     # Everything a step needs is checked before the first step: the checkpoints (safetensors,
     # whole; the teacher a text causal LM) and the train manifest with the validate stage's
     # suite (audio included).
@@ -193,7 +263,7 @@ def train(
             on_step(step, metrics)
 
     # A fresh series each time: on resume the trainer replays the steps it restored.
-    log = _DvcLiveLog(live_dir) if live_dir else None
+    log = _DvcLiveLog(live_dir) if live_dir and rank0 else None
     with (
         method_engines(
             p,

@@ -678,10 +678,26 @@ class TrainParams(_Strict):
         default=1,
         ge=1,
         le=64,
-        description="torch.distributed ranks of a step (this process and forks of it, hf "
-        "engines only): each samples, scores and trains on its share of the step's prompts; "
+        description="torch.distributed ranks of a step (this process and forks of it, or the "
+        "ranks torchrun starts; hf engines only): each samples, scores and trains on its "
+        "share of the step's prompts; "
         "the loss keeps the whole step's weights and the gradients are summed, so the update "
         "is the one of a single process on the same rollouts. Must divide prompts_per_step.",
+    )
+    launcher: Literal["inline", "torchrun"] = Field(
+        default="inline",
+        description="Who starts the ranks. inline: the stage itself (forks of its process, "
+        "one machine, CPU). torchrun: the stage runs `torchrun --standalone --nproc-per-node "
+        "<processes> xopd train` on this machine (one process a rank; a GPU each with "
+        "device cuda) and waits for it; a retry resumes from the round's last checkpoint.",
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        default="ddp",
+        description="How the ranks hold the student. ddp: each rank the whole model, "
+        "gradients summed. fsdp: the trainable transformer layers sharded over the ranks "
+        "(FSDP2: weights, gradients and AdamW moments 1/ranks each, a layer gathered while it "
+        "runs), for students that do not fit one device; rollouts are sampled by the whole "
+        "model, updated after each step. Same update as ddp up to float rounding.",
     )
 
     @model_validator(mode="after")

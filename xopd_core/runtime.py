@@ -44,3 +44,18 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
     if os.getppid() != parent or parent == 1:  # it died before the request took hold
         os._exit(1)
+
+
+def launched_rank() -> tuple[int, int] | None:
+    """(rank, world size) when a launcher started this process as one rank of several
+    (torchrun, or any launcher that sets RANK and WORLD_SIZE, such as a Kubernetes
+    PyTorchJob); None otherwise."""
+    if "WORLD_SIZE" not in os.environ and "RANK" not in os.environ:
+        return None
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    except (KeyError, ValueError) as err:
+        raise RuntimeError(
+            f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: a "
+            "launcher sets both as integers (torchrun does); unset both to run alone"
+        ) from err

@@ -16,13 +16,15 @@ from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
 from tasks.cli import main
 from tasks.eval import evaluate
+from tasks.layout import LOCK
 from tasks.train import anchor_items, distillation_prompts, train, training_device
 from tests.omni_fixtures import save_omni_student
 from tests.tasks.test_eval import TASKS
 from tests.xopd_core.data.test_validation import edit_rows
 from tests.xopd_core.engines.test_teachers import save_teacher, tiny_teacher_of
-from xopd_core.config import Params, TrainParams
+from xopd_core.config import ConfigError, Params, TrainParams
 from xopd_core.data.manifest import manifest_path, read_rows
+from xopd_core.lock import exclusive
 from xopd_core.models.checkpoint import weights_sha256
 from xopd_core.models.families import load_student
 from xopd_core.models.prompts import TRANSCRIBE
@@ -158,12 +160,31 @@ def test_cli_train_runs_a_round(
 def test_train_device_cuda_is_refused_clearly_without_a_gpu(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    assert training_device("cpu") == torch.device("cpu")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert training_device(TrainParams()) == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(RuntimeError, match=r"train\.device is 'cuda' but torch sees no CUDA"):
-        training_device("cuda")
+    with pytest.raises(ConfigError, match=r"train\.device is 'cuda' but torch sees no CUDA"):
+        training_device(TrainParams(device="cuda"))
     with pytest.raises(ValueError, match="device"):
         TrainParams.model_validate({"device": "tpu"})
+
+
+def test_ranks_on_cuda_are_launched_one_process_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forks of one process cannot share a GPU: several CUDA ranks need a launcher, and a
+    launched rank trains on its LOCAL_RANK's GPU."""
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    chosen: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    two = TrainParams(device="cuda", processes=2, prompts_per_step=8)
+    with pytest.raises(ConfigError, match=r"train\.processes is 2 .* torchrun --nproc-per-node 2"):
+        training_device(two)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert training_device(two) == torch.device("cuda", 1) and chosen == [1]
 
 
 def cli_train(
@@ -396,3 +417,52 @@ def test_an_omni_student_runs_validate_train_eval_and_reloads(
     assert len(heard) == len(read_rows(manifest_path(tiny_world, "eval")))
     for key in ("avg_drop_speech", "avg_drop_text", "paralinguistic_accuracy", "asr_wer"):
         assert math.isfinite(result.metrics[key])
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
+    tiny_world: Path,
+    tiny_pipeline_params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    parallel: str,
+) -> None:
+    """`train.launcher: torchrun` runs `torchrun --standalone --nproc-per-node 2 xopd
+    train` (what a multi-GPU user runs by hand too): its ranks join the launcher's group
+    instead of forking and give the weights of the same round with forked ranks; rank 0
+    alone writes. The ranks do not wait for the work folder's lock the launching stage
+    holds."""
+    params = params_with(
+        tiny_pipeline_params, steps=2, processes=2, prompts_per_step=2, parallel=parallel
+    )
+    start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
+    forked = train(params, tiny_world, start, teacher, tmp_path / "forked", tmp_path / "f.json")
+    torchrun = params.model_copy(
+        update={"train": params.train.model_copy(update={"launcher": "torchrun"})}
+    )
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    capfd.readouterr()
+    with exclusive(tmp_path / LOCK, what="stage"):  # as the rounds stage holds it
+        launched = train(
+            torchrun, tiny_world, start, teacher, tmp_path / "launched", tmp_path / "l.json",
+            live_dir=tmp_path / "live",
+        )  # fmt: skip
+    assert capfd.readouterr().out.count("train: xopd 2 steps") == 1  # rank 0 alone reports
+    a = load_file(str(forked.checkpoint / "model.safetensors"))
+    b = load_file(str(launched.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
+    assert launched.weights_sha256 == weights_sha256(launched.checkpoint)
+    ma, mb = forked.metrics, launched.metrics
+    assert (
+        (mb["steps"], mb["student_tokens"])
+        == (ma["steps"], ma["student_tokens"])
+        == (2, mb["student_tokens"])
+    )
+    assert (tmp_path / "live").is_dir() and not (tmp_path / "launched.state").exists()

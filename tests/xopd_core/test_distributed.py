@@ -182,3 +182,32 @@ def test_a_killed_trainer_takes_its_ranks_with_it() -> None:
         "run_ranks(fn, 2)\n"
     )
     assert not child_outlives_a_killed_parent(code), "a rank outlived the trainer that forked it"
+
+
+def test_launched_ranks_refuse_a_wrong_world_and_a_missing_rendezvous(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Under a launcher the ranks are its own: a world size other than its WORLD_SIZE, or
+    no MASTER_ADDR/MASTER_PORT to meet at, stop before any group is joined."""
+    for var in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ValueError, match=r"rank 1: the launcher started 4 ranks .* asks for 2"):
+        run_ranks(lambda r, n: r, 2)
+    with pytest.raises(
+        RuntimeError, match=r"rank 1 of 4: no rendezvous, MASTER_ADDR and MASTER_PORT"
+    ):
+        run_ranks(lambda r, n: r, 4)
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='four'"):
+        run_ranks(lambda r, n: r, 4)
+    assert not torch.distributed.is_initialized()
+
+
+def test_forked_ranks_cannot_share_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        run_ranks(lambda r, n: r, 2, device="cuda")
+    assert run_ranks(lambda r, n: (r, n), 1, device="cuda") == (0, 1)

@@ -10,6 +10,7 @@ over the vocabulary shared with the teacher, no top-k/top-p.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -71,6 +72,13 @@ class HfStudent:
         self._features: dict[str, Any] = {}
         self._states: dict[str, torch.Tensor] = {}
         self._audio_tokens: dict[str, int] = {}
+
+    def with_model(self, model: Any) -> HfStudent:
+        """This student over another copy of its model (`train.parallel: fsdp`'s sharded
+        one), sharing the processor and the audio read and encoded so far."""
+        view = copy.copy(self)
+        view.model = model
+        return view
 
     # -- audio -------------------------------------------------------------------------
     def load_audio(self, prompts: Sequence[Prompt]) -> None:

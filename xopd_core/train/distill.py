@@ -27,6 +27,7 @@ from tqdm import tqdm
 from xopd_core.atomic import atomic_directory
 from xopd_core.config import TrainParams
 from xopd_core.distributed import (
+    ShardedUpdate,
     all_gather_rows,
     all_reduce_gradients,
     mean_over_ranks,
@@ -134,7 +135,7 @@ def _config_fingerprint(cfg: TrainParams) -> dict[str, Any]:
 def save_state(
     state_dir: Path,
     model: Any,
-    opt: torch.optim.Optimizer,
+    opt_state: dict[str, Any],
     cfg: TrainParams,
     step: int,
     counters: dict[str, int],
@@ -143,9 +144,9 @@ def save_state(
 ) -> None:
     """Everything a resumed run needs, swapped in whole (a crash mid-write keeps the last
     good state): trainable weights, Adam moments, step, counters, metric history, and the
-    hash of the checkpoint the run started from (a state only resumes that run)."""
+    hash of the checkpoint the run started from (a state only resumes that run).
+    `opt_state`: the optimizer's `state_dict()` as one process would hold it."""
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt_state = opt.state_dict()
     tensors = {f"{i}.{k}": v.clone() for i, s in opt_state["state"].items() for k, v in s.items()}
     meta = {
         "step": step,
@@ -298,10 +299,23 @@ def train(
     if sync is not None and start > 0:  # the engine started from the round's weights
         sync.sync_weights(model)
 
+    sharded = ShardedUpdate(model) if cfg.parallel == "fsdp" and cfg.processes > 1 else None
+
     def loop(rank: int, ranks: int) -> int:
         """Steps from `start`, this rank on its share of each step's prompts; rank 0 logs
         and checkpoints. Returns the steps done."""
         done = start
+        update = sharded if ranks > 1 else None
+        if update is None:
+            trainer, weights, optimizer = student, params, opt
+        else:  # the update on the sharded copy; `model` samples and is published to
+            update.shard()
+            trainer, weights = student.with_model(update.model), update.parameters()
+            optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if opt.state:  # resumed: one process's moments, each rank keeps its shard
+                update.load_optimizer_state(optimizer, opt.state_dict())
+                opt.state.clear()
+            update.model.train()
         model.train()
         bar = tqdm(
             range(start, cfg.steps),
@@ -318,7 +332,7 @@ def train(
                 lr = (
                     cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
                 )
-                for param_group in opt.param_groups:
+                for param_group in optimizer.param_groups:
                     param_group["lr"] = lr
                 order = prompts_for_step(len(prompts), cfg.prompts_per_step, cfg.seed, step)
                 prompts_now = [prompts[i] for i in order[rank::ranks]]
@@ -356,11 +370,11 @@ def train(
                     rollouts, scores, objective, budget, counters["student_tokens"], share
                 )
                 extra = objective.begin_step(batch, lambda r: by_id[r.prompt_id])
-                opt.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)
                 loss_total, ratios, gaps = 0.0, [], []
                 for rows in micro_batches(rollouts, cfg.micro_batch_size):
                     with autocast():
-                        logits_B_T_V = student.response_logits([rollouts[j] for j in rows])
+                        logits_B_T_V = trainer.response_logits([rollouts[j] for j in rows])
                     logits_B_T_V = logits_B_T_V[..., :vocab_size]
                     if cfg.temperature != 1.0:
                         logits_B_T_V = logits_B_T_V / cfg.temperature
@@ -374,21 +388,31 @@ def train(
                         gaps.append(policy_gap(part))
                 if ranks > 1:
                     extra = mean_over_ranks(extra)
-                if cfg.anchor_items and rank == 0:
+                if cfg.anchor_items and (rank == 0 or update is not None):
+                    # Sharded layers need every rank in every forward: there each rank runs
+                    # the anchor at 1/ranks of its weight, and the sum is the same.
+                    share_of_anchor = 1.0 if update is None else 1.0 / ranks
                     drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
                     with autocast():
-                        anchor = anchor_loss(student, [anchors[i] for i in drawn], vocab_size)
-                    (cfg.anchor_weight * anchor).backward()
+                        anchor = anchor_loss(trainer, [anchors[i] for i in drawn], vocab_size)
+                    (cfg.anchor_weight * share_of_anchor * anchor).backward()
                     extra["anchor_loss"] = anchor.item()
-                    loss_total += cfg.anchor_weight * extra["anchor_loss"]
-                if ranks > 1:
+                    loss_total += cfg.anchor_weight * share_of_anchor * extra["anchor_loss"]
+                if update is not None:
+                    loss_total = update.reduce(loss_total)
+                elif ranks > 1:
                     loss_total, _ = all_reduce_gradients(params, loss_total, 0.0)
 
                 # 4. step: clip, update
                 require_finite(loss_total, step, "loss")
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                require_finite(float(grad_norm), step, "gradient norm")
-                opt.step()
+                if update is None:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+                else:
+                    grad_norm = update.clip_grad_norm_(cfg.max_grad_norm)
+                require_finite(grad_norm, step, "gradient norm")
+                optimizer.step()
+                if update is not None:
+                    update.publish()
                 counters["student_tokens"] += trained
                 if scores is not None:
                     counters["teacher_tokens"] += sum(share.lengths)
@@ -397,7 +421,7 @@ def train(
 
                 # 5. log
                 metrics = step_metrics(
-                    batch, loss_total, lr, float(grad_norm), counters, ratios, gaps, ranks
+                    batch, loss_total, lr, grad_norm, counters, ratios, gaps, ranks
                 )
                 if metrics.get("logprob_gap_mean", 0.0) > cfg.mismatch_warn and rank == 0:
                     logger.warning(
@@ -411,6 +435,17 @@ def train(
                 metrics |= extra | {"seconds": time.perf_counter() - t0}
                 history.append(metrics)
                 done = step + 1
+                last = done == cfg.steps or (
+                    budget is not None and counters["student_tokens"] >= budget
+                )
+                checkpoint = state_dir is not None and (done % cfg.checkpoint_every == 0 or last)
+                opt_state: dict[str, Any] = {}
+                if checkpoint:  # sharded moments are gathered by every rank
+                    opt_state = (
+                        optimizer.state_dict()
+                        if update is None
+                        else update.full_optimizer_state(optimizer)
+                    )
                 if rank != 0:
                     continue
                 bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
@@ -418,21 +453,28 @@ def train(
                     log(step, metrics)
 
                 # 6. checkpoint
-                last = done == cfg.steps or (
-                    budget is not None and counters["student_tokens"] >= budget
-                )
-                if state_dir is not None and (done % cfg.checkpoint_every == 0 or last):
+                if checkpoint:
+                    assert state_dir is not None
                     save_state(
-                        state_dir, model, opt, cfg, done, counters, history, start_weights_sha256
+                        state_dir,
+                        model,
+                        opt_state,
+                        cfg,
+                        done,
+                        counters,
+                        history,
+                        start_weights_sha256,
                     )
                 if on_step is not None:
                     on_step(step, metrics)
         finally:
             model.eval()
+            if update is not None:
+                update.model.eval()
             bar.close()
         return done
 
-    done = run_ranks(loop, cfg.processes)
+    done = run_ranks(loop, cfg.processes, device_type)
     return TrainResult(
         steps=done,
         student_tokens=counters["student_tokens"],

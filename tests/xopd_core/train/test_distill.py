@@ -140,7 +140,9 @@ def test_interrupted_and_resumed_run_is_bit_identical(trained, prompts, tmp_path
     assert result.resumed_from == 2 and len(result.history) == 4
     assert logged == [0, 1, 2, 3]  # restored steps replayed to the log, then new ones
     a, b = weights(straight), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), {
+        k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])
+    }
     with pytest.raises(ValueError, match="different train params"):
         run(trained, prompts, state_dir=tmp_path / "state", lr=5e-4)
 
@@ -349,16 +351,16 @@ def test_a_resume_state_only_resumes_the_run_from_its_starting_weights(
     assert result.resumed_from == 1 and result.steps == TINY["steps"]
 
 
-def test_the_anchor_trains_what_only_audio_carries_beside_xopd(
-    trained, prompts, tiny_world: Path
-) -> None:
+@pytest.fixture(scope="module")
+def anchors(trained, tiny_world: Path) -> list[AnchorItem]:
+    """Six paralinguistic items and six transcriptions with their gold responses."""
     tok = trained[0]
     eos = token_id(tok, IM_END)
     rows = read_manifest(manifest_path(tiny_world, "train"))
     rows = [r for r in rows if r["kind"] == "paralinguistic"][:6] + [
         r for r in rows if r["kind"] == "reasoning"
     ][:6]
-    anchors = [
+    return [
         AnchorItem(
             Prompt(r["id"], r["transcript"], tiny_world / r["audio_path"], r["task"]),
             None if r["kind"] == "paralinguistic" else TRANSCRIBE,
@@ -371,6 +373,12 @@ def test_the_anchor_trains_what_only_audio_carries_beside_xopd(
         )
         for r in rows
     ]
+
+
+def test_the_anchor_trains_what_only_audio_carries_beside_xopd(
+    trained, prompts, anchors: list[AnchorItem]
+) -> None:
+    tok = trained[0]
     assert {a.instruction for a in anchors} == {None, TRANSCRIBE}
 
     def anchor_nll(model) -> float:
@@ -406,42 +414,68 @@ class PerPrompt:
         ]
 
 
-@pytest.mark.parametrize("loss", ["sampled", "full"])
+@pytest.mark.parametrize(
+    ("loss", "parallel", "checkpointed"),
+    [
+        ("sampled", "ddp", False),
+        ("full", "ddp", False),
+        ("sampled", "fsdp", False),
+        ("full", "fsdp", True),
+    ],
+)
 def test_two_ranks_take_the_step_of_one_process_on_the_same_rollouts(
-    trained, prompts, loss: str
+    trained, prompts, anchors: list[AnchorItem], loss: str, parallel: str, checkpointed: bool
 ) -> None:
     """Each rank samples, scores and trains on half of each step's prompts; the loss keeps
     the whole step's weights and the gradients are summed: the update is one process's, to
-    float rounding, and so are the step's counts and metrics."""
+    float rounding, and so are the step's counts and metrics. Under fsdp each rank holds
+    half of every decoder layer's weights (gathered into the sampling model each step),
+    also with activation checkpointing."""
     common = {"steps": 3, "prompts_per_step": 4, "loss": loss, "engine": PerPrompt}
+    common |= {"anchors": anchors, "anchor_items": 2}
     one_model, one = run(trained, prompts, **common)
-    two_model, two = run(trained, prompts, processes=2, **common)
+    parts = trained
+    if checkpointed:
+        tok, teacher, student, processor = trained
+        student = copy.deepcopy(student)
+        student.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        parts = (tok, teacher, student, processor)
+    two_model, two = run(parts, prompts, processes=2, parallel=parallel, **common)
     a, b = weights(one_model), weights(two_model)
     diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
     assert diffs.max().item() < 1e-4 and int((diffs > 1e-5).sum()) <= 3, diffs.max()
     assert (two.student_tokens, two.teacher_tokens) == (one.student_tokens, one.teacher_tokens)
     for m1, m2 in zip(one.history, two.history, strict=True):
         assert m2["response_length"] == m1["response_length"]
-        for key in ("loss", "reverse_kl", "reverse_kl_speech", "reverse_kl_text", "grad_norm"):
+        keys = ("loss", "reverse_kl", "reverse_kl_speech", "reverse_kl_text", "grad_norm")
+        for key in (*keys, "anchor_loss"):
             assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_two_rank_run_interrupted_and_resumed_ends_bit_identical(
-    trained, prompts, tmp_path: Path
+    trained, prompts, tmp_path: Path, parallel: str
 ) -> None:
-    straight, _ = run(trained, prompts, processes=2)
+    """Under fsdp the state holds the AdamW moments gathered whole; resumed, each rank
+    takes its shard of them again."""
+    two = {"processes": 2, "parallel": parallel}
+    straight, _ = run(trained, prompts, **two)
 
     def stop_after_two(step: int, metrics: dict) -> None:
         if step == 1:
             raise Interrupted
 
     with pytest.raises(Interrupted):
-        run(trained, prompts, state_dir=tmp_path / "state", on_step=stop_after_two, processes=2)
+        run(trained, prompts, state_dir=tmp_path / "state", on_step=stop_after_two, **two)
     assert not multiprocessing.active_children()  # the other rank went with the run
-    resumed, result = run(trained, prompts, state_dir=tmp_path / "state", processes=2)
+    resumed, result = run(trained, prompts, state_dir=tmp_path / "state", **two)
     assert result.resumed_from == 2 and len(result.history) == 4
     a, b = weights(straight), weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), {
+        k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])
+    }
 
 
 def test_ranks_must_divide_the_step_and_not_fork_a_vllm_engine() -> None:
