@@ -5,7 +5,9 @@ prompt S (cross-modal) and the transcript T (in-modal), scored by the text teach
 The baselines (SFT, offline KD, GKD, GRPO) run through the same loop, data and accounting
 (student tokens trained, teacher tokens scored or written). Deterministic on CPU for a fixed
 seed and thread count; a run resumed from its checkpoint ends bit-identical to an
-uninterrupted one. Not a framework Trainer subclass, on purpose (STYLE.md).
+uninterrupted one, or with `anchor_items` within float rounding (3e-8 measured: the frozen
+encoder's cached states depend on which utterances shared their encoder call). Not a
+framework Trainer subclass, on purpose (STYLE.md).
 """
 
 from __future__ import annotations
