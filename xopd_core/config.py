@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from xopd_core.runtime import launched_rank
+
 PARAMS_ENV_VAR = "XOPD_PARAMS"
 DEFAULT_PARAMS_FILE = "params.yaml"
 
@@ -674,13 +676,28 @@ class TrainParams(_Strict):
         "tokens (logged as logprob_gap_mean) exceeds this: the rollouts are not the "
         "trainer's policy (stale or wrongly loaded weights).",
     )
+    vllm_gpu_memory: float = Field(
+        default=0.3,
+        gt=0,
+        le=0.95,
+        description="engine vllm on a GPU: the share of the GPU's memory each engine takes "
+        "(weights and KV cache); the student engine, the teacher engine and the trainer share "
+        "one GPU, so keep their sum under 1.",
+    )
+    teacher_tensor_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="engine vllm: GPUs the teacher engine spans (vLLM's tensor_parallel_size), "
+        "for a teacher larger than one GPU; train.processes 1 only.",
+    )
     processes: int = Field(
         default=1,
         ge=1,
         le=64,
         description="torch.distributed ranks of a step (this process and forks of it, or the "
-        "ranks torchrun starts; hf engines only): each samples, scores and trains on its "
-        "share of the step's prompts; "
+        "ranks torchrun starts; with engine vllm torchrun's only, each rank with its own "
+        "engines): each samples, scores and trains on its share of the step's prompts; "
         "the loss keeps the whole step's weights and the gradients are summed, so the update "
         "is the one of a single process on the same rollouts. Must divide prompts_per_step.",
     )
@@ -707,10 +724,18 @@ class TrainParams(_Strict):
                 f"train.processes ({self.processes}) must divide train.prompts_per_step "
                 f"({self.prompts_per_step}): each rank takes an equal share of the prompts"
             )
-        if self.processes > 1 and self.engine == "vllm":
+        forked = self.launcher == "inline" and launched_rank() is None
+        if self.processes > 1 and self.engine == "vllm" and forked:
             raise ValueError(
-                "train.processes > 1 forks the trainer, which a vLLM engine does not survive: "
-                "use train.engine: hf, or train.processes: 1"
+                "train.processes > 1 with train.engine vllm needs a process a rank, each "
+                "with its own engines (forks of the trainer do not survive a vLLM engine): "
+                "set train.launcher: torchrun, or start xopd train under torchrun"
+            )
+        if self.teacher_tensor_parallel > 1 and (self.engine != "vllm" or self.processes > 1):
+            raise ValueError(
+                f"train.teacher_tensor_parallel {self.teacher_tensor_parallel} spreads one vLLM "
+                "teacher engine over GPUs: it needs train.engine: vllm and train.processes: 1 "
+                "(with several ranks each rank has its own engines, one GPU each)"
             )
         return self
 

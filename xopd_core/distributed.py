@@ -102,8 +102,8 @@ _launched_sections = 0
 def _run_launched(fn: Callable[[int, int], R], rank: int, world: int, device: str) -> R:
     """`fn` as this launched rank, in the launcher's group (env:// rendezvous: MASTER_ADDR,
     MASTER_PORT); gloo on CPU, NCCL on CUDA. Rank 0 returns fn's result; every other rank
-    ends its process when its share is done, so only rank 0 goes on to write outputs (as a
-    forked rank does). Hence one such section per launch."""
+    ends its process when its share is done (SystemExit 0, through its callers' `with`
+    blocks), so only rank 0 goes on to write outputs. Hence one such section per launch."""
     global _launched_sections
     if _launched_sections:
         raise RuntimeError(
@@ -131,10 +131,8 @@ def _run_launched(fn: Callable[[int, int], R], rank: int, world: int, device: st
         result = fn(rank, world)
     finally:
         dist.destroy_process_group()
-    if rank != 0:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    if rank != 0:  # unwinds its caller, so what it opened (vLLM engines) is closed
+        raise SystemExit(0)
     return result
 
 

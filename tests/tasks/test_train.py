@@ -466,3 +466,63 @@ def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
         == (2, mb["student_tokens"])
     )
     assert (tmp_path / "live").is_dir() and not (tmp_path / "launched.state").exists()
+
+
+def vllm_engine_processes() -> set[int]:
+    """Processes vLLM's engine core runs in (it names itself VLLM::EngineCore)."""
+    import psutil
+
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("VLLM::" in part for part in proc.info["cmdline"] or ()):
+            found.add(proc.pid)
+    return found
+
+
+def test_torchrun_ranks_sample_on_their_own_vllm_engines_kept_on_policy(
+    tiny_world: Path,
+    tiny_pipeline_params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """`train.engine: vllm` with two torchrun ranks: each rank starts its own student engine,
+    samples its share of each step there and has the engine serve the new weights after every
+    step, so at every step both ranks' rollouts are the trainer's policy (the logged gap, the
+    largest over both ranks, stays at float rounding while lr 1e-3 moves the weights by far
+    more: a stale engine shows > 1e-3 after one step, tests/xopd_core/engines/test_vllm.py).
+    Both ranks end their engines; rank 0 alone writes."""
+    params = params_with(
+        tiny_pipeline_params,
+        steps=3,
+        processes=2,
+        prompts_per_step=2,
+        lr=1e-3,
+        engine="vllm",
+        launcher="torchrun",
+        anchor_items=0,
+    )
+    start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    engines_before = vllm_engine_processes()
+    capfd.readouterr()
+    with exclusive(tmp_path / LOCK, what="stage"):
+        done = train(
+            params, tiny_world, start, teacher, tmp_path / "r1", tmp_path / "m.json",
+            live_dir=tmp_path / "live",
+        )  # fmt: skip
+    assert capfd.readouterr().out.count("train: xopd 3 steps") == 1
+    assert done.metrics["engine"] == "vllm" and done.metrics["steps"] == 3
+    assert done.weights_sha256 == weights_sha256(done.checkpoint) != weights_sha256(start)
+
+    def series(name: str) -> list[float]:
+        with open(tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv") as f:
+            return [float(row[name]) for row in csv.DictReader(f, delimiter="\t")]
+
+    gaps = series("logprob_gap_max")
+    assert len(gaps) == 3 and max(gaps) < 1e-3, gaps
+    assert vllm_engine_processes() <= engines_before  # no rank left an engine behind

@@ -218,3 +218,27 @@ def test_the_example_configs_carry_the_papers_settings(name: str) -> None:
         True,
     )
     assert t.engine == ("vllm" if name.startswith("qwen2-audio") else "hf")
+
+
+def test_several_ranks_on_vllm_engines_need_a_process_a_rank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Forks of the trainer cannot each own a vLLM engine: with engine vllm, processes > 1
+    takes torchrun (the stage launches it, or xopd train runs under it); the teacher's tensor
+    parallelism is for one rank's engine."""
+    from xopd_core.config import TrainParams
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    two = {"processes": 2, "engine": "vllm"}
+    with pytest.raises(ValueError, match=r"set train\.launcher: torchrun, or start xopd train"):
+        TrainParams(**two)
+    assert TrainParams(**two, launcher="torchrun").processes == 2
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert TrainParams(**two).launcher == "inline"  # a rank torchrun started by hand
+    with pytest.raises(ValueError, match=r"teacher_tensor_parallel 2 .* train\.processes: 1"):
+        TrainParams(**two, teacher_tensor_parallel=2)
+    with pytest.raises(ValueError, match=r"teacher_tensor_parallel 4 .* train\.engine: vllm"):
+        TrainParams(teacher_tensor_parallel=4)
+    assert TrainParams(engine="vllm", teacher_tensor_parallel=4).teacher_tensor_parallel == 4

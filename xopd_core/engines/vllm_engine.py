@@ -22,16 +22,17 @@ import os
 import shutil
 import tempfile
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from transformers import AutoFeatureExtractor
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
-from xopd_core.models.checkpoint import save_checkpoint
+from xopd_core.models.checkpoint import save_weights
 from xopd_core.models.families import QWEN2_AUDIO, student_family
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
@@ -50,6 +51,7 @@ class VllmSettings:
     max_logprobs: int = 20
     kv_cache_gib: int = 1
     gpu_memory_utilization: float = 0.5
+    tensor_parallel_size: int = 1
     seed: int = 0
     start_timeout_s: float = 600.0
 
@@ -58,8 +60,39 @@ class EngineError(RuntimeError):
     """The engine process failed; the message carries its traceback."""
 
 
+# What a launcher (torchrun) tells its ranks; an engine is not one of them.
+_LAUNCHER_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
+)  # fmt: skip
+
+
+def engine_environment(env: Mapping[str, str], gpus: bool) -> dict[str, str]:
+    """The environment an engine process runs in, from its trainer's `env`. The engine does
+    not see a launcher's rank variables (vLLM reads some of them for its own process group);
+    with `gpus`, a trainer rank that a launcher started (torchrun: LOCAL_RANK) gets its
+    engines on its own GPU, the LOCAL_RANK-th of those visible."""
+    out = {k: v for k, v in env.items() if k not in _LAUNCHER_VARS}
+    out = {k: v for k, v in out.items() if not k.startswith("TORCHELASTIC_")}
+    if gpus and "LOCAL_RANK" in env:
+        local = int(env["LOCAL_RANK"])
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        devices = visible.split(",") if visible else None
+        if devices is not None and local >= len(devices):
+            raise EngineError(
+                f"rank LOCAL_RANK={local}: CUDA_VISIBLE_DEVICES={visible!r} names "
+                f"{len(devices)} device(s), none for this rank's engine"
+            )
+        out["CUDA_VISIBLE_DEVICES"] = devices[local] if devices is not None else str(local)
+    return out
+
+
 # -- child process ---------------------------------------------------------------------
-def _serve(model_dir: str, settings: VllmSettings, audio: bool, conn: Connection) -> None:
+def _serve(
+    model_dir: str, settings: VllmSettings, audio: bool, env: dict[str, str], conn: Connection
+) -> None:
+    os.environ.clear()
+    os.environ.update(env)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.kv_cache_gib))
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -78,6 +111,7 @@ def _serve(model_dir: str, settings: VllmSettings, audio: bool, conn: Connection
             logprobs_mode="processed_logprobs",
             enable_prefix_caching=False,
             gpu_memory_utilization=settings.gpu_memory_utilization,
+            tensor_parallel_size=settings.tensor_parallel_size,
             seed=settings.seed,
             worker_extension_cls="xopd_core.engines.vllm_worker_ext.ReloadExtension",
             **kwargs,
@@ -231,11 +265,12 @@ class VllmEngine:
         self.sample_rate = (
             AutoFeatureExtractor.from_pretrained(str(model_dir)).sampling_rate if audio else 0
         )
+        env = engine_environment(os.environ, gpus=torch.cuda.is_available())
         ctx = mp.get_context("spawn")  # vLLM must not be forked from a process using torch
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_serve,
-            args=(str(model_dir), self.settings, audio, child),
+            args=(str(model_dir), self.settings, audio, env, child),
             daemon=False,  # vLLM starts its own engine-core process from this one
             name="xopd-vllm",
         )
@@ -361,14 +396,14 @@ class VllmEngine:
         return str(self._call("reload", weights_path=str(weights_dir or self.model_dir)))
 
     def sync_weights(self, model: Any) -> str:
-        """Serve `model`'s current weights (the trainer's, mid-round): saved as a checkpoint
-        to a folder of the engine's own, which vLLM reloads (`reload_weights`). Non-finite
-        weights are refused before the engine sees them; a failed reload is an EngineError.
-        On CPU a file on local disk is the engine's way in; at GPU scale NCCL broadcast of
-        the changed tensors would be (not built)."""
+        """Serve `model`'s current weights (the trainer's, mid-round): saved to a folder of
+        the engine's own, which vLLM reloads (`reload_weights`); each rank of several syncs
+        its own engine. Non-finite weights are refused before the engine sees them; a failed
+        reload is an EngineError. On CPU a file on local disk is the engine's way in; at GPU
+        scale NCCL broadcast of the changed tensors would be (not built)."""
         if self._sync_dir is None:
             self._sync_dir = Path(tempfile.mkdtemp(prefix="xopd-vllm-sync-"))
-        save_checkpoint(model, self._sync_dir, savers=[], resolved_config={})
+        save_weights(model, self._sync_dir)
         return self.reload(self._sync_dir)
 
     def close(self, timeout: float = 60.0) -> None:

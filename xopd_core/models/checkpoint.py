@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from xopd_core.atomic import atomic_directory, write_json_atomic
+from xopd_core.atomic import atomic_directory, write_bytes_atomic, write_json_atomic
 from xopd_core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -160,16 +162,33 @@ def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
         )
 
 
-def normalise_weight_names(folder: Path) -> None:
-    path = folder / WEIGHTS
-    tensors = load_file(str(path))
-    if not any(k.startswith(_DOUBLED_PREFIX) for k in tensors):
-        return
-    fixed = {
+def _legacy_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {
         (_LEGACY_PREFIX + k[len(_DOUBLED_PREFIX) :] if k.startswith(_DOUBLED_PREFIX) else k): v
         for k, v in tensors.items()
     }
-    save_file(fixed, str(path), metadata={"format": "pt"})
+
+
+def normalise_weight_names(folder: Path) -> None:
+    path = folder / WEIGHTS
+    tensors = load_file(str(path))
+    if any(k.startswith(_DOUBLED_PREFIX) for k in tensors):
+        save_file(_legacy_names(tensors), str(path), metadata={"format": "pt"})
+
+
+def save_weights(model: PreTrainedModel, folder: Path) -> None:
+    """`model`'s weights alone, as `folder/model.safetensors` (atomically), holding what
+    `save_checkpoint` would write there: tied copies dropped, the renames transformers makes
+    at load reverted, the names vLLM reads. Unlike `save_pretrained`, which writes on
+    torch.distributed rank 0 only, every rank writes: each rank's vLLM engine reads its own
+    copy (the same file as save_checkpoint's: tests/xopd_core/models). Refuses non-finite
+    weights."""
+    tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(tensors, model))
+    tensors = {k: v.contiguous() for k, v in _legacy_names(tensors).items()}
+    _refuse_non_finite(tensors, Path(folder) / WEIGHTS)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(Path(folder) / WEIGHTS, save(tensors, metadata={"format": "pt"}))
 
 
 def weights_sha256(folder: Path) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,14 +69,17 @@ def method_engines(
             return load_causal_lm(teacher_dir, dtype=getattr(torch, cfg.teacher_dtype)).to(on)
 
         if cfg.engine == "vllm" and cfg.method in ("xopd", "grpo"):
-            from xopd_core.engines.vllm_engine import VllmEngine
+            from xopd_core.engines.vllm_engine import VllmEngine, VllmSettings
 
+            # Under a launcher each rank starts its own engines, on its own GPU (colocated).
+            on_gpu = VllmSettings(gpu_memory_utilization=cfg.vllm_gpu_memory)
             rollout = stack.enter_context(
-                VllmEngine(student_dir, audio=True, vocab_size=vocab_size)
+                VllmEngine(student_dir, audio=True, settings=on_gpu, vocab_size=vocab_size)
             )
             if cfg.method == "xopd" and cfg.loss != "full":
+                wide = replace(on_gpu, tensor_parallel_size=cfg.teacher_tensor_parallel)
                 scorer = stack.enter_context(
-                    VllmEngine(teacher_dir, audio=False, vocab_size=vocab_size)
+                    VllmEngine(teacher_dir, audio=False, settings=wide, vocab_size=vocab_size)
                 )
         if scorer is None and cfg.method in ("xopd", "gkd"):
             scorer = HfTeacher(hf_teacher(device), teacher_tokenizer, vocab_size)

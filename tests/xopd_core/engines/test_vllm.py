@@ -247,3 +247,20 @@ def test_reload_serves_the_weights_saved_after_a_round(
         for i, r in enumerate(before)
     )
     assert stale > 1e-2  # the old samples' log-probs are not what the new weights give
+
+
+def test_a_launched_ranks_engine_runs_alone_on_the_ranks_gpu() -> None:
+    """A torchrun rank's engine sees none of the launcher's rank variables and, with GPUs,
+    only the rank's own device; a rank with no device left is refused by name."""
+    from xopd_core.engines.vllm_engine import EngineError, engine_environment
+
+    rank = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    rank |= {"MASTER_ADDR": "node0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
+    env = rank | {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,6"}
+    assert engine_environment(env, gpus=True) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "6"}
+    assert engine_environment(rank, gpus=True) == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert engine_environment(env, gpus=False) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "4,6"}
+    alone = {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0"}
+    assert engine_environment(alone, gpus=True) == alone  # not launched: vLLM's own choice
+    with pytest.raises(EngineError, match=r"LOCAL_RANK=1: CUDA_VISIBLE_DEVICES='5' names 1"):
+        engine_environment(rank | {"CUDA_VISIBLE_DEVICES": "5"}, gpus=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from xopd_core.errors import CheckpointError
@@ -17,6 +17,7 @@ from xopd_core.models.checkpoint import (
     require_finite_weights,
     require_safetensors_checkpoint,
     save_checkpoint,
+    save_weights,
     weights_sha256,
 )
 
@@ -111,3 +112,29 @@ def test_a_sharded_checkpoint_is_checked_shard_by_shard_and_hashes_as_one_file(
     index.write_text("{not json")
     with pytest.raises(CheckpointError, match=rf"^{index}: not a readable safetensors index"):
         require_safetensors_checkpoint(sharded)
+
+
+def test_every_rank_writes_the_weights_save_checkpoint_writes(tiny_student, tmp_path: Path) -> None:
+    """`save_weights` (a vLLM engine's sync) writes the file `save_checkpoint` writes, names
+    included (Qwen2-Audio's, where transformers renames at load and drops the tied head), and
+    does so on rank 1 of a torch.distributed group too, where save_pretrained writes nothing."""
+    from xopd_core.distributed import run_ranks
+    from xopd_core.models.families import load_student
+
+    model, _ = load_student(tiny_student.summary.checkpoint)
+    save_checkpoint(model, tmp_path / "whole", savers=[], resolved_config={})
+    want = load_file(str(tmp_path / "whole" / "model.safetensors"))
+
+    def each(rank: int, ranks: int) -> None:
+        save_weights(model, tmp_path / f"rank{rank}")
+
+    run_ranks(each, 2)
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"rank{rank}" / "model.safetensors"))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    model.get_input_embeddings().weight.data[0, 0] = float("inf")
+    with pytest.raises(CheckpointError, match="NaN or infinity"):
+        save_weights(model, tmp_path / "rank0")
+    kept = load_file(str(tmp_path / "rank0" / "model.safetensors"))  # the last good copy
+    assert all(torch.equal(kept[k], want[k]) for k in want)
