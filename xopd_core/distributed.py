@@ -25,6 +25,7 @@ device.
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import math
 import os
@@ -69,7 +70,13 @@ def _rank(
     index: int, fn: Callable[[int, int], object], store: str, world: int, threads: int
 ) -> None:
     """A forked rank (index 0 is rank 1). If the trainer is killed (the OOM killer), this copy
-    of its model and data must not stay behind: the kernel sends SIGKILL when it goes."""
+    of its model and data must not stay behind: the kernel sends SIGKILL when it goes.
+
+    What the fork copied is never garbage-collected here: a process group of an earlier
+    section, left in a reference cycle, hung this rank in its destructor (py-spy: the
+    collector inside a forward pass, in ~ProcessGroupGloo, pthread_cond_broadcast), its
+    threads and locks being the parent's. The parent collects before forking too."""
+    gc.freeze()
     die_with_parent()
     torch.set_num_threads(threads)
     _join_group(store, index + 1, world)
@@ -165,6 +172,7 @@ def run_ranks(fn: Callable[[int, int], R], world: int, device: str = "cpu") -> R
     if dist.is_initialized():
         raise RuntimeError("a process group is already running: ranks cannot be started inside it")
     threads = max(1, torch.get_num_threads() // world)
+    gc.collect()  # an earlier section's group is destroyed here, not in a fork (`_rank`)
     with tempfile.TemporaryDirectory(prefix="xopd-ranks-") as folder:
         store = os.path.join(folder, "store")
         ranks = tmp.start_processes(
@@ -259,6 +267,44 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {k: v / dist.get_world_size() for k, v in zip(values, summed.tolist(), strict=True)}
 
 
+class ReplicatedUpdate:
+    """`train.parallel: ddp` (and one process): every rank holds the whole model, computes
+    its share's gradients, and steps on their sum, so the ranks' weights stay equal without
+    being sent. The interface `ShardedUpdate` shares, so the trainer's loop has one path."""
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
+        self.model = model
+        self._params = list(params)
+
+    def start(self, opt: torch.optim.Optimizer, make: Callable[..., Any]) -> Any:
+        """The optimizer to step inside the group: `opt` itself."""
+        return opt
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._params
+
+    def reduce(self, loss_total: float) -> float:
+        """After every rank's backward: sum the gradients and the loss totals over ranks."""
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return loss_total
+        total, _ = all_reduce_gradients(self._params, loss_total, 0.0)
+        return total
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        return float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+
+    def publish(self) -> None:
+        """Nothing to publish: the model that samples is the one that stepped."""
+
+    def full_optimizer_state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        return opt.state_dict()
+
+    def share_of_extra_loss(self, rank: int, ranks: int) -> float:
+        """The weight a rank gives a loss outside the step's rollouts (the anchor): rank 0
+        runs it whole, the others not at all (0)."""
+        return 1.0 if rank == 0 else 0.0
+
+
 def _layer_classes(model: torch.nn.Module) -> set[str]:
     """The class names transformers keeps whole when it splits a model over devices (its
     `_no_split_modules`: the decoder and encoder layers), of the model and its parts."""
@@ -286,7 +332,7 @@ class ShardedUpdate:
 
     def __init__(self, model: torch.nn.Module) -> None:
         """The copy, made before any rank starts: a rank forked while another thread held
-        a lock deadlocked deep-copying the model (measured). `shard()` inside the group."""
+        a lock deadlocked deep-copying the model (measured). `start()` inside the group."""
         self.source = model
         # Frozen parameters are shared with the source model instead of copied.
         shared: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
@@ -303,13 +349,26 @@ class ShardedUpdate:
                 "names none that train (its _no_split_modules): use train.parallel: ddp"
             )
 
-    def shard(self) -> None:
-        """Shard the copy's layers over the running process group (every rank)."""
+    def start(self, opt: torch.optim.Optimizer, make: Callable[..., Any]) -> Any:
+        """Inside the process group (every rank): shard the copy's layers, and return the
+        optimizer `make(parameters)` over them, holding this rank's shard of `opt`'s state
+        when a resumed run restored one (`opt` is emptied)."""
         for layer in self.layers:
             fully_shard(layer)
             assert isinstance(layer, FSDPModule)
             layer.set_gradient_divide_factor(1.0)
             layer.set_force_sum_reduction_for_comms(True)  # gloo has no pre-scaled sum
+        optimizer = make(self.parameters())
+        if opt.state:  # resumed: one process's moments, each rank keeps its shard
+            self.load_optimizer_state(optimizer, opt.state_dict())
+            opt.state.clear()
+        self.model.train()
+        return optimizer
+
+    def share_of_extra_loss(self, rank: int, ranks: int) -> float:
+        """Sharded layers need every rank in every forward: each rank runs a loss outside
+        the step's rollouts (the anchor) at 1/ranks of its weight, and the sum is the same."""
+        return 1.0 / ranks
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The copy's trainable parameters, in the source model's order (sharded ones are

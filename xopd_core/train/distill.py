@@ -29,9 +29,9 @@ from tqdm import tqdm
 from xopd_core.atomic import atomic_directory
 from xopd_core.config import TrainParams
 from xopd_core.distributed import (
+    ReplicatedUpdate,
     ShardedUpdate,
     all_gather_rows,
-    all_reduce_gradients,
     mean_over_ranks,
     run_ranks,
 )
@@ -301,23 +301,18 @@ def train(
     if sync is not None and start > 0:  # the engine started from the round's weights
         sync.sync_weights(model)
 
-    sharded = ShardedUpdate(model) if cfg.parallel == "fsdp" and cfg.processes > 1 else None
+    # fsdp: the update on a sharded copy, which `model` (sampling) is published to
+    sharded = cfg.parallel == "fsdp" and cfg.processes > 1
+    update = ShardedUpdate(model) if sharded else ReplicatedUpdate(model, params)
 
     def loop(rank: int, ranks: int) -> int:
         """Steps from `start`, this rank on its share of each step's prompts; rank 0 logs
         and checkpoints. Returns the steps done."""
         done = start
-        update = sharded if ranks > 1 else None
-        if update is None:
-            trainer, weights, optimizer = student, params, opt
-        else:  # the update on the sharded copy; `model` samples and is published to
-            update.shard()
-            trainer, weights = student.with_model(update.model), update.parameters()
-            optimizer = torch.optim.AdamW(weights, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            if opt.state:  # resumed: one process's moments, each rank keeps its shard
-                update.load_optimizer_state(optimizer, opt.state_dict())
-                opt.state.clear()
-            update.model.train()
+        optimizer = update.start(
+            opt, lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        )
+        trainer = student if update.model is model else student.with_model(update.model)
         model.train()
         bar = tqdm(
             range(start, cfg.steps),
@@ -390,31 +385,22 @@ def train(
                         gaps.append(policy_gap(part))
                 if ranks > 1:
                     extra = mean_over_ranks(extra)
-                if cfg.anchor_items and (rank == 0 or update is not None):
-                    # Sharded layers need every rank in every forward: there each rank runs
-                    # the anchor at 1/ranks of its weight, and the sum is the same.
-                    share_of_anchor = 1.0 if update is None else 1.0 / ranks
+                share_of_anchor = update.share_of_extra_loss(rank, ranks)
+                if cfg.anchor_items and share_of_anchor > 0:
                     drawn = prompts_for_step(len(anchors), cfg.anchor_items, cfg.seed + 1, step)
                     with autocast():
                         anchor = anchor_loss(trainer, [anchors[i] for i in drawn], vocab_size)
                     (cfg.anchor_weight * share_of_anchor * anchor).backward()
                     extra["anchor_loss"] = anchor.item()
                     loss_total += cfg.anchor_weight * share_of_anchor * extra["anchor_loss"]
-                if update is not None:
-                    loss_total = update.reduce(loss_total)
-                elif ranks > 1:
-                    loss_total, _ = all_reduce_gradients(params, loss_total, 0.0)
+                loss_total = update.reduce(loss_total)
 
                 # 4. step: clip, update
                 require_finite(loss_total, step, "loss")
-                if update is None:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-                else:
-                    grad_norm = update.clip_grad_norm_(cfg.max_grad_norm)
+                grad_norm = update.clip_grad_norm_(cfg.max_grad_norm)
                 require_finite(grad_norm, step, "gradient norm")
                 optimizer.step()
-                if update is not None:
-                    update.publish()
+                update.publish()
                 counters["student_tokens"] += trained
                 if scores is not None:
                     counters["teacher_tokens"] += sum(share.lengths)
@@ -441,13 +427,8 @@ def train(
                     budget is not None and counters["student_tokens"] >= budget
                 )
                 checkpoint = state_dir is not None and (done % cfg.checkpoint_every == 0 or last)
-                opt_state: dict[str, Any] = {}
-                if checkpoint:  # sharded moments are gathered by every rank
-                    opt_state = (
-                        optimizer.state_dict()
-                        if update is None
-                        else update.full_optimizer_state(optimizer)
-                    )
+                # sharded moments are gathered by every rank
+                opt_state = update.full_optimizer_state(optimizer) if checkpoint else {}
                 if rank != 0:
                     continue
                 bar.set_postfix(loss=f"{loss_total:.3f}", kl=f"{metrics.get('reverse_kl', 0):.3f}")
@@ -471,8 +452,7 @@ def train(
                     on_step(step, metrics)
         finally:
             model.eval()
-            if update is not None:
-                update.model.eval()
+            update.model.eval()
             bar.close()
         return done
 
