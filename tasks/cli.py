@@ -56,6 +56,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated token counts") from None
+    if any(n < 1 for n in counts) or list(counts) != sorted(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: positive token counts in rising order")
+    return counts
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks.train import train
     from xopd_core.config import load_params
@@ -69,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.out,
         args.metrics,
         live_dir=args.live,
+        snapshot_tokens=args.snapshot_tokens,
+        snapshot_dir=args.snapshot_dir,
     )
     m = summary.metrics
     print(
@@ -203,6 +215,16 @@ def build_parser(
     )
     p.add_argument(
         "--live", type=Path, default=Path("reports/train/live"), help="dvclive per-step logs"
+    )
+    p.add_argument(
+        "--snapshot-tokens",
+        type=_token_counts,
+        default=(),
+        metavar="N,N,…",
+        help="save a loadable checkpoint when the trained student tokens first reach each count",
+    )
+    p.add_argument(
+        "--snapshot-dir", type=Path, default=None, help="where (default: OUT.snapshots/point<i>)"
     )
     p.set_defaults(func=cmd_train)
 

@@ -74,6 +74,12 @@ def read_snapshot(path: Path) -> Snapshot:
     return Snapshot(path, int(meta["step"]), int(meta["student_tokens"]))
 
 
+def saved_snapshots(snapshot_dir: Path, points: int) -> list[Snapshot]:
+    """The snapshots a run saved, `snapshot_dir/point<i>` for i < points, in order."""
+    paths = (snapshot_dir / f"point{i}" for i in range(points))
+    return [read_snapshot(path) for path in paths if path.is_dir()]
+
+
 def anchor_items(data_root: Path, rows: list[ManifestRow], tokenizer: Any) -> list[AnchorItem]:
     """The anchor's items (`train.anchor_items`): every paralinguistic train item with its gold
     answer, and every reasoning item's transcription."""
@@ -153,11 +159,13 @@ def launch_torchrun(
     out_dir: Path,
     metrics_path: Path,
     live_dir: Path | None,
+    snapshot_tokens: Sequence[int],
+    snapshot_dir: Path,
 ) -> TrainSummary:
     """`train.launcher: torchrun`: the same training as `xopd train` under `torchrun
     --standalone --nproc-per-node train.processes` on this machine; its output streams to
-    this process's. Raises when torchrun fails (the state folder keeps the last checkpoint,
-    so running again resumes)."""
+    this process's. Raises when torchrun fails (the state folder keeps the last checkpoint
+    and the snapshots saved, so running again resumes)."""
     bin_dir = Path(sys.executable).parent
     torchrun, xopd = bin_dir / "torchrun", bin_dir / "xopd"
     with tempfile.TemporaryDirectory(prefix="xopd-launch-") as folder:
@@ -169,6 +177,9 @@ def launch_torchrun(
         cmd += ["--teacher", str(teacher_dir), "--out", str(out_dir)]
         cmd += ["--metrics", str(metrics_path)]
         cmd += ["--live", str(live_dir)] if live_dir is not None else []
+        if snapshot_tokens:
+            cmd += ["--snapshot-tokens", ",".join(map(str, snapshot_tokens))]
+            cmd += ["--snapshot-dir", str(snapshot_dir)]
         env = os.environ | {LOCK_HELD_ENV: "1"}  # the stage that launches holds the lock
         for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(var, None)  # torchrun sets its own
@@ -180,7 +191,8 @@ def launch_torchrun(
             f"{out_dir.name}.state when run again"
         )
     metrics = json.loads(metrics_path.read_text())
-    return TrainSummary(out_dir, metrics_path, metrics, weights_sha256(out_dir))
+    snapshots = saved_snapshots(snapshot_dir, len(snapshot_tokens))
+    return TrainSummary(out_dir, metrics_path, metrics, weights_sha256(out_dir), snapshots)
 
 
 def train(
@@ -201,14 +213,18 @@ def train(
     the first step whose cumulative student tokens reach the i-th count. One already on disk
     (a resumed run) is kept: each records the step and tokens it was saved at."""
     p = params.train
+    snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
     if p.launcher == "torchrun" and launched_rank() is None:
-        if snapshot_tokens:
-            raise ConfigError(
-                "params train.launcher is torchrun, and this run saves snapshots along the "
-                "way (the study), which only train.launcher: inline does"
-            )
         return launch_torchrun(
-            params, data_root, student_dir, teacher_dir, out_dir, metrics_path, live_dir
+            params,
+            data_root,
+            student_dir,
+            teacher_dir,
+            out_dir,
+            metrics_path,
+            live_dir,
+            snapshot_tokens,
+            snapshot_dir,
         )
     clock = time.perf_counter()
     device = training_device(p)
@@ -241,7 +257,6 @@ def train(
     )
     student = HfStudent(model, processor, vocab_size=vocab)
     state_dir = state_dir or out_dir.with_name(out_dir.name + ".state")
-    snapshot_dir = snapshot_dir or out_dir.with_name(out_dir.name + ".snapshots")
     solutions = {r.id: r.solution for r in rows}
 
     def save_snapshots(step: int, metrics: dict[str, float]) -> None:
@@ -316,6 +331,5 @@ def train(
     }
     write_json_atomic(metrics_path, metrics)
     shutil.rmtree(state_dir, ignore_errors=True)  # the round is complete: its checkpoint is out
-    points = (snapshot_dir / f"point{i}" for i in range(len(snapshot_tokens)))
-    snapshots = [read_snapshot(path) for path in points if path.is_dir()]
+    snapshots = saved_snapshots(snapshot_dir, len(snapshot_tokens))
     return TrainSummary(out_dir, metrics_path, metrics, digest, snapshots)

