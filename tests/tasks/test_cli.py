@@ -156,3 +156,15 @@ def test_stage_commands_refuse_to_run_beside_a_run_holding_the_folder(
         holder.wait()
     out = xopd("stage", "report", "--workdir", str(tmp_path), cwd=tmp_path)
     assert "another" not in out.stderr  # the lock went with its holder
+
+
+def test_train_refuses_snapshot_counts_it_cannot_read(capsys) -> None:
+    import pytest
+
+    from tasks.cli import main
+
+    for bad, why in [("5,x", "comma-separated"), ("9,5", "rising order"), ("0", "positive")]:
+        with pytest.raises(SystemExit) as stop:
+            main(["train", "--snapshot-tokens", bad])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"'{bad}': " in err and why in err, err
