@@ -19,8 +19,6 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
-import shutil
-import tempfile
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ import torch
 from transformers import AutoFeatureExtractor
 
 from xopd_core.engines.base import Modality, Prompt, Rollout, ScoreMode, TeacherScores
-from xopd_core.models.checkpoint import save_weights
+from xopd_core.models.checkpoint import weights_blob
 from xopd_core.models.families import QWEN2_AUDIO, student_family
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
@@ -213,8 +211,11 @@ def _score(llm: Any, sequences: list[list[int]], starts: list[int], top_k: int) 
     return result
 
 
-def _reload(llm: Any, weights_path: str) -> str:
-    status = llm.collective_rpc("reload_from_disk", kwargs={"weights_path": weights_path})
+def _reload(llm: Any, weights_path: str | None = None, weights: bytes | None = None) -> str:
+    if weights is not None:  # in memory: a safetensors blob, to the workers as it is
+        status = llm.collective_rpc("reload_from_bytes", kwargs={"weights": weights})
+    else:
+        status = llm.collective_rpc("reload_from_disk", kwargs={"weights_path": weights_path})
     # A multimodal engine caches encoder outputs; after new weights a stale entry kills the
     # next audio request ("Encoder cache miss"). The prefix cache holds old KV.
     reset = getattr(llm.llm_engine, "reset_encoder_cache", None)
@@ -255,7 +256,6 @@ class VllmEngine:
                 f"vLLM; {student_family(self.model_dir).architecture} trains and evaluates "
                 "with train.engine: hf (README: Real models)"
             )
-        self._sync_dir: Path | None = None
         self.audio = audio
         self.settings = settings or VllmSettings()
         self.tokenizer = load_tokenizer(Path(model_dir))
@@ -396,15 +396,13 @@ class VllmEngine:
         return str(self._call("reload", weights_path=str(weights_dir or self.model_dir)))
 
     def sync_weights(self, model: Any) -> str:
-        """Serve `model`'s current weights (the trainer's, mid-round): saved to a folder of
-        the engine's own, which vLLM reloads (`reload_weights`); each rank of several syncs
-        its own engine. Non-finite weights are refused before the engine sees them; a failed
-        reload is an EngineError. On CPU a file on local disk is the engine's way in; at GPU
-        scale NCCL broadcast of the changed tensors would be (not built)."""
-        if self._sync_dir is None:
-            self._sync_dir = Path(tempfile.mkdtemp(prefix="xopd-vllm-sync-"))
-        save_weights(model, self._sync_dir)
-        return self.reload(self._sync_dir)
+        """Serve `model`'s current weights (the trainer's, mid-round), sent in memory: the
+        tensors as the checkpoint names them (`weights_blob`), loaded in place by vLLM's
+        reload from a weights iterator, no file; each rank of several syncs its own
+        engine. Non-finite weights are refused before the engine sees them; a failed load
+        is an EngineError. At GPU scale CUDA IPC handles or an NCCL broadcast of the
+        tensors would replace the copy (not built)."""
+        return str(self._call("reload", weights=weights_blob(model)))
 
     def close(self, timeout: float = 60.0) -> None:
         atexit.unregister(self.close)
@@ -418,8 +416,6 @@ class VllmEngine:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5)
-        if self._sync_dir is not None:
-            shutil.rmtree(self._sync_dir, ignore_errors=True)
 
     def __enter__(self) -> VllmEngine:
         return self

