@@ -258,6 +258,7 @@ class VllmEngine:
             )
         self.audio = audio
         self.settings = settings or VllmSettings()
+        self._broken = ""  # why the engine may serve nothing more
         self.tokenizer = load_tokenizer(Path(model_dir))
         self.eos_id = token_id(self.tokenizer, IM_END)
         self.vocab_size = vocab_size if vocab_size is not None else len(self.tokenizer.get_vocab())
@@ -292,6 +293,8 @@ class VllmEngine:
         return value
 
     def _call(self, method: str, timeout: float = 3600.0, **kwargs: Any) -> Any:
+        if self._broken:
+            raise EngineError(f"this vLLM engine serves nothing more: {self._broken}")
         if not self._proc.is_alive():
             raise EngineError("the vLLM engine process is not running")
         self._conn.send((method, kwargs))
@@ -402,7 +405,15 @@ class VllmEngine:
         engine. Non-finite weights are refused before the engine sees them; a failed load
         is an EngineError. At GPU scale CUDA IPC handles or an NCCL broadcast of the
         tensors would replace the copy (not built)."""
-        return str(self._call("reload", weights=weights_blob(model)))
+        blob = weights_blob(model)
+        try:
+            return str(self._call("reload", weights=blob))
+        except EngineError as err:  # vLLM reloads layer by layer: some are new, some not
+            self._broken = "a weight sync failed part-way"
+            raise EngineError(
+                "the weight sync failed in the engine, whose weights are now half replaced: "
+                f"it takes no more requests (a rerun starts a new one):\n{err}"
+            ) from None
 
     def close(self, timeout: float = 60.0) -> None:
         atexit.unregister(self.close)

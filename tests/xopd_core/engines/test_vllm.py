@@ -264,3 +264,38 @@ def test_a_launched_ranks_engine_runs_alone_on_the_ranks_gpu() -> None:
     assert engine_environment(alone, gpus=True) == alone  # not launched: vLLM's own choice
     with pytest.raises(EngineError, match=r"LOCAL_RANK=1: CUDA_VISIBLE_DEVICES='5' names 1"):
         engine_environment(rank | {"CUDA_VISIBLE_DEVICES": "5"}, gpus=True)
+
+
+# Last in the module: it leaves the module's student engine unusable.
+def test_weights_the_engine_cannot_load_stop_the_sync_and_the_engine(
+    vllm_student: VllmEngine, student_dir: Path, prompts: list[Prompt], monkeypatch
+) -> None:
+    """Non-finite weights never reach the engine (it goes on serving); tensors that do not
+    fit the served model fail in the engine with its own error, and as vLLM reloads layer by
+    layer, the engine then refuses every request rather than serve half-replaced weights
+    (a rerun of the round starts a new engine and resumes from the last checkpoint)."""
+    from safetensors.torch import load, save
+
+    import xopd_core.engines.vllm_engine as vllm_engine
+    from xopd_core.errors import CheckpointError
+    from xopd_core.models.checkpoint import weights_blob
+
+    hf = hf_student(student_dir)
+    with torch.no_grad():
+        hf.model.get_input_embeddings().weight[0, 0] = float("nan")
+    with pytest.raises(CheckpointError, match="the weights to send"):
+        vllm_student.sync_weights(hf.model)
+    assert "reloaded" in vllm_student.reload()  # untouched by the refused sync
+    hf = hf_student(student_dir)
+
+    def misshapen(model) -> bytes:
+        tensors = load(weights_blob(model))
+        name = next(k for k in tensors if k.endswith("embed_tokens.weight"))
+        tensors[name] = tensors[name][:-1]  # one row short
+        return save(tensors)
+
+    monkeypatch.setattr(vllm_engine, "weights_blob", misshapen)
+    with pytest.raises(vllm_engine.EngineError, match="weights are now half replaced"):
+        vllm_student.sync_weights(hf.model)
+    with pytest.raises(vllm_engine.EngineError, match="serves nothing more: a weight sync"):
+        vllm_student.sample(prompts[:1], "speech", n=1, temperature=1.0, max_new_tokens=4, seed=0)
