@@ -45,7 +45,7 @@ from xopd_core.models.checkpoint import (
 from xopd_core.models.families import load_student
 from xopd_core.models.prompts import TRANSCRIBE
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
-from xopd_core.runtime import launched_rank
+from xopd_core.runtime import launched_rank, without_launcher
 from xopd_core.train.distill import AnchorItem
 from xopd_core.train.distill import train as run_trainer
 from xopd_core.train.methods import method_engines
@@ -180,9 +180,8 @@ def launch_torchrun(
         if snapshot_tokens:
             cmd += ["--snapshot-tokens", ",".join(map(str, snapshot_tokens))]
             cmd += ["--snapshot-dir", str(snapshot_dir)]
-        env = os.environ | {LOCK_HELD_ENV: "1"}  # the stage that launches holds the lock
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)  # torchrun sets its own
+        # torchrun sets its own rank variables; the stage that launches holds the lock
+        env = without_launcher(os.environ) | {LOCK_HELD_ENV: "1"}
         done = subprocess.run(cmd, env=env, check=False)
     if done.returncode != 0:
         raise RuntimeError(

@@ -46,6 +46,7 @@ from xopd_core.runtime import die_with_parent, launched_rank
 
 Part = list[int]
 R = TypeVar("R")
+MakeOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 TIMEOUT = timedelta(minutes=30)  # a collective waits this long for a rank that went silent
 
 
@@ -276,7 +277,7 @@ class ReplicatedUpdate:
         self.model = model
         self._params = list(params)
 
-    def start(self, opt: torch.optim.Optimizer, make: Callable[..., Any]) -> Any:
+    def start(self, opt: torch.optim.Optimizer, make: MakeOptimizer) -> torch.optim.Optimizer:
         """The optimizer to step inside the group: `opt` itself."""
         return opt
 
@@ -349,7 +350,7 @@ class ShardedUpdate:
                 "names none that train (its _no_split_modules): use train.parallel: ddp"
             )
 
-    def start(self, opt: torch.optim.Optimizer, make: Callable[..., Any]) -> Any:
+    def start(self, opt: torch.optim.Optimizer, make: MakeOptimizer) -> torch.optim.Optimizer:
         """Inside the process group (every rank): shard the copy's layers, and return the
         optimizer `make(parameters)` over them, holding this rank's shard of `opt`'s state
         when a resumed run restored one (`opt` is emptied)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Mapping
 
 OFFLINE_ENV: dict[str, str] = {
     "DO_NOT_TRACK": "1",
@@ -59,3 +60,20 @@ def launched_rank() -> tuple[int, int] | None:
             f"RANK={os.environ.get('RANK')!r} WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}: a "
             "launcher sets both as integers (torchrun does); unset both to run alone"
         ) from err
+
+
+# What a launcher (torchrun) sets for each rank it starts.
+_LAUNCHER_VARS = frozenset(
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
+     "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")
+)  # fmt: skip
+
+
+def without_launcher(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less a launcher's rank variables (torchrun's and TORCHELASTIC_*), for a process
+    that is not one of its ranks: a vLLM engine, or a new launch."""
+    return {
+        k: v
+        for k, v in env.items()
+        if k not in _LAUNCHER_VARS and not k.startswith("TORCHELASTIC_")
+    }

@@ -34,6 +34,7 @@ from xopd_core.models.checkpoint import weights_blob
 from xopd_core.models.families import QWEN2_AUDIO, student_family
 from xopd_core.models.prompts import speech_prompt_ids, text_prompt_ids
 from xopd_core.models.tokenizer import IM_END, load_tokenizer, token_id
+from xopd_core.runtime import without_launcher
 
 _SEED_STRIDE = 1000  # per-prompt seeds; vLLM seeds sample i of a request with seed + i
 
@@ -58,20 +59,12 @@ class EngineError(RuntimeError):
     """The engine process failed; the message carries its traceback."""
 
 
-# What a launcher (torchrun) tells its ranks; an engine is not one of them.
-_LAUNCHER_VARS = (
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-    "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT",
-)  # fmt: skip
-
-
 def engine_environment(env: Mapping[str, str], gpus: bool) -> dict[str, str]:
     """The environment an engine process runs in, from its trainer's `env`. The engine does
     not see a launcher's rank variables (vLLM reads some of them for its own process group);
     with `gpus`, a trainer rank that a launcher started (torchrun: LOCAL_RANK) gets its
     engines on its own GPU, the LOCAL_RANK-th of those visible."""
-    out = {k: v for k, v in env.items() if k not in _LAUNCHER_VARS}
-    out = {k: v for k, v in out.items() if not k.startswith("TORCHELASTIC_")}
+    out = without_launcher(env)
     if gpus and "LOCAL_RANK" in env:
         local = int(env["LOCAL_RANK"])
         visible = env.get("CUDA_VISIBLE_DEVICES")
