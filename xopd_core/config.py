@@ -194,7 +194,7 @@ class SynthParams(_Strict):
     train_per_task: Count = Field(
         default=500, description="Training items per reasoning task family."
     )
-    eval_per_task: Count = Field(default=100, description="Eval items per reasoning task family.")
+    eval_per_task: Count = Field(default=250, description="Eval items per reasoning task family.")
     text_train_per_task: Count = Field(
         default=10_000,
         description="Text-only training items per reasoning family (the text LLM's corpus; "
@@ -209,7 +209,7 @@ class SynthParams(_Strict):
         default=100, description="Eval items per paralinguistic task."
     )
     dev_per_task: Count = Field(
-        default=50,
+        default=100,
         description="Dev items per reasoning task family: held out like eval, for tuning.",
     )
     para_dev_per_task: Count = Field(
