@@ -600,11 +600,11 @@ class TrainParams(_Strict):
         default=0.0, ge=0, le=1, description="GKD's β: 0 forward KL, 1 reverse KL."
     )
     lr: float = Field(
-        default=1e-4,
+        default=2e-4,
         gt=0,
         le=1,
         description="Adam learning rate (paper 2e-6 at 256 prompts on 7B; the mini world's "
-        "1M-param LM moves at 1e-4, docs/rounds.md).",
+        "1M-param LM: 2e-4, docs/rounds.md).",
     )
     warmup_steps: int = Field(default=0, ge=0, le=100_000, description="Linear warm-up.")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
