@@ -507,7 +507,7 @@ class StudentParams(_Strict):
         "head on its mean encoder state); 0 turns it off.",
     )
     read: ReadPhase = Field(
-        default=ReadPhase(steps=2500, lr=3e-3, text_replay_items=4000),
+        default=ReadPhase(steps=3000, lr=3e-3, text_replay_items=4000),
         description="Phase 2b, after alignment: the projector and the LM learn to read the "
         "audio in order by transcribing every utterance phases 1-2 heard (the train split and "
         "the pre-training corpus; encoder frozen, its outputs cached). 0 steps skips it.",
