@@ -12,15 +12,23 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from uuid import UUID
+from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 import yaml
+from prefect import tags
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterParentTaskRunId,
+    FlowRunFilterTags,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
@@ -72,6 +80,26 @@ def lay_out_work(root: Path, tiny_world: Path, tiny_teacher, tiny_student) -> Pa
     scores = {f"text_accuracy_{t}": 0.9 for t in tasks}
     (root / "reports" / "teacher" / "metrics.json").write_text(json.dumps(scores))
     return root
+
+
+def run_flow(flow: Callable[..., Any], **kwargs: Any) -> tuple[Any, UUID]:
+    """Run a flow and return what it returned and the id of its run. Not through
+    `return_state=True`: when the server rejects the engine's proposal of a terminal state
+    it has already recorded (a client retry on a busy server does that), the engine keeps
+    the server's copy, which carries no result, and `state.result()` raises MissingResult;
+    the plain call returns the value the flow returned. The run is found by a tag only it
+    carries (and its subflows, which have a parent)."""
+    tag = f"test-{uuid4()}"
+    with tags(tag):
+        result = flow(**kwargs)
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(  # its subflows carry the tag too
+                tags=FlowRunFilterTags(all_=[tag]),
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True),
+            )
+        )
+    return result, run.id
 
 
 def logs_of(flow_run_id: UUID | None, *wanted: str) -> list[str]:

@@ -30,7 +30,7 @@ from tasks.record import dvc_command, git_to_commit
 from tasks.remote import RemoteError, dvc
 from tasks.stages import pipeline_of
 from tasks.validate import validate
-from tests.flows.conftest import logs_of
+from tests.flows.conftest import logs_of, run_flow
 from xopd_core.config import CampaignParams, Params, load_params
 from xopd_core.models.checkpoint import weights_sha256
 
@@ -339,14 +339,13 @@ def test_a_round_started_on_its_own_leaves_dvc_consistent_and_says_what_to_commi
     round), and the git line in its log, run as printed, commits dvc.lock and the rest."""
     root = repo[0]
     rounds_before = load_params(root / "params.yaml").campaign.rounds
-    state = xopd_round(workdir=str(root), return_state=True)
-    result = state.result()
+    result, run_id = run_flow(xopd_round, workdir=str(root))
     k = result["round"]
     assert k == rounds_before + 1 and result["recorded"]
     assert load_params(root / "params.yaml").campaign.rounds == k
     assert json.loads(_run(root, "status", "--json")) == {}
     said = "to keep it in git: "
-    logs = logs_of(state.state_details.flow_run_id, f"round {k}: recorded in DVC")
+    logs = logs_of(run_id, f"round {k}: recorded in DVC")
     (line,) = [m.split(said, 1)[1] for m in logs if said in m]
     assert "dvc.lock" in line and "params.yaml" in line, line
     subprocess.run(["bash", "-c", line], check=True, capture_output=True)
@@ -362,11 +361,11 @@ def test_a_round_with_other_settings_says_what_to_run_to_make_dvc_consistent(rep
     lock_before = (root / "dvc.lock").read_text()
     steps = on_disk.train.steps + 1
     train = on_disk.train.model_copy(update={"steps": steps})
-    state = xopd_round(workdir=str(root), train=train, return_state=True)
-    assert not state.result()["recorded"]
+    result, run_id = run_flow(xopd_round, workdir=str(root), train=train)
+    assert not result["recorded"]
     assert (root / "dvc.lock").read_text() == lock_before
     assert "rounds" in json.loads(_run(root, "status", "--json"))
-    logs = logs_of(state.state_details.flow_run_id, "dvc.lock left as it was")
+    logs = logs_of(run_id, "dvc.lock left as it was")
     (advice,) = [m for m in logs if m.startswith("dvc.lock left as it was")]
     assert f"train.steps: {steps} (params.yaml: {on_disk.train.steps})" in advice
     assert dvc_command(root, "repro") in advice

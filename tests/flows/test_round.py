@@ -16,7 +16,7 @@ from flows.campaign import xopd_campaign
 from flows.nightly import next_round, xopd_nightly
 from flows.round import xopd_round
 from tasks.layout import round_checkpoint, round_gate
-from tests.flows.conftest import logs_of
+from tests.flows.conftest import logs_of, run_flow
 from xopd_core.config import CampaignParams, Params
 from xopd_core.gate import read_champion
 from xopd_core.lock import Busy
@@ -43,10 +43,9 @@ def test_campaign_runs_rounds_that_chain_and_reports_them(
     prefect_server, flow_params: Params, work: Path
 ) -> None:
     params = flow_params.model_copy(update={"campaign": CampaignParams(rounds=2)})
-    state = xopd_campaign(params, workdir=str(work), return_state=True)
-    result = state.result()
+    result, run_id = run_flow(xopd_campaign, params=params, workdir=str(work))
     # Its log says which stages ran and which were skipped.
-    logs = logs_of(state.state_details.flow_run_id, "synth: up to date, skipped", "rounds: running")
+    logs = logs_of(run_id, "synth: up to date, skipped", "rounds: running")
     assert "teacher: up to date, skipped" in logs and "eval: running" in logs
     # The bootstrap's outputs were all there (no DVC here: presence decides).
     assert result["ran"] == ["validate", "eval", "rounds", "report"]
