@@ -25,17 +25,26 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A moto S3 server on loopback with a bucket `xopd`; dummy credentials in the env."""
+def aws_env() -> Iterator[None]:
+    """Dummy credentials in the env, and one connection attempt per request: botocore's
+    own retries with back-off make a push to a closed port take ~10 s, and xopd's retries
+    are Prefect's (flows/publish.py), not botocore's."""
     with pytest.MonkeyPatch.context() as env:
         for key, value in {
             "AWS_ACCESS_KEY_ID": "testing",
             "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_MAX_ATTEMPTS": "1",
         }.items():
             env.setenv(key, value)
-        yield from _moto()
+        yield
+
+
+@pytest.fixture(scope="module")
+def s3(aws_env: None) -> Iterator[str]:
+    """A moto S3 server on loopback with a bucket `xopd`."""
+    yield from _moto()
 
 
 def _moto() -> Iterator[str]:

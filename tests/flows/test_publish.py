@@ -37,7 +37,7 @@ def test_a_failed_push_is_retried_until_the_remote_is_back(
 
 
 def test_a_remote_that_stays_down_fails_the_push_and_marks_it_owed(
-    prefect_server, dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
+    prefect_server, aws_env: None, dvc_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure_s3_remote(dvc_repo, "store", "s3://xopd/down", f"http://127.0.0.1:{free_port()}")
     assert dvc(dvc_repo, "remote", "default", "store").returncode == 0
