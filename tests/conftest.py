@@ -80,4 +80,12 @@ from tests.browser import page  # noqa: E402
 from tests.pipeline_fixtures import tiny_pipeline_params, tiny_student, tiny_teacher  # noqa: E402
 from tests.remote_fixtures import aws_env, dvc_repo, s3  # noqa: E402
 
-__all__ = ["dvc_repo", "page", "s3", "tiny_pipeline_params", "tiny_student", "tiny_teacher"]
+__all__ = [
+    "aws_env",
+    "dvc_repo",
+    "page",
+    "s3",
+    "tiny_pipeline_params",
+    "tiny_student",
+    "tiny_teacher",
+]

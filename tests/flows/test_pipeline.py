@@ -13,10 +13,12 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import date
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
 
 import flows.publish
 import tasks
@@ -289,6 +291,10 @@ def test_nightly_extends_the_campaign_records_lineage_and_pushes_what_is_owed(
     head = _git(root, "rev-parse", "HEAD")
     result = xopd_nightly(params, workdir=str(root))
     assert result["round"] == 2 and result["recorded"]
+    name = f"round-2-nightly-{date.today().isoformat()}"  # named after the round it trained
+    with get_client(sync_client=True) as client:
+        tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
+    assert any({"nightly", "round-2", "method-xopd"} <= tags for tags in tagged), tagged
     # params.yaml now describes the two rounds on disk, so DVC agrees with the folder.
     assert load_params(root / "params.yaml").campaign.rounds == 2
     assert json.loads(_run(root, "status", "--json")) == {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -82,13 +81,7 @@ def test_nightly_never_writes_beside_a_run_in_progress(
     finally:
         holder.kill()
         holder.wait()
-    assert next_round(work) == 1
-    result = xopd_nightly(flow_params, workdir=str(work))
-    assert result["round"] == 1 and next_round(work) == 2
-    name = f"round-1-nightly-{date.today().isoformat()}"  # named after the round it trained
-    with get_client(sync_client=True) as client:
-        tagged = [set(r.tags) for r in client.read_flow_runs() if r.name == name]
-    assert any({"nightly", "round-1", "method-xopd"} <= tags for tags in tagged), tagged
+    assert next_round(work) == 1  # the nightly that ran: tests/flows/test_pipeline.py
 
 
 def test_a_round_whose_start_is_missing_says_which_round_to_run(

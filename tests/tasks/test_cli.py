@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from tasks.cli import main
 from tests.conftest import tiny_synth_params
 
 REPO = Path(__file__).resolve().parents[2]
@@ -62,18 +65,15 @@ def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Pat
     assert not (tmp_path / "models" / "rounds").exists()
 
 
-def test_validate_exit_codes(tiny_world: Path, tmp_path: Path) -> None:
-    ok = xopd("validate", str(tiny_world), "--out", str(tmp_path / "ok"), cwd=REPO)
-    assert ok.returncode == 0, ok.stderr
+def test_validate_exit_codes(
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In this process (`main` returns the exit code; ~5 s of imports a subprocess saved),
+    # then once as a real process.
+    assert main(["validate", str(tiny_world), "--out", str(tmp_path / "ok")]) == 0
     # A single manifest file works too; its data root is found from the layout.
-    one = xopd(
-        "validate",
-        str(tiny_world / "manifests" / "eval.jsonl"),
-        "--out",
-        str(tmp_path / "one"),
-        cwd=REPO,
-    )
-    assert one.returncode == 0, one.stderr
+    one = tiny_world / "manifests" / "eval.jsonl"
+    assert main(["validate", str(one), "--out", str(tmp_path / "one")]) == 0
 
     bad_root = tmp_path / "bad"
     subprocess.run(["cp", "-r", str(tiny_world), str(bad_root)], check=True)
@@ -81,9 +81,10 @@ def test_validate_exit_codes(tiny_world: Path, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     rows[0]["answer"] = ""
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    bad = xopd("validate", str(bad_root), "--out", str(tmp_path / "bad-report"), cwd=REPO)
-    assert bad.returncode == 1
-    assert "eval.jsonl:1" in bad.stderr and "answer_not_blank" in bad.stderr
+    capsys.readouterr()
+    assert main(["validate", str(bad_root), "--out", str(tmp_path / "bad-report")]) == 1
+    err = capsys.readouterr().err
+    assert "eval.jsonl:1" in err and "answer_not_blank" in err
 
     missing = xopd("validate", str(tmp_path / "nowhere.jsonl"), cwd=tmp_path)
     assert missing.returncode == 2 and "manifest not found" in missing.stderr

@@ -446,7 +446,9 @@ def launch(
     return Launch(tiny_world, tiny_pipeline_params, start, teacher)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# FSDP under torchrun is in `make test-slow` (~19 s): the launcher's part is the same for
+# both, and FSDP's own ranks are covered by the forked-rank tests in test_distill.py.
+@pytest.mark.parametrize("parallel", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_torchrun_ranks_train_as_the_forked_ranks_and_rank_0_writes(
     launch: Launch, tmp_path: Path, capfd: pytest.CaptureFixture[str], parallel: str
 ) -> None:
