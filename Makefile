@@ -32,8 +32,10 @@ lint: setup
 typecheck: setup
 	@$(BIN)/mypy
 
+# Two pytest workers, each module on one of them (its module fixtures, engines and servers
+# are built once): on 2 cores the suite took 539 s against ~810 s in one process.
 test: setup lint typecheck
-	@$(BIN)/pytest -m "not slow and not ui" -q
+	@$(BIN)/pytest -m "not slow and not ui" -q -n 2 --dist loadfile
 
 test-slow: setup
 	@$(BIN)/pytest -m slow -q

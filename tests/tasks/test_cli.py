@@ -66,10 +66,15 @@ def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Pat
 
 
 def test_validate_exit_codes(
-    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_world: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # In this process (`main` returns the exit code; ~5 s of imports a subprocess saved),
-    # then once as a real process.
+    # then once as a real process. In tmp_path: the command locks its work folder (.), which
+    # must not be the repository another test's command holds under `pytest -n 2`.
+    monkeypatch.chdir(tmp_path)
     assert main(["validate", str(tiny_world), "--out", str(tmp_path / "ok")]) == 0
     # A single manifest file works too; its data root is found from the layout.
     one = tiny_world / "manifests" / "eval.jsonl"
@@ -101,7 +106,7 @@ def test_validate_does_not_import_torch(tiny_world: Path, tmp_path: Path) -> Non
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=REPO,
+        cwd=tmp_path,  # the command locks its work folder (.): not the repository
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,

@@ -120,8 +120,15 @@ def test_baselines_run_as_the_train_stage(
 
 
 def test_cli_train_runs_a_round(
-    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
+    tiny_world: Path,
+    tiny_pipeline_params,
+    tiny_teacher,
+    tiny_student,
+    tmp_path: Path,
+    capsys,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the command locks its work folder (.): not the repository
     params_file = tmp_path / "params.yaml"
     import yaml
 

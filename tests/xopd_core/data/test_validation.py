@@ -326,9 +326,11 @@ def test_read_validated_manifests_returns_rows_or_stops_in_one_line(
 
 
 def test_xopd_validate_reports_a_wrong_answer_unknown_task_and_unknown_kind(
-    world_copy: Path, tmp_path: Path, capsys
+    world_copy: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tasks.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the command locks its work folder (.): not the repository
 
     def plant(rows: list[dict]) -> None:
         rows[0]["answer"], rows[1]["task"], rows[2]["kind"] = "maybe", "chess", "poetry"
