@@ -69,6 +69,15 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory, tiny_params: Params) ->
 
 
 @pytest.fixture()
+def in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test runs in its tmp_path: a command run in-process locks its work folder (`.`),
+    which must not be the repository, where another pytest worker's command may hold the
+    lock (`make test` runs two)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture()
 def world_copy(tiny_world: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny world that a test may corrupt."""
     dst = tmp_path / "mini"

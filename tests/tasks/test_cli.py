@@ -65,16 +65,12 @@ def test_run_chains_every_stage_and_stops_on_an_undefined_avg_drop(tmp_path: Pat
     assert not (tmp_path / "models" / "rounds").exists()
 
 
+@pytest.mark.usefixtures("in_tmp_path")
 def test_validate_exit_codes(
-    tiny_world: Path,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # In this process (`main` returns the exit code; ~5 s of imports a subprocess saved),
-    # then once as a real process. In tmp_path: the command locks its work folder (.), which
-    # must not be the repository another test's command holds under `pytest -n 2`.
-    monkeypatch.chdir(tmp_path)
+    # then once as a real process.
     assert main(["validate", str(tiny_world), "--out", str(tmp_path / "ok")]) == 0
     # A single manifest file works too; its data root is found from the layout.
     one = tiny_world / "manifests" / "eval.jsonl"

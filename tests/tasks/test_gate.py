@@ -105,10 +105,8 @@ def test_gate_keeps_the_champion_against_a_worse_candidate(tmp_path: Path) -> No
     assert again.decision.promoted and "already the champion" in again.decision.reasons[0]
 
 
-def test_cli_gate_reports_the_decision_and_bad_input(
-    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)  # the command locks its work folder (.): not the repository
+@pytest.mark.usefixtures("in_tmp_path")
+def test_cli_gate_reports_the_decision_and_bad_input(tmp_path: Path, capsys) -> None:
     ck = checkpoint(tmp_path / "r0", 0.0)
     args = [
         "gate",

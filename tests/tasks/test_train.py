@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -119,16 +120,10 @@ def test_baselines_run_as_the_train_stage(
     assert (summary.metrics["teacher_tokens"] > 0) == (method == "offline_kd")
 
 
+@pytest.mark.usefixtures("in_tmp_path")
 def test_cli_train_runs_a_round(
-    tiny_world: Path,
-    tiny_pipeline_params,
-    tiny_teacher,
-    tiny_student,
-    tmp_path: Path,
-    capsys,
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_world: Path, tiny_pipeline_params, tiny_teacher, tiny_student, tmp_path: Path, capsys
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # the command locks its work folder (.): not the repository
     params_file = tmp_path / "params.yaml"
     import yaml
 
@@ -198,7 +193,9 @@ def test_ranks_on_cuda_are_launched_one_process_a_gpu(monkeypatch: pytest.Monkey
 def cli_train(
     params: Params, tmp_path: Path, data: Path, student: Path, teacher: Path
 ) -> tuple[int, Path]:
-    """`xopd train` as dvc.yaml runs it; returns its exit status and its output folder."""
+    """`xopd train` as dvc.yaml runs it; returns its exit status and its output folder. In
+    tmp_path: the command locks its work folder (`.`), which must not be the repository
+    (tests/conftest.py: in_tmp_path)."""
     import yaml
 
     params_file = tmp_path / "params.yaml"
@@ -207,7 +204,8 @@ def cli_train(
     args = ["train", "--params", str(params_file), "--data", str(data)]
     args += ["--student", str(student), "--teacher", str(teacher), "--out", str(out)]
     args += ["--metrics", str(tmp_path / "m.json"), "--live", str(tmp_path / "live")]
-    return main(args), out
+    with contextlib.chdir(tmp_path):
+        return main(args), out
 
 
 def assert_nothing_written(out: Path, tmp_path: Path) -> None:

@@ -325,12 +325,11 @@ def test_read_validated_manifests_returns_rows_or_stops_in_one_line(
     assert "\n" not in message and "eval.jsonl:3 (id " in message and "answer_in_set" in message
 
 
+@pytest.mark.usefixtures("in_tmp_path")
 def test_xopd_validate_reports_a_wrong_answer_unknown_task_and_unknown_kind(
-    world_copy: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+    world_copy: Path, tmp_path: Path, capsys
 ) -> None:
     from tasks.cli import main
-
-    monkeypatch.chdir(tmp_path)  # the command locks its work folder (.): not the repository
 
     def plant(rows: list[dict]) -> None:
         rows[0]["answer"], rows[1]["task"], rows[2]["kind"] = "maybe", "chess", "poetry"
