@@ -182,6 +182,7 @@ def student(
             p.read.text_replay_items,
             random.Random(p.seed),
             restatement=p.read.replay_restatement,
+            task_weights=p.read.text_replay_task_weights,
         )
         read_losses = learn_to_read(
             model,

@@ -37,6 +37,16 @@ MicroBatchSize = Annotated[
         "(docs/speed.md). null: one pass per batch.",
     ),
 ]
+# Which tasks a phase's replayed text solutions come from (train/bootstrap.py `text_replay`).
+ReplayTaskWeights = Annotated[
+    dict[str, Annotated[float, Field(gt=0, le=1000)]] | None,
+    Field(
+        description="Each reasoning task's share of the replayed text solutions, normalised "
+        "to sum to 1 (e.g. more boolean_expressions, whose restated expression a long "
+        "reading phase teaches the LM to miscopy: docs/hearing.md); a task left out is not "
+        "replayed. null: drawn from text_train as it comes (an even mix).",
+    ),
+]
 Processes = Annotated[
     int,
     Field(
@@ -431,6 +441,7 @@ class InstructPhase(BatchedPhase):
         le=1_000_000,
         description="Text-only worked solutions replayed from text_train (keeps text ability).",
     )
+    text_replay_task_weights: ReplayTaskWeights = None
     corpus_items: int = Field(
         default=0,
         ge=0,
@@ -457,6 +468,7 @@ class ReadPhase(BatchedPhase):
         description="Text-only worked solutions from text_train mixed into the reading "
         "examples, so the LM keeps its text ability while it learns to read.",
     )
+    text_replay_task_weights: ReplayTaskWeights = None
     replay_restatement: bool = Field(
         default=False,
         description="With synth.restate_question: keep the restated question at the start of "

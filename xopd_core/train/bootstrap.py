@@ -24,7 +24,7 @@ the LM has reasoned over text tokens hundreds of times more than over audio embe
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -471,7 +471,14 @@ def instruction_mix(
         prompt = speech_prompt_ids(tokenizer, audio_tokens[i], TRANSCRIBE)
         examples.append(SpeechExample(prompt, said(speech_rows[i].transcript), i))
         counts["asr"] += 1
-    text = text_replay(tokenizer, text_rows, text_prompt, phase.text_replay_items, rng)
+    text = text_replay(
+        tokenizer,
+        text_rows,
+        text_prompt,
+        phase.text_replay_items,
+        rng,
+        task_weights=phase.text_replay_task_weights,
+    )
     counts["text"] = len(text)
     return [*examples, *text], counts
 
@@ -483,11 +490,13 @@ def text_replay(
     n: int,
     rng: random.Random,
     restatement: bool = True,
+    task_weights: Mapping[str, float] | None = None,
 ) -> list[SpeechExample]:
     """`n` text-only examples (question as text → worked solution) drawn from `text_rows`
     without replacement: replayed beside speech so the LM keeps its text ability. Without
     `restatement`, a solution that begins with its question (synth.restate_question) is
-    replayed from just after it."""
+    replayed from just after it. `task_weights`: each task's share of the `n` (see
+    `replayed_rows`)."""
     eos = token_id(tokenizer, IM_END)
 
     def answer(r: ManifestRow) -> str:
@@ -497,5 +506,34 @@ def text_replay(
 
     return [
         SpeechExample(text_prompt(r.transcript), [*tokenizer(answer(r))["input_ids"], eos], None)
-        for r in rng.sample(list(text_rows), min(n, len(text_rows)))
+        for r in replayed_rows(text_rows, n, rng, task_weights)
     ]
+
+
+def replayed_rows(
+    rows: Sequence[ManifestRow],
+    n: int,
+    rng: random.Random,
+    task_weights: Mapping[str, float] | None = None,
+) -> list[ManifestRow]:
+    """`n` of `rows` without replacement: as they come (None), or task t's share
+    `task_weights[t] / sum(task_weights)` of them, in a seeded shuffle (a task with fewer
+    rows than its share gives all it has)."""
+    if task_weights is None:
+        return rng.sample(list(rows), min(n, len(rows)))
+    by_task: dict[str, list[ManifestRow]] = {}
+    for r in rows:
+        by_task.setdefault(r.task, []).append(r)
+    absent = sorted(set(task_weights) - set(by_task))
+    if absent:
+        raise ValueError(
+            f"student.read/instruct.text_replay_task_weights: task(s) {absent} have no item in "
+            "text_train"
+        )
+    total = sum(task_weights.values())
+    chosen: list[ManifestRow] = []
+    for task in sorted(task_weights):
+        pool = by_task[task]
+        chosen += rng.sample(pool, min(round(n * task_weights[task] / total), len(pool)))
+    rng.shuffle(chosen)
+    return chosen

@@ -28,6 +28,7 @@ from xopd_core.train.bootstrap import (
     learn_to_read,
     phoneme_targets,
     pretrain_encoder_ctc,
+    replayed_rows,
     text_replay,
     transcription_examples,
 )
@@ -144,6 +145,28 @@ def test_text_replay_draws_distinct_text_rows_with_their_solutions(parts, tiny_w
     assert replay(5, 0) == picked and replay(5, 1) != picked
     assert len(replay(10 * len(text_rows), 0)) == len(text_rows)  # capped, no repeats
     assert replay(0, 0) == []
+
+
+def test_replay_task_weights_set_each_tasks_share_of_the_replay(tiny_world: Path) -> None:
+    """student.*.text_replay_task_weights: boolean expressions 3 to 1 for navigate and web
+    of lies (object counting left out) in 20 replayed rows of the tiny corpus (25 a task)."""
+    rows = read_rows(manifest_path(tiny_world, "text_train"))
+    weights = {"boolean_expressions": 3.0, "navigate": 1.0, "web_of_lies": 1.0}
+    picked = replayed_rows(rows, 20, Random(0), weights)
+    tasks = [r.task for r in picked]
+    assert {t: tasks.count(t) for t in set(tasks)} == {
+        "boolean_expressions": 12,
+        "navigate": 4,
+        "web_of_lies": 4,
+    }
+    assert len({r.id for r in picked}) == 20  # without replacement
+    assert tasks != sorted(tasks)  # shuffled, not grouped by task
+    assert replayed_rows(rows, 20, Random(0), weights) == picked
+    # A share beyond a task's items gives all of them; no weights: as the rows come.
+    assert len(replayed_rows(rows, 200, Random(0), {"navigate": 1.0})) == 25
+    assert replayed_rows(rows, 7, Random(3)) == Random(3).sample(rows, 7)
+    with pytest.raises(ValueError, match=r"text_replay_task_weights: task\(s\) \['chess'\]"):
+        replayed_rows(rows, 5, Random(0), {"chess": 1.0})
 
 
 def test_text_replay_can_drop_a_restated_question(parts, tiny_world: Path) -> None:
