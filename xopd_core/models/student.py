@@ -23,6 +23,7 @@ from transformers import (
 
 from xopd_core.config import AudioEncoderShape
 from xopd_core.models.attention import use_gqa_sdpa
+from xopd_core.models.audio import pooled_length
 from xopd_core.models.tokenizer import AUDIO, token_id
 
 SAMPLE_RATE = 16_000
@@ -43,6 +44,12 @@ def build_processor(
     return Qwen2AudioProcessor(
         feature_extractor=features, tokenizer=tokenizer, chat_template=tokenizer.chat_template
     )
+
+
+def audio_tokens_for(n_samples: int, hop_length: int) -> int:
+    """Placeholder tokens one utterance expands to: conv stride 2, then avg-pool 2 (25/s at
+    hop 160, 12.5/s at hop 320)."""
+    return int(pooled_length(math.ceil(n_samples / hop_length)))
 
 
 def sinusoids(length: int, channels: int) -> torch.Tensor:

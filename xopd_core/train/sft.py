@@ -90,6 +90,17 @@ def response_nll_terms(
     return LossTerms((per_example_B * labelled_B).sum(), float(labelled_B.sum()))
 
 
+def response_nll(
+    logits_B_T_V: torch.Tensor,
+    labels_B_T: torch.Tensor,
+    mean_over: MeanOver = "tokens",
+) -> torch.Tensor:
+    """Mean next-token NLL over labelled positions (`response_nll_terms`' total / count); a
+    batch with no labelled token gives 0, not NaN."""
+    terms = response_nll_terms(logits_B_T_V, labels_B_T, mean_over)
+    return terms.total / max(terms.count, 1.0)
+
+
 def length_bucketed_batches(
     lengths: Sequence[int], batch_size: int, rng: random.Random, pool_batches: int = 1
 ) -> Iterator[list[int]]:
