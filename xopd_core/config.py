@@ -42,9 +42,8 @@ ReplayTaskWeights = Annotated[
     dict[str, Annotated[float, Field(gt=0, le=1000)]] | None,
     Field(
         description="Each reasoning task's share of the replayed text solutions, normalised "
-        "to sum to 1 (e.g. more boolean_expressions, whose restated expression a long "
-        "reading phase teaches the LM to miscopy: docs/hearing.md); a task left out is not "
-        "replayed. null: drawn from text_train as it comes (an even mix).",
+        "to sum to 1; a task left out is not replayed. null: drawn from text_train as it "
+        "comes (an even mix).",
     ),
 ]
 Processes = Annotated[
